@@ -1,0 +1,37 @@
+"""A byte-level text corpus that every machine with Python already has: the standard library's
+own .py sources, read in sorted order so that the corpus is the same on every run."""
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+import torch
+
+
+def stdlib_corpus(max_bytes: int = 2_000_000) -> bytes:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    chunks, total = [], 0
+    for path in sorted(root.glob("*.py")):
+        data = path.read_bytes()
+        chunks.append(data)
+        total += len(data)
+        if total >= max_bytes:
+            break
+    if not chunks:
+        raise FileNotFoundError(f"no .py files under {root}")
+    return b"".join(chunks)[:max_bytes]
+
+
+def split(data: bytes, val_fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (bytes) for training and held-out validation."""
+    ids = torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+    cut = int(len(ids) * (1 - val_fraction))
+    return ids[:cut], ids[cut:]
+
+
+def batches(ids: torch.Tensor, block: int, batch: int, generator: torch.Generator):
+    """Endless random (input, target) batches of `batch` windows of `block` tokens."""
+    while True:
+        starts = torch.randint(0, len(ids) - block - 1, (batch,), generator=generator)
+        window = torch.stack([ids[s : s + block + 1] for s in starts])
+        yield window[:, :-1], window[:, 1:]

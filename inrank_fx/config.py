@@ -1,0 +1,158 @@
+"""`InRankConfig`: every knob of the transform and of rank adaptation, validated up front.
+
+Validation happens at construction so that a bad value fails where the user wrote it, with the
+field's name in the message, instead of deep inside a training loop.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Sequence, Union
+
+from .spectrum import CRITERIA
+
+INITS = ("random", "svd")
+
+RankSpec = Union[int, float, str]
+
+
+@dataclass
+class InRankConfig:
+    """How `inrank_fx.transform` factors a model and how ranks grow during training.
+
+    Factoring:
+        init: "random" trains the factors from scratch (the product U·Vᵀ has the variance of
+            nn.Linear's default init); "svd" starts from the existing weights by truncated SVD.
+        init_rank: int = exact rank; float in (0, 1] = fraction of each layer's full rank;
+            "auto" = the smallest rank whose explained ratio exceeds `threshold` (svd only).
+        buffer: spare components beyond the rank that the layer computes with while ranks adapt
+            (InRank's buffer). int = count, float in (0, 1] = fraction of the full rank.
+        min_features: layers with min(in, out) below this stay dense.
+        targets / exclude: layer-name patterns, PEFT-style. A list entry matches a name equal to
+            it, ending in "." + it, or matching it as a glob; a single string is a regex that
+            must match the whole name. None targets every layer.
+
+    Adaptation (used by `inrank_fx.attach`):
+        threshold: α of the explained-ratio rule. criterion: "variance" (the paper's
+        1 − var(s − s_k)/var(s)) or "energy" (Σ_{i<k} s_i² / Σ s_i²).
+        warmup_steps, check_every: optimizer steps before the first check, and between checks.
+        stop_after: InRank-Efficient: after this many optimizer steps, truncate to the rank and
+            train at a fixed rank. None adapts for the whole run.
+        rank_multiple: round each layer's computed width up to a multiple of this (e.g. 8 for
+            tensor cores).
+    """
+
+    init: str = "random"
+    init_rank: RankSpec = 2
+    buffer: Union[int, float] = 0.1
+    threshold: float = 0.9
+    criterion: str = "variance"
+    warmup_steps: int = 20
+    check_every: int = 10
+    stop_after: int | None = None
+    rank_multiple: int = 1
+    min_features: int = 16
+    targets: Union[Sequence[str], str, None] = None
+    exclude: Union[Sequence[str], str, None] = field(default=None)
+
+    def __post_init__(self) -> None:
+        if self.init not in INITS:
+            raise ValueError(f"InRankConfig.init must be one of {INITS}, got {self.init!r}")
+        _check_rank_spec("init_rank", self.init_rank, allow_auto=True)
+        if self.init_rank == "auto" and self.init != "svd":
+            raise ValueError(
+                "InRankConfig.init_rank='auto' picks the rank from existing weights and needs "
+                f"init='svd', got init={self.init!r}"
+            )
+        _check_rank_spec("buffer", self.buffer, allow_zero=True)
+        if not (isinstance(self.threshold, (int, float)) and 0.0 < self.threshold < 1.0):
+            raise ValueError(f"InRankConfig.threshold must be in (0, 1), got {self.threshold!r}")
+        if self.criterion not in CRITERIA:
+            raise ValueError(
+                f"InRankConfig.criterion must be one of {CRITERIA}, got {self.criterion!r}"
+            )
+        _check_int("warmup_steps", self.warmup_steps, minimum=0)
+        _check_int("check_every", self.check_every, minimum=1)
+        if self.stop_after is not None:
+            _check_int("stop_after", self.stop_after, minimum=0)
+        _check_int("rank_multiple", self.rank_multiple, minimum=1)
+        _check_int("min_features", self.min_features, minimum=1)
+        for name in ("targets", "exclude"):
+            patterns = getattr(self, name)
+            if patterns is None:
+                continue
+            if isinstance(patterns, str):
+                try:
+                    re.compile(patterns)
+                except re.error as err:
+                    raise ValueError(f"InRankConfig.{name} is not a valid regex: {err}") from None
+            elif not all(isinstance(p, str) for p in patterns):
+                raise ValueError(f"InRankConfig.{name} must be a string or a list of strings")
+
+    # -- derived values -------------------------------------------------------------------
+
+    def rank_for(self, full_rank: int) -> int:
+        """The initial rank for a layer of this full rank ('auto' is resolved by the caller)."""
+        return resolve_count(self.init_rank, full_rank)
+
+    def buffer_for(self, full_rank: int) -> int:
+        return resolve_count(self.buffer, full_rank, allow_zero=True)
+
+    def width_for(self, rank: int, full_rank: int) -> int:
+        """Components a layer computes with: rank + buffer, rounded up to `rank_multiple`,
+        capped at the full rank."""
+        width = rank + self.buffer_for(full_rank)
+        width = -(-width // self.rank_multiple) * self.rank_multiple
+        return min(width, full_rank)
+
+    def selects(self, name: str) -> bool:
+        """Whether the targets / exclude patterns admit the layer called `name`."""
+        if self.targets is not None and not _matches(self.targets, name):
+            return False
+        return self.exclude is None or not _matches(self.exclude, name)
+
+
+def resolve_count(spec: int | float, full_rank: int, allow_zero: bool = False) -> int:
+    """An int is a count; a float in (0, 1] is a fraction of `full_rank` (rounded up)."""
+    if isinstance(spec, float):
+        count = math.ceil(spec * full_rank)
+        return max(count, 0 if allow_zero and spec == 0 else 1)
+    return int(spec)
+
+
+def _matches(patterns: Sequence[str] | str, name: str) -> bool:
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(
+        name == p or name.endswith("." + p) or fnmatch.fnmatchcase(name, p) for p in patterns
+    )
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"InRankConfig.{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_rank_spec(name: str, value, allow_auto: bool = False, allow_zero: bool = False) -> None:
+    if allow_auto and value == "auto":
+        return
+    if isinstance(value, bool):
+        raise ValueError(f"InRankConfig.{name} must be an int or a float, got {value!r}")
+    if isinstance(value, int):
+        if value < (0 if allow_zero else 1):
+            raise ValueError(
+                f"InRankConfig.{name} must be >= {0 if allow_zero else 1}, got {value!r}"
+            )
+        return
+    if isinstance(value, float):
+        low_ok = value >= 0.0 if allow_zero else value > 0.0
+        if not (low_ok and value <= 1.0):
+            raise ValueError(
+                f"InRankConfig.{name} as a float is a fraction of the full rank and must be in "
+                f"{'[0' if allow_zero else '(0'}, 1], got {value!r}"
+            )
+        return
+    kinds = "an int, a float fraction or 'auto'" if allow_auto else "an int or a float fraction"
+    raise ValueError(f"InRankConfig.{name} must be {kinds}, got {value!r}")

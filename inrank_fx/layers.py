@@ -1,0 +1,195 @@
+"""`InRankLinear`: a linear map held as two factors whose rank can change during training.
+
+    y = (x · V[:, :w]) · U[:, :w]ᵀ + b          W ≈ U·Vᵀ,  U: out×w,  V: in×w
+
+`rank` (r) is the rank the InRank rule has determined; `width` (w = r + buffer, capped at the full
+rank) is how many components the layer computes with: the spare `buffer` components are where the
+spectrum can show that the layer needs more rank. The forward is two plain matmuls, so
+torch.compile, torch.export and ONNX see standard ops.
+
+The factor tensors may hold more columns than `width` (allocation slack, so that growing by a few
+components does not reallocate); only the first `width` columns take part in the forward.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .spectrum import factor_singular_values
+
+
+class InRankLinear(nn.Module):
+    """A factored, rank-adaptive drop-in for nn.Linear.
+
+    Args:
+        in_features, out_features: as nn.Linear.
+        rank: the starting rank r (capped at min(in, out)).
+        buffer: spare components computed beyond r (capped so that r + buffer ≤ min(in, out)).
+        bias: whether the layer adds a bias (the bias is not factored).
+        init: "random" for a from-scratch layer whose product U·Vᵀ has the variance of
+            nn.Linear's default init. Use `from_linear` / `from_weight` to start from weights.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        *,
+        buffer: int = 0,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if in_features < 1 or out_features < 1:
+            raise ValueError(
+                f"InRankLinear needs positive sizes, got in={in_features}, out={out_features}"
+            )
+        if rank < 1:
+            raise ValueError(f"InRankLinear rank must be >= 1, got {rank}")
+        if buffer < 0:
+            raise ValueError(f"InRankLinear buffer must be >= 0, got {buffer}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.rank = min(rank, self.full_rank)
+        self.width = min(self.rank + buffer, self.full_rank)
+        factory = {"device": device, "dtype": dtype}
+        self.U = nn.Parameter(torch.empty(out_features, self.width, **factory))
+        self.V = nn.Parameter(torch.empty(in_features, self.width, **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    # -- constructors -----------------------------------------------------------------------
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, rank: int, *, buffer: int = 0, init: str = "svd", name: str = ""
+    ) -> "InRankLinear":
+        """Factor an nn.Linear. init="svd" keeps its function (exactly at full rank);
+        init="random" keeps only its shape and bias."""
+        return cls.from_weight(
+            linear.weight, linear.bias, rank, buffer=buffer, init=init, name=name or "linear"
+        )
+
+    @classmethod
+    def from_weight(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        rank: int,
+        *,
+        buffer: int = 0,
+        init: str = "svd",
+        name: str = "weight",
+    ) -> "InRankLinear":
+        """A layer computing x·weightᵀ (+ bias), weight: out×in, factored by `init`."""
+        if weight.dim() != 2:
+            raise ValueError(f"{name}: expected a 2-D weight, got shape {tuple(weight.shape)}")
+        out_features, in_features = weight.shape
+        layer = cls(
+            in_features,
+            out_features,
+            rank,
+            buffer=buffer,
+            bias=bias is not None,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        with torch.no_grad():
+            if init == "svd":
+                u, v = _svd_factors(weight, layer.width, name)
+                layer.U.copy_(u)
+                layer.V.copy_(v)
+            elif init != "random":
+                raise ValueError(f"{name}: init must be 'random' or 'svd', got {init!r}")
+            if bias is not None:
+                layer.bias.copy_(bias.detach())
+        return layer
+
+    def reset_parameters(self) -> None:
+        """Random factors such that U·Vᵀ has nn.Linear's default weight variance, 1/(3·in).
+
+        With independent zero-mean entries, Var[(U·Vᵀ)_ij] = w·σ_u²·σ_v²; the two factors get
+        the same scale so that neither dominates the gradient of the other.
+        """
+        dense_var = 1.0 / (3.0 * self.in_features)
+        std = (dense_var / self.width) ** 0.25
+        with torch.no_grad():
+            nn.init.normal_(self.U, 0.0, std)
+            nn.init.normal_(self.V, 0.0, std)
+            if self.bias is not None:
+                bound = 1.0 / math.sqrt(self.in_features)
+                nn.init.uniform_(self.bias, -bound, bound)
+
+    # -- the map ----------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.width
+        return F.linear(x @ self.V[:, :w], self.U[:, :w], self.bias)
+
+    @property
+    def full_rank(self) -> int:
+        return min(self.in_features, self.out_features)
+
+    @property
+    def buffer(self) -> int:
+        """Spare components in use beyond the determined rank."""
+        return self.width - self.rank
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense out×in product U·Vᵀ (differentiable), for code that reads `.weight` of
+        what used to be an nn.Linear. It costs a dense matmul: the forward never forms it."""
+        w = self.width
+        return self.U[:, :w] @ self.V[:, :w].T
+
+    def singular_values(self) -> torch.Tensor:
+        """Singular values of U·Vᵀ (descending, length `width`), from QR of the factors and an
+        SVD of the small width×width core; the dense product is never formed."""
+        w = self.width
+        return factor_singular_values(self.U[:, :w].detach(), self.V[:, :w].detach())
+
+    # -- accounting -------------------------------------------------------------------------
+
+    def factored_params(self) -> int:
+        """Parameters of the active factors (and bias)."""
+        bias = self.out_features if self.bias is not None else 0
+        return self.width * (self.in_features + self.out_features) + bias
+
+    def dense_params(self) -> int:
+        bias = self.out_features if self.bias is not None else 0
+        return self.in_features * self.out_features + bias
+
+    def flops_per_row(self) -> int:
+        """Multiply-add FLOPs (2 per MAC) for one input row, bias excluded."""
+        return 2 * self.width * (self.in_features + self.out_features)
+
+    def dense_flops_per_row(self) -> int:
+        return 2 * self.in_features * self.out_features
+
+    def extra_repr(self) -> str:
+        ratio = self.factored_params() / self.dense_params()
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"rank={self.rank}, buffer={self.buffer}, full_rank={self.full_rank}, "
+            f"bias={self.bias is not None}, params={ratio:.1%} of dense"
+        )
+
+
+def _svd_factors(weight: torch.Tensor, width: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated SVD of weight (out×in) split evenly: U = U_w·√S, V = V_w·√S."""
+    w = weight.detach()
+    if not torch.isfinite(w).all():
+        bad = int((~torch.isfinite(w)).sum())
+        raise ValueError(f"{name}: {bad} non-finite (NaN/Inf) entries; refusing to SVD-initialise")
+    # float64 keeps the factors accurate enough that full rank reproduces the layer to float error.
+    u, s, vh = torch.linalg.svd(w.to(torch.float64), full_matrices=False)
+    root = s[:width].sqrt()
+    return (u[:, :width] * root).to(w.dtype), (vh[:width].T * root).to(w.dtype)

@@ -1,0 +1,16 @@
+"""Graph passes: tracing frontends, matmul matchers (a registry), weight-use analysis, rewrite."""
+from .matchers import (
+    MatmulSite,
+    NotFactorable,
+    register_function_handler,
+    register_module_handler,
+)
+from .rewrite import factor_matmul_sites
+
+__all__ = [
+    "MatmulSite",
+    "NotFactorable",
+    "factor_matmul_sites",
+    "register_function_handler",
+    "register_module_handler",
+]

@@ -1,0 +1,201 @@
+"""Which weights are read where: the question the pass must answer before it rewrites anything.
+
+A weight may be factored only when *every* read of it is a matmul the pass understands. Reads come
+from three places: calls of a module type with a handler (nn.Linear), matmul nodes in traced
+forwards, and everything else (library modules such as nn.Embedding, forwards that did not trace,
+ops that are not matmuls). They are collected into one networkx graph
+
+    parameter ── name (every qualified name that aliases it) ── read
+
+so "which names and reads share this tensor" (tied weights, shared modules) is a connected
+component, whatever path the tensor was reached by.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch.fx as fx
+from torch import nn
+
+from ..layers import InRankLinear
+from .matchers import (
+    MatmulSite,
+    NotFactorable,
+    function_handler,
+    module_handler,
+    view_source,
+)
+from .tracing import TraceResult, has_own_forward, is_library_module, trace_own_forward
+
+
+@dataclass
+class Read:
+    """One read of a weight.
+
+    kind: "module" (a call of a module with a handler), "site" (a matmul node in a traced
+    forward), "blind" (a module with a handler whose caller did not trace: assumed a call), or
+    "opaque" (anything else). `owner` is the called module's path, or for a site the path of the
+    module whose forward holds it.
+    """
+
+    kind: str
+    where: str
+    owner: str = ""
+    site: MatmulSite | None = None
+
+
+@dataclass
+class WeightUse:
+    """Everything known about one 2-D parameter."""
+
+    param: nn.Parameter
+    names: list[str]
+    reads: list[Read] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.names[0]
+
+    def reads_of(self, kind: str) -> list[Read]:
+        return [r for r in self.reads if r.kind == kind]
+
+
+@dataclass
+class Analysis:
+    weights: list[WeightUse]
+    traces: dict[str, TraceResult]
+    already_factored: list[str]
+
+
+def analyse(model: nn.Module) -> Analysis:
+    """Trace every module's own forward and find all reads of every 2-D parameter."""
+    graph = nx.Graph()
+    params: dict[int, nn.Parameter] = {}
+    factored_ids = {
+        id(p) for m in model.modules() if isinstance(m, InRankLinear) for p in m.parameters()
+    }
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p.dim() == 2 and id(p) not in factored_ids:
+            params[id(p)] = p
+            graph.add_edge(("param", id(p)), ("name", name))
+
+    reads: list[Read] = []
+
+    def add_read(param: nn.Parameter, name: str, read: Read) -> None:
+        if id(param) in params:
+            graph.add_edge(("name", name), ("read", len(reads)))
+            reads.append(read)
+
+    traces: dict[str, TraceResult] = {}
+    already: list[str] = []
+    for path, module in model.named_modules():
+        prefix = f"{path}." if path else ""
+        if isinstance(module, InRankLinear):
+            already.append(path)
+            continue
+        handler = module_handler(module)
+        if handler is not None:
+            if not path:  # the model itself is the layer: the user calls it
+                add_read(getattr(module, handler.weight_attr), handler.weight_attr,
+                         Read("module", "the model itself", ""))
+            continue  # its reads are the calls of it, found in its callers' traces
+        if not has_own_forward(module):
+            continue  # a container (ModuleList, ModuleDict): its callers call its children
+        if is_library_module(module):
+            for pname, p in module.named_parameters():
+                where = f"read inside {type(module).__name__} '{path}'"
+                add_read(p, prefix + pname, Read("opaque", where, path))
+            continue
+        trace = trace_own_forward(module, path)
+        traces[path] = trace
+        if trace.ok:
+            _reads_in_graph(trace.graph, module, path, add_read)
+            continue
+        label = f"'{path}' ({type(module).__name__})" if path else type(module).__name__
+        for pname, p in module.named_parameters(recurse=False):
+            add_read(p, prefix + pname, Read("opaque", f"read by {label}, whose forward did not trace", path))
+        for cname, child in module.named_children():
+            handler = module_handler(child)
+            if handler is not None:
+                where = f"called by {label}, whose forward did not trace"
+                add_read(getattr(child, handler.weight_attr), f"{prefix}{cname}.{handler.weight_attr}",
+                         Read("blind", where, prefix + cname))
+
+    weights = []
+    for pid, param in params.items():
+        component = nx.node_connected_component(graph, ("param", pid))
+        names = sorted((n[1] for n in component if n[0] == "name"), key=_name_order)
+        found = [reads[n[1]] for n in sorted(component, key=str) if n[0] == "read"]
+        weights.append(WeightUse(param, names, found))
+    weights.sort(key=lambda w: _name_order(w.name))
+    return Analysis(weights, traces, already)
+
+
+def _name_order(name: str) -> tuple[int, str]:
+    return (name.count("."), name)
+
+
+def _reads_in_graph(graph: fx.Graph, module: nn.Module, path: str, add_read) -> None:
+    """Record every read of a 2-D parameter in one module's traced forward."""
+    prefix = f"{path}." if path else ""
+    where_mod = f"'{path}'" if path else "the root forward"
+    param_nodes: dict[fx.Node, nn.Parameter] = {}
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            obj = _resolve(module, node.target)
+            if isinstance(obj, nn.Parameter) and obj.dim() == 2:
+                param_nodes[node] = obj
+        elif node.op == "call_module":
+            child = module.get_submodule(node.target)
+            handler = module_handler(child)
+            if handler is not None:
+                target = prefix + node.target
+                add_read(getattr(child, handler.weight_attr), f"{target}.{handler.weight_attr}",
+                         Read("module", f"call of '{target}' in {where_mod}", target))
+
+    candidates = set(param_nodes)
+    for pnode, param in param_nodes.items():
+        name = prefix + pnode.target
+        seen: set[fx.Node] = set()
+        frontier = [pnode]
+        while frontier:
+            node = frontier.pop()
+            for user in node.users:
+                source = view_source(user)
+                if source is not None and source[0] is node:
+                    frontier.append(user)
+                    continue
+                if user in seen:
+                    continue
+                seen.add(user)
+                add_read(param, name, _read_at(user, pnode, candidates, path, where_mod))
+
+
+def _read_at(user: fx.Node, pnode: fx.Node, candidates: set, path: str, where_mod: str) -> Read:
+    where = f"node '{user.name}' ({_describe(user)}) in {where_mod}"
+    handler = function_handler(user)
+    if handler is None:
+        return Read("opaque", where, path)
+    try:
+        site = handler(user, candidates)
+    except NotFactorable as err:
+        return Read("opaque", f"{err} in {where_mod}", path)
+    if site is None or site.param_node is not pnode:
+        return Read("opaque", f"{where}: not in a weight slot", path)
+    return Read("site", where, path, site)
+
+
+def _describe(node: fx.Node) -> str:
+    if node.op == "call_method":
+        return f".{node.target}()"
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", str(node.target))
+    return node.op
+
+
+def _resolve(module: nn.Module, target: str):
+    obj = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj

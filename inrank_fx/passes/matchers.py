@@ -1,0 +1,225 @@
+"""What counts as a matmul against a weight: a small registry of handlers.
+
+Two kinds of handler:
+- *function handlers* look at one fx node (call_function / call_method) whose operand is a 2-D
+  parameter, possibly seen through transposes, and describe it as a `MatmulSite`;
+- *module handlers* name module types whose call is a matmul against one of their parameters
+  (nn.Linear) and how to build the factored replacement.
+
+Users extend the pass with `register_function_handler` / `register_module_handler` instead of
+editing the core.
+"""
+from __future__ import annotations
+
+import builtins
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable, Union
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers import InRankLinear
+
+Argument = Any
+
+
+@dataclass
+class MatmulSite:
+    """One matmul against a weight parameter, in the orientation of nn.Linear.
+
+    The node computes  y = x·Wᵀ (+ bias), or with `weight_on_left` y = W·x (+ bias), where the
+    layer weight W (out×in) is the parameter itself or, if `transposed`, its transpose.
+    """
+
+    node: fx.Node
+    param_node: fx.Node  # the get_attr node of the parameter
+    x: Argument
+    transposed: bool
+    weight_on_left: bool = False
+    bias: Argument = None
+    kind: str = ""
+
+
+class NotFactorable(Exception):
+    """A node reads a weight in a way the pass does not factor; the message says why."""
+
+
+# -- weight views: a parameter seen through transposes ---------------------------------------
+
+_TRANSPOSE_ATTRS = ("T", "mT")
+
+
+def _is_01_swap(dims) -> bool:
+    dims = tuple(d % 2 for d in dims)
+    return sorted(dims) == [0, 1]
+
+
+def view_source(node: fx.Node) -> tuple[fx.Node, bool] | None:
+    """If `node` is a transpose (or no-op view) of another node, (that node, transposes?)."""
+    if node.op == "call_function" and node.target is builtins.getattr:
+        if len(node.args) == 2 and node.args[1] in _TRANSPOSE_ATTRS:
+            return node.args[0], True
+        return None
+    if node.op == "call_method" and node.args:
+        src, rest = node.args[0], node.args[1:]
+        if node.target == "t" and not rest:
+            return src, True
+        if node.target == "transpose" and len(rest) == 2 and _is_01_swap(rest):
+            return src, True
+        if node.target == "permute" and _permute_dims(rest) == (1, 0):
+            return src, True
+        if node.target == "contiguous" and not rest:
+            return src, False
+        return None
+    if node.op == "call_function" and node.args:
+        src, rest = node.args[0], node.args[1:]
+        if node.target is torch.t and not rest:
+            return src, True
+        if node.target is torch.transpose and len(rest) == 2 and _is_01_swap(rest):
+            return src, True
+        if node.target is torch.permute and _permute_dims(rest) == (1, 0):
+            return src, True
+    return None
+
+
+def _permute_dims(rest) -> tuple | None:
+    if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
+        rest = tuple(rest[0])
+    if all(isinstance(d, int) for d in rest) and len(rest) == 2:
+        return tuple(d % 2 for d in rest)
+    return None
+
+
+def weight_of(arg: Argument, param_nodes: set[fx.Node]) -> tuple[fx.Node, bool] | None:
+    """(parameter get_attr node, transposed?) if `arg` is a weight parameter seen through views."""
+    transposed = False
+    while isinstance(arg, fx.Node):
+        if arg in param_nodes:
+            return arg, transposed
+        source = view_source(arg)
+        if source is None:
+            return None
+        arg, flip = source
+        transposed ^= flip
+    return None
+
+
+# -- function handlers -------------------------------------------------------------------------
+
+FunctionHandler = Callable[[fx.Node, set], Union[MatmulSite, None]]
+_FUNCTION_HANDLERS: dict[tuple[str, Any], FunctionHandler] = {}
+
+
+def register_function_handler(op: str, target, handler: FunctionHandler) -> None:
+    """Handle fx nodes with this `op` ("call_function" / "call_method") and `target`.
+
+    `handler(node, param_nodes)` returns a MatmulSite, None when no weight is involved, or raises
+    NotFactorable with the reason a weight it reads cannot be factored.
+    """
+    if op not in ("call_function", "call_method"):
+        raise ValueError(f"op must be 'call_function' or 'call_method', got {op!r}")
+    _FUNCTION_HANDLERS[(op, target)] = handler
+
+
+def function_handler(node: fx.Node) -> FunctionHandler | None:
+    try:
+        return _FUNCTION_HANDLERS.get((node.op, node.target))
+    except TypeError:  # unhashable target
+        return None
+
+
+def _arg(node: fx.Node, index: int, name: str, default=None):
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _linear(node: fx.Node, params: set) -> MatmulSite | None:
+    x, w, b = _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias")
+    if weight_of(x, params) is not None:
+        raise NotFactorable(f"node '{node.name}' passes a weight as the input of linear")
+    found = weight_of(w, params)
+    if found is None:
+        return None
+    return MatmulSite(node, found[0], x, transposed=found[1], bias=b, kind="F.linear")
+
+
+def _operand_site(node: fx.Node, a, b, params: set, kind: str, bias=None) -> MatmulSite | None:
+    """The site of a two-operand matmul a @ b where one operand may be a weight."""
+    left, right = weight_of(a, params), weight_of(b, params)
+    if left is not None and right is not None:
+        raise NotFactorable(f"node '{node.name}' multiplies two weights")
+    if right is not None:  # x @ M computes x·Wᵀ with W = Mᵀ
+        return MatmulSite(node, right[0], a, transposed=not right[1], bias=bias, kind=kind)
+    if left is not None:  # M @ x computes W·x with W = M
+        return MatmulSite(
+            node, left[0], b, transposed=left[1], weight_on_left=True, bias=bias, kind=kind
+        )
+    return None
+
+
+def _two_operand(kind: str, first: str, second: str) -> FunctionHandler:
+    def handler(node: fx.Node, params: set) -> MatmulSite | None:
+        return _operand_site(node, _arg(node, 0, first), _arg(node, 1, second), params, kind)
+
+    return handler
+
+
+def _addmm(node: fx.Node, params: set) -> MatmulSite | None:
+    bias, m1, m2 = _arg(node, 0, "input"), _arg(node, 1, "mat1"), _arg(node, 2, "mat2")
+    site = _operand_site(node, m1, m2, params, "addmm", bias=bias)
+    if site is not None and (node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1):
+        raise NotFactorable(f"node '{node.name}': addmm with beta/alpha other than 1")
+    return site
+
+
+_matmul = _two_operand("matmul", "input", "other")
+_mm = _two_operand("mm", "input", "mat2")
+
+for _target in (F.linear, torch._C._nn.linear):
+    register_function_handler("call_function", _target, _linear)
+for _target in (torch.matmul, operator.matmul):
+    register_function_handler("call_function", _target, _matmul)
+register_function_handler("call_function", torch.mm, _mm)
+register_function_handler("call_function", torch.addmm, _addmm)
+for _method in ("matmul", "__matmul__"):
+    register_function_handler("call_method", _method, _matmul)
+register_function_handler("call_method", "mm", _mm)
+register_function_handler("call_method", "addmm", _addmm)
+
+
+# -- module handlers ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModuleHandler:
+    """A module type whose call is y = x·Wᵀ (+ b) for its parameter `weight_attr`."""
+
+    module_type: type
+    weight_attr: str
+    build: Callable[..., InRankLinear]  # build(module, rank, *, buffer, init, name)
+
+
+_MODULE_HANDLERS: dict[type, ModuleHandler] = {}
+
+
+def register_module_handler(
+    module_type: type, build: Callable[..., InRankLinear], weight_attr: str = "weight"
+) -> None:
+    """Factor calls of `module_type` with `build(module, rank, *, buffer, init, name)`."""
+    _MODULE_HANDLERS[module_type] = ModuleHandler(module_type, weight_attr, build)
+
+
+def module_handler(module: nn.Module) -> ModuleHandler | None:
+    """The handler for this module's type, or for a base type whose forward it does not override
+    (a subclass with its own forward computes something else and is left alone)."""
+    for cls in type(module).__mro__:
+        handler = _MODULE_HANDLERS.get(cls)
+        if handler is not None:
+            return handler if type(module).forward is cls.forward else None
+    return None
+
+
+register_module_handler(nn.Linear, InRankLinear.from_linear)

@@ -1,0 +1,110 @@
+"""The rewrite: matmul nodes against a weight become calls of a factored layer.
+
+`factor_matmul_sites` is a plain GraphModule → GraphModule pass in the style of pytorch/examples
+fx/replace_op.py. The helpers around it place the factored layers in the module tree and put the
+rewritten forwards back where the original modules were.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .matchers import MatmulSite, view_source
+
+
+@torch.fx.wrap
+def swap_last_dims(x: torch.Tensor) -> torch.Tensor:
+    """Turns W·x into (xᵀ·Wᵀ)ᵀ for a factored layer; a vector is its own transpose."""
+    return x.mT if x.dim() >= 2 else x
+
+
+def factor_matmul_sites(gm: fx.GraphModule, sites: list[tuple[MatmulSite, str]]) -> fx.GraphModule:
+    """Replace each site's matmul node by a call of the layer at its target path.
+
+    `sites` pairs each MatmulSite (whose nodes belong to gm.graph) with the qualified name,
+    relative to gm, of the factored layer computing x·Wᵀ. Weight reads left unused are erased.
+    """
+    graph = gm.graph
+    stale: list[fx.Node] = []
+    for site, target in sites:
+        with graph.inserting_before(site.node):
+            x = site.x
+            if site.weight_on_left:
+                x = graph.call_function(swap_last_dims, (x,))
+            y = graph.call_module(target, (x,))
+            if site.weight_on_left:
+                y = graph.call_function(swap_last_dims, (y,))
+            if site.bias is not None:
+                y = graph.call_function(operator.add, (y, site.bias))
+        y.meta.update(site.node.meta)
+        site.node.replace_all_uses_with(y)
+        graph.erase_node(site.node)
+        stale.append(site.param_node)
+    _erase_unused_views(graph, stale)
+    graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _erase_unused_views(graph: fx.Graph, roots: list[fx.Node]) -> None:
+    """Erase weight get_attr nodes and transposes of them that no longer have users."""
+    for root in dict.fromkeys(roots):
+        chain, frontier = [root], [root]
+        while frontier:
+            node = frontier.pop()
+            for user in node.users:
+                source = view_source(user)
+                if source is not None and source[0] is node:
+                    chain.append(user)
+                    frontier.append(user)
+        for node in reversed(chain):
+            if not node.users:
+                graph.erase_node(node)
+
+
+def graph_module_like(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
+    """A GraphModule running `graph` that otherwise looks like `module`: same children,
+    parameters, buffers (persistence kept), plain attributes and training flag, so that its
+    state_dict keys and the attributes other code reads do not change."""
+    gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
+    for name, child in module.named_children():
+        setattr(gm, name, child)  # fx copies only what the graph uses, as bare containers
+    for name, p in module.named_parameters(recurse=False):
+        if name not in gm._parameters:
+            gm.register_parameter(name, p)
+    for name, b in module.named_buffers(recurse=False):
+        persistent = name not in module._non_persistent_buffers_set
+        if name in gm._buffers:
+            if not persistent:
+                gm._non_persistent_buffers_set.add(name)
+        else:
+            gm.register_buffer(name, b, persistent=persistent)
+    for key, value in vars(module).items():
+        if not key.startswith("_") and key not in vars(gm):
+            setattr(gm, key, value)
+    gm.train(module.training)
+    return gm
+
+
+def replace_module(root: nn.Module, old: nn.Module, new: nn.Module) -> nn.Module:
+    """Put `new` wherever `old` appears in root's tree (shared modules appear more than once);
+    returns the new root, which is `new` itself if `old` was the root."""
+    if old is root:
+        return new
+    for parent in list(root.modules()):
+        for name, child in list(parent._modules.items()):
+            if child is old:
+                setattr(parent, name, new)
+    return root
+
+
+def install_layer(root: nn.Module, param_name: str, layer: nn.Module) -> None:
+    """Put the factored layer where the parameter was (the parameter goes away)."""
+    parent_name, _, attr = param_name.rpartition(".")
+    parent = root.get_submodule(parent_name)
+    if attr in parent._parameters:
+        del parent._parameters[attr]
+    parent.add_module(attr, layer)

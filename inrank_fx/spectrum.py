@@ -1,0 +1,78 @@
+"""Singular values from factors and the InRank rank rule. Pure functions on tensors.
+
+The layer never forms its dense out×in product to look at its spectrum: with U = Q_u R_u and
+V = Q_v R_v (thin QR), U·Vᵀ = Q_u (R_u R_vᵀ) Q_vᵀ and the orthonormal Q's leave singular values
+unchanged, so the spectrum is that of the small k×k core R_u R_vᵀ. Cost O((in + out)·k²)
+instead of O(in·out·min(in, out)).
+"""
+from __future__ import annotations
+
+import torch
+
+CRITERIA = ("variance", "energy")
+
+
+@torch.no_grad()
+def factor_singular_values(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """Singular values (descending) of U @ V.T, for U: out×k and V: in×k, without forming it."""
+    if U.shape[1] != V.shape[1]:
+        raise ValueError(f"factors disagree on the inner dimension: U {tuple(U.shape)}, V {tuple(V.shape)}")
+    # Half precision has no QR kernel and too little precision for a spectrum.
+    dtype = torch.float64 if U.dtype == torch.float64 else torch.float32
+    U, V = U.to(dtype), V.to(dtype)
+    r_u = torch.linalg.qr(U, mode="r").R
+    r_v = torch.linalg.qr(V, mode="r").R
+    return torch.linalg.svdvals(r_u @ r_v.T)
+
+
+def explained_ratios(s: torch.Tensor, criterion: str = "variance") -> torch.Tensor:
+    """ratio[k] for k = 0..n: how much of the spectrum s (length n) the top k values explain.
+
+    "variance" is the paper's 1 − var(s − s_k)/var(s), where s_k keeps the first k entries of s
+    and zeroes the rest, so s − s_k is the tail. "energy" is Σ_{i<k} s_i² / Σ s_i².
+    ratio[n] is 1 by definition (nothing is left out).
+    """
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    s = s.detach().to(torch.float64).flatten()
+    n = s.numel()
+    # Tail sums T1[k] = Σ_{i≥k} s_i and T2[k] = Σ_{i≥k} s_i², for k = 0..n.
+    zero = s.new_zeros(1)
+    tail1 = torch.cat([s.flip(0).cumsum(0).flip(0), zero])
+    tail2 = torch.cat([(s * s).flip(0).cumsum(0).flip(0), zero])
+    if criterion == "energy":
+        total = tail2[0]
+        if total <= 0:
+            return torch.ones(n + 1, dtype=torch.float64)
+        return 1.0 - tail2 / total
+    # n·var(x) = Σx² − (Σx)²/n for the length-n tail vector (zeros included); the ratio of two
+    # variances of equal length does not depend on the Bessel correction.
+    tail_var = tail2 - tail1 * tail1 / n
+    total_var = tail_var[0]
+    if total_var <= 1e-30 * max(float(tail2[0]), 1e-300):
+        # All singular values equal: no proper truncation explains them.
+        ratios = torch.zeros(n + 1, dtype=torch.float64)
+        ratios[n] = 1.0
+        return ratios
+    ratios = 1.0 - tail_var / total_var
+    ratios[n] = 1.0
+    return ratios
+
+
+def select_rank(
+    s: torch.Tensor,
+    threshold: float,
+    criterion: str = "variance",
+    min_rank: int = 1,
+) -> int:
+    """The smallest k ≥ min_rank whose explained ratio exceeds `threshold` (at most len(s))."""
+    n = s.numel()
+    if n == 0:
+        return min_rank
+    if float(s.detach().abs().max()) == 0.0:
+        return min(max(min_rank, 1), n)  # a zero layer asks for nothing
+    ratios = explained_ratios(s, criterion)
+    k = torch.arange(n + 1)
+    ok = (ratios > threshold) & (k >= min_rank)
+    hits = torch.nonzero(ok).flatten()
+    return int(hits[0]) if hits.numel() else n

@@ -1,0 +1,279 @@
+"""`transform`: the public verb that turns dense matmuls against weights into InRank layers.
+
+    analyse (trace every forward, find every read of every weight)
+      → decide (factor a weight only if every read of it is a matmul we understand)
+      → build factored layers (random or SVD init, rank from the config)
+      → rewrite (swap modules in place; rewrite only the forwards that hold functional matmuls)
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Union
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .config import InRankConfig
+from .layers import InRankLinear
+from .passes.analysis import Analysis, WeightUse, analyse
+from .passes.matchers import MatmulSite, module_handler
+from .passes.rewrite import factor_matmul_sites, graph_module_like, install_layer, replace_module
+from .passes.tracing import is_library_module
+from .spectrum import select_rank
+
+log = logging.getLogger("inrank_fx")
+
+FilterFn = Callable[[str, Union[nn.Module, fx.Node]], bool]
+
+REPORT_ATTR = "_inrank_report"
+
+
+@dataclass
+class FactoredRecord:
+    name: str
+    kind: str  # "nn.Linear", "F.linear", "matmul", ...
+    out_features: int
+    in_features: int
+    rank: int
+    width: int
+    requested_rank: int | None = None  # set when the requested rank exceeded the full rank
+
+
+@dataclass
+class DenseRecord:
+    name: str
+    reason: str
+
+
+@dataclass
+class TransformReport:
+    """What `transform` did: factored layers, weights left dense (and why), and how each module's
+    forward was handled."""
+
+    factored: list[FactoredRecord] = field(default_factory=list)
+    dense: list[DenseRecord] = field(default_factory=list)
+    traced: list[str] = field(default_factory=list)
+    not_traced: dict[str, str] = field(default_factory=dict)
+    rewritten_forwards: list[str] = field(default_factory=list)
+    already_factored: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"factored {len(self.factored)} weight(s), left {len(self.dense)} dense"]
+        for rec in self.factored:
+            capped = f" (asked {rec.requested_rank}, capped)" if rec.requested_rank else ""
+            lines.append(
+                f"  factored {rec.name} [{rec.kind}] {rec.out_features}x{rec.in_features} "
+                f"rank {rec.rank}{capped}, width {rec.width}"
+            )
+        lines += [f"  dense    {rec.name}: {rec.reason}" for rec in self.dense]
+        lines.append(
+            f"forwards traced: {len(self.traced)}, not traced: {len(self.not_traced)}, "
+            f"rewritten as fx graphs: {', '.join(map(_label, self.rewritten_forwards)) or 'none'}"
+        )
+        lines += [f"  not traced {_label(p)}: {err}" for p, err in self.not_traced.items()]
+        if self.already_factored:
+            lines.append(f"already factored (left as they are): {', '.join(self.already_factored)}")
+        return "\n".join(lines)
+
+
+def transform(
+    model: nn.Module,
+    config: InRankConfig | None = None,
+    *,
+    filter_fn: FilterFn | None = None,
+    inplace: bool = False,
+) -> nn.Module:
+    """Factor every dense matmul against a 2-D weight in `model` into an InRankLinear.
+
+    Returns the transformed model (a copy unless `inplace`). Modules keep their class and Python
+    forward wherever possible: nn.Linear modules are swapped in place, and only a module whose own
+    forward computes a matmul against a weight (F.linear, @, matmul, mm, addmm) is replaced by its
+    rewritten fx graph. `filter_fn(name, module_or_node)` may veto any layer: it gets the
+    nn.Linear, or for a functional matmul the fx node. What was done, and why anything was left
+    dense, is in `inrank_fx.summary(model)`.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"transform expects an nn.Module, got {type(model).__name__}")
+    config = config if config is not None else InRankConfig()
+    if not isinstance(config, InRankConfig):
+        raise TypeError(f"config must be an InRankConfig, got {type(config).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+
+    analysis = analyse(model)
+    report = TransformReport(
+        traced=[p for p, t in analysis.traces.items() if t.ok],
+        not_traced={p: t.error for p, t in analysis.traces.items() if not t.ok},
+        already_factored=analysis.already_factored,
+    )
+    swaps: list[tuple[nn.Module, InRankLinear]] = []
+    installs: list[tuple[WeightUse, InRankLinear]] = []
+    for weight in analysis.weights:
+        plan = _plan(weight, model, config, filter_fn, report)
+        if plan is None:
+            continue
+        module, layer = plan
+        if module is not None:
+            swaps.append((module, layer))
+        else:
+            installs.append((weight, layer))
+
+    for module, layer in swaps:
+        model = replace_module(model, module, layer)
+    for weight, layer in installs:
+        for name in weight.names:
+            install_layer(model, name, layer)
+    model = _rewrite_forwards(model, analysis, [w for w, _ in installs], report)
+
+    _announce(model, report)
+    setattr(model, REPORT_ATTR, report)
+    return model
+
+
+def _plan(
+    weight: WeightUse,
+    model: nn.Module,
+    config: InRankConfig,
+    filter_fn: FilterFn | None,
+    report: TransformReport,
+) -> tuple[nn.Module | None, InRankLinear] | None:
+    """Decide one weight: (module to swap or None for functional reads, its factored layer),
+    or None after recording why it stays dense."""
+    calls = weight.reads_of("module") + weight.reads_of("blind")
+    sites = weight.reads_of("site")
+    opaque = weight.reads_of("opaque")
+    owner_module = _owner_of(model, weight.name)
+    if not calls and not sites:
+        if owner_module is not None and module_handler(owner_module) is not None:
+            # A Linear that no traced forward calls: used inside a library module, or dead.
+            reason = opaque[0].where if opaque else "its module is never called by a traced forward"
+            report.dense.append(DenseRecord(weight.name, reason))
+        return None  # not a matmul weight at all (embeddings, norms, ...)
+
+    def dense(reason: str) -> None:
+        report.dense.append(DenseRecord(weight.name, reason))
+
+    if opaque:
+        tied = f" (tied: {', '.join(weight.names)})" if len(weight.names) > 1 else ""
+        return dense(f"also {opaque[0].where}{tied}")
+    if calls and sites:
+        return dense(
+            f"read both by a call of '{calls[0].owner}' and by {sites[0].where}; "
+            "a weight is factored through one of the two"
+        )
+
+    if calls:
+        modules = {id(model.get_submodule(r.owner)): r.owner for r in calls}
+        if len(modules) > 1:
+            return dense(f"shared by modules {', '.join(sorted(modules.values()))}")
+        name = calls[0].owner
+        module = model.get_submodule(name)
+        matrix, kind, subject = weight.param, type(module).__name__, module
+        if kind == "Linear":
+            kind = "nn.Linear"
+    else:
+        if len({r.site.transposed for r in sites}) > 1:
+            return dense("read both as W and as its transpose by matmul nodes")
+        if owner_module is not None and is_library_module(owner_module):
+            return dense(f"a parameter of {type(owner_module).__name__} read directly by {sites[0].where}")
+        module, name = None, weight.name
+        site: MatmulSite = sites[0].site
+        matrix = weight.param.T if site.transposed else weight.param
+        kind, subject = site.kind, site.node
+
+    out_features, in_features = matrix.shape
+    full_rank = min(out_features, in_features)
+    if full_rank < config.min_features:
+        return dense(
+            f"{out_features}x{in_features}: full rank {full_rank} is below "
+            f"min_features={config.min_features}"
+        )
+    if not config.selects(name):
+        return dense("not selected by targets/exclude")
+    if filter_fn is not None and not filter_fn(name, subject):
+        return dense("rejected by filter_fn")
+
+    rank, requested = _initial_rank(matrix, name, config)
+    width = config.width_for(rank, full_rank)
+    if module is not None:
+        handler = module_handler(module)
+        layer = handler.build(module, rank, buffer=width - rank, init=config.init, name=name)
+    else:
+        layer = InRankLinear.from_weight(
+            matrix, None, rank, buffer=width - rank, init=config.init, name=name
+        )
+    report.factored.append(
+        FactoredRecord(name, kind, out_features, in_features, layer.rank, layer.width, requested)
+    )
+    return module, layer
+
+
+def _initial_rank(matrix: torch.Tensor, name: str, config: InRankConfig) -> tuple[int, int | None]:
+    """(rank, the requested rank if it had to be capped)."""
+    full_rank = min(matrix.shape)
+    if config.init_rank == "auto":
+        if not torch.isfinite(matrix).all():
+            raise ValueError(f"{name}: non-finite (NaN/Inf) entries; cannot choose a rank from them")
+        s = torch.linalg.svdvals(matrix.detach().to(torch.float64))
+        return select_rank(s, config.threshold, config.criterion), None
+    requested = config.rank_for(full_rank)
+    if requested > full_rank:
+        return full_rank, requested
+    return requested, None
+
+
+def _rewrite_forwards(
+    model: nn.Module, analysis: Analysis, installed: list[WeightUse], report: TransformReport
+) -> nn.Module:
+    """Rewrite the forwards that hold functional matmuls on installed weights, deepest first."""
+    by_owner: dict[str, list[tuple[MatmulSite, str]]] = {}
+    for weight in installed:
+        for read in weight.reads_of("site"):
+            by_owner.setdefault(read.owner, []).append((read.site, read.site.param_node.target))
+    for owner in sorted(by_owner, key=lambda p: -p.count(".") if p else 1):
+        module = model.get_submodule(owner)
+        gm = graph_module_like(module, analysis.traces[owner].graph)
+        gm = factor_matmul_sites(gm, by_owner[owner])
+        model = replace_module(model, module, gm)
+        report.rewritten_forwards.append(owner)
+    return model
+
+
+def _owner_of(model: nn.Module, param_name: str) -> nn.Module | None:
+    parent, _, _ = param_name.rpartition(".")
+    try:
+        return model.get_submodule(parent)
+    except AttributeError:
+        return None
+
+
+def _label(path: str) -> str:
+    return f"'{path}'" if path else "the root module"
+
+
+def _announce(model: nn.Module, report: TransformReport) -> None:
+    name = type(model).__name__
+    if not report.factored:
+        why = "; ".join(f"{d.name}: {d.reason}" for d in report.dense[:5])
+        message = (
+            f"inrank_fx.transform: no matmul against a weight was factored in {name}; "
+            f"the model is returned unchanged" + (f" (left dense: {why})" if why else "")
+        )
+        warnings.warn(message, stacklevel=3)
+        return
+    capped = [r for r in report.factored if r.requested_rank]
+    if capped:
+        warnings.warn(
+            "inrank_fx.transform: the requested rank exceeds the full rank of "
+            + ", ".join(f"{r.name} ({r.requested_rank} > {min(r.out_features, r.in_features)})" for r in capped)
+            + "; capped at the full rank",
+            stacklevel=3,
+        )
+    log.info(
+        "inrank_fx.transform: factored %d weight(s) in %s, %d left dense",
+        len(report.factored), name, len(report.dense),
+    )

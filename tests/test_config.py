@@ -1,0 +1,55 @@
+import pytest
+
+from inrank_fx import InRankConfig
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("init", "orthogonal"),
+        ("init_rank", 0),
+        ("init_rank", 1.5),
+        ("init_rank", -0.1),
+        ("init_rank", "half"),
+        ("init_rank", True),
+        ("buffer", -1),
+        ("threshold", 1.0),
+        ("threshold", 0.0),
+        ("criterion", "entropy"),
+        ("warmup_steps", -1),
+        ("check_every", 0),
+        ("stop_after", -5),
+        ("rank_multiple", 0),
+        ("min_features", 0),
+        ("targets", "(unclosed"),
+        ("exclude", [1, 2]),
+    ],
+)
+def test_out_of_range_value_names_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"InRankConfig\.{field}"):
+        InRankConfig(**{field: value})
+
+
+def test_auto_rank_needs_svd_init():
+    with pytest.raises(ValueError, match="init_rank='auto'.*init='svd'"):
+        InRankConfig(init="random", init_rank="auto")
+    InRankConfig(init="svd", init_rank="auto")
+
+
+def test_rank_and_width_resolution():
+    cfg = InRankConfig(init_rank=0.25, buffer=0.1, rank_multiple=8)
+    assert cfg.rank_for(100) == 25
+    assert cfg.buffer_for(100) == 10
+    assert cfg.width_for(25, 100) == 40  # 35 rounded up to a multiple of 8
+    assert cfg.width_for(95, 100) == 100  # capped at the full rank
+    assert InRankConfig(init_rank=7, buffer=0).width_for(7, 100) == 7
+
+
+def test_targets_and_exclude_patterns():
+    cfg = InRankConfig(targets=["c_fc", "attn.*"], exclude=["h.1.*"])
+    assert cfg.selects("transformer.h.0.mlp.c_fc")
+    assert cfg.selects("attn.c_attn")
+    assert not cfg.selects("transformer.h.0.mlp.c_proj")
+    assert not cfg.selects("h.1.mlp.c_fc")
+    regex = InRankConfig(targets=r".*\.mlp\..*")
+    assert regex.selects("h.0.mlp.c_fc") and not regex.selects("h.0.attn.c_attn")

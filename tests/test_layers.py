@@ -1,0 +1,104 @@
+import pytest
+import torch
+from torch import nn
+
+from conftest import rel_err
+from inrank_fx import InRankLinear
+
+
+def test_from_linear_full_rank_reproduces_the_layer():
+    linear = nn.Linear(48, 80)
+    layer = InRankLinear.from_linear(linear, rank=48, init="svd")
+    x = torch.randn(7, 3, 48)
+    assert layer.rank == layer.full_rank == 48 and layer.buffer == 0
+    assert rel_err(layer(x), linear(x)) < 1e-5
+
+
+def test_from_linear_float64_is_tighter():
+    linear = nn.Linear(40, 24).double()
+    layer = InRankLinear.from_linear(linear, rank=24, init="svd")
+    assert layer.U.dtype == torch.float64
+    x = torch.randn(5, 40, dtype=torch.float64)
+    assert rel_err(layer(x), linear(x)) < 1e-12
+
+
+def test_truncated_svd_is_the_best_rank_k_approximation():
+    linear = nn.Linear(60, 50)
+    layer = InRankLinear.from_linear(linear, rank=10, init="svd")
+    s = torch.linalg.svdvals(linear.weight.detach())
+    err = torch.linalg.norm(layer.weight.detach() - linear.weight.detach())
+    assert err.item() == pytest.approx(s[10:].norm().item(), rel=1e-4)  # Eckart–Young
+
+
+def test_buffer_is_computed_and_capped():
+    layer = InRankLinear(32, 20, rank=4, buffer=6)
+    assert (layer.rank, layer.buffer, layer.width) == (4, 6, 10)
+    assert layer.U.shape == (20, 10) and layer.V.shape == (32, 10)
+    capped = InRankLinear(32, 20, rank=18, buffer=6)
+    assert (capped.rank, capped.width, capped.buffer) == (18, 20, 2)
+    assert InRankLinear(8, 8, rank=100).rank == 8
+
+
+def test_random_init_matches_dense_default_variance():
+    layer = InRankLinear(512, 384, rank=32, buffer=0)
+    dense = nn.Linear(512, 384)
+    var = layer.weight.detach().var().item()
+    assert var == pytest.approx(dense.weight.detach().var().item(), rel=0.1)
+    assert var == pytest.approx(1 / (3 * 512), rel=0.1)
+
+
+def test_forward_is_two_matmuls_and_the_weight_view_agrees():
+    layer = InRankLinear(16, 12, rank=3, buffer=2)
+    x = torch.randn(4, 16)
+    expected = x @ layer.weight.T + layer.bias
+    assert torch.allclose(layer(x), expected, atol=1e-6)
+    assert layer.weight.shape == (12, 16)
+
+
+def test_singular_values_from_factors():
+    layer = InRankLinear(96, 64, rank=12, buffer=4)
+    with torch.no_grad():
+        layer.U.normal_()
+        layer.V.normal_()
+    expected = torch.linalg.svdvals(layer.U @ layer.V.T)[: layer.width]
+    got = layer.singular_values()
+    assert got.shape == (16,)
+    assert torch.allclose(got, expected.detach(), rtol=1e-4)
+
+
+def test_repr_is_informative():
+    text = repr(InRankLinear(64, 32, rank=4, buffer=2, bias=False))
+    for part in ("in_features=64", "out_features=32", "rank=4", "buffer=2", "full_rank=32",
+                 "bias=False", "% of dense"):
+        assert part in text
+
+
+def test_non_finite_weight_refuses_svd_init():
+    linear = nn.Linear(8, 8)
+    with torch.no_grad():
+        linear.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="blocks.3.fc.*non-finite"):
+        InRankLinear.from_linear(linear, rank=4, name="blocks.3.fc")
+
+
+def test_bad_sizes():
+    with pytest.raises(ValueError, match="rank must be >= 1"):
+        InRankLinear(8, 8, rank=0)
+    with pytest.raises(ValueError, match="init must be"):
+        InRankLinear.from_linear(nn.Linear(8, 8), rank=2, init="zeros")
+
+
+def test_gradients_reach_both_factors_and_train():
+    torch.manual_seed(0)
+    target = nn.Linear(20, 20)
+    layer = InRankLinear(20, 20, rank=20)
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    x = torch.randn(256, 20)
+    losses = []
+    for _ in range(200):
+        loss = (layer(x) - target(x).detach()).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.01 * losses[0]

@@ -1,0 +1,274 @@
+import warnings
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+import inrank_fx
+from conftest import rel_err
+from gpt import GPT, GPTConfig
+from inrank_fx import InRankConfig, InRankLinear, ranks, summary, transform
+from models import FunctionalNet, Untraceable, mlp
+
+FULL_SVD = InRankConfig(init="svd", init_rank=1.0)
+
+
+def n_factored(model: nn.Module) -> int:
+    return sum(isinstance(m, InRankLinear) for m in model.modules())
+
+
+def called_linears(model: nn.Module) -> int:
+    return sum(type(m) is nn.Linear for m in model.modules())
+
+
+def test_mlp_full_rank_svd_reproduces_outputs():
+    model = mlp()
+    out = transform(model, FULL_SVD)
+    assert n_factored(out) == 3 and called_linears(out) == 0
+    x = torch.randn(10, 32)
+    assert rel_err(out(x), model(x)) < 1e-5
+
+
+def test_float64_is_tighter():
+    model = mlp().double()
+    out = transform(model, FULL_SVD)
+    x = torch.randn(10, 32, dtype=torch.float64)
+    assert rel_err(out(x), model(x)) < 1e-12
+
+
+def test_gpt_full_rank_and_tied_head_stays_dense():
+    model = GPT(GPTConfig(n_layer=2, n_embd=64, block_size=32)).eval()
+    out = transform(model, FULL_SVD).eval()
+    assert isinstance(out, GPT)  # only modules were swapped: the class and its methods remain
+    assert n_factored(out) == 2 * 4  # c_attn, attn.c_proj, c_fc, mlp.c_proj per block
+    assert type(out.lm_head) is nn.Linear
+    assert out.lm_head.weight is out.transformer.wte.weight
+    idx = torch.randint(0, 256, (3, 32))
+    assert rel_err(out(idx), model(idx)) < 1e-5
+    dense = {d.name: d.reason for d in summary(out).dense}
+    assert "tied" in dense["lm_head.weight"] and "transformer.wte.weight" in dense["lm_head.weight"]
+    # state_dict keys of untouched modules are unchanged
+    assert "transformer.h.0.ln_1.weight" in out.state_dict()
+    assert "transformer.h.0.attn.c_attn.U" in out.state_dict()
+
+
+def test_functional_matmuls_are_rewritten():
+    model = FunctionalNet()
+    out = transform(model, FULL_SVD)
+    assert isinstance(out, fx.GraphModule)
+    assert set(ranks(out)) == {"w", "proj", "back", "skip"}
+    graph_ops = [n.target for n in out.graph.nodes if n.op == "call_function"]
+    for op in (F.linear, torch.matmul, torch.addmm, torch.mm):
+        assert op not in graph_ops
+    import operator
+
+    assert operator.matmul not in graph_ops
+    assert not [n for n in out.graph.nodes if n.op == "get_attr" and n.target in {"w", "proj", "back", "skip"}]
+    assert len([n for n in out.graph.nodes if n.op == "call_module"]) == 5  # skip is read twice
+    x = torch.randn(6, 32)
+    assert rel_err(out(x), model(x)) < 1e-5
+    assert "b" in dict(out.named_parameters())  # the bias of F.linear stays a parameter
+    # orientation: x @ proj is x·Wᵀ with W = projᵀ; back @ x is W·x with W = back
+    assert (out.proj.out_features, out.proj.in_features) == (40, 48)
+    assert (out.back.out_features, out.back.in_features) == (32, 40)
+    assert (out.skip.out_features, out.skip.in_features) == (40, 32)
+
+
+def test_weight_read_in_both_orientations_stays_dense():
+    class Both(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(32, 32))
+
+        def forward(self, x):
+            return x @ self.w + x @ self.w.T
+
+    with pytest.warns(UserWarning, match="no matmul"):
+        out = transform(Both(), FULL_SVD)
+    assert "transpose" in summary(out).dense[0].reason and not ranks(out)
+
+
+def test_functional_in_a_submodule_keeps_the_parent():
+    class Parent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = FunctionalNet()
+            self.head = nn.Linear(40, 20)
+
+        def forward(self, x):
+            return self.head(self.inner(x))
+
+    model = Parent()
+    out = transform(model, FULL_SVD)
+    assert type(out) is Parent and isinstance(out.inner, fx.GraphModule)
+    assert n_factored(out) == 5
+    x = torch.randn(4, 32)
+    assert rel_err(out(x), model(x)) < 1e-5
+
+
+def test_torchvision_resnet18():
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.resnet18().eval()
+    out = transform(model, FULL_SVD).eval()
+    assert list(ranks(out)) == ["fc"] and ranks(out)["fc"] == 512
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert rel_err(out(x), model(x)) < 1e-5
+
+
+@pytest.mark.slow
+def test_torchvision_vit_b_16():
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.vit_b_16().eval()
+    nn.init.normal_(model.heads.head.weight, std=0.02)  # torchvision zero-inits the head
+    out = transform(model, FULL_SVD).eval()
+    assert n_factored(out) == 12 * 2 + 1  # MLP linears of every block, and the head
+    dense = {d.name: d.reason for d in summary(out).dense}
+    assert len(dense) == 12 and all("MultiheadAttention" in r for r in dense.values())
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert rel_err(out(x), model(x)) < 1e-5
+
+
+def test_random_init_rank4_trains_with_adamw():
+    model = GPT(GPTConfig(n_layer=2, n_embd=64, block_size=32))
+    out = transform(model, InRankConfig(init="random", init_rank=4, buffer=0))
+    assert set(ranks(out).values()) == {4} and len(ranks(out)) == 8
+    before = {n: p.detach().clone() for n, p in out.named_parameters()}
+    opt = torch.optim.AdamW(out.parameters(), lr=3e-3)
+    idx = torch.randint(0, 256, (8, 33))
+    losses = []
+    for _ in range(15):
+        loss = out.loss(idx[:, :-1], idx[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1
+    for name, p in out.named_parameters():
+        if name.endswith((".U", ".V")):
+            assert not torch.equal(p, before[name]), name
+
+
+def test_untraceable_forward_falls_back_to_modules():
+    model = Untraceable()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # falling back is reported, not warned about
+        out = transform(model, FULL_SVD)
+    report = out._inrank_report
+    assert "" in report.not_traced and "control flow" in report.not_traced[""]
+    assert type(out) is Untraceable
+    assert {"a", "b", "direct"} <= set(ranks(out))  # swapped as leaves
+    assert isinstance(out.inner, fx.GraphModule) and n_factored(out.inner) == 4
+    for sign in (1.0, -1.0):  # both branches
+        x = sign * (torch.rand(5, 32) + 0.1)
+        assert rel_err(out(x), model(x)) < 1e-5
+    assert "did not trace" in str(summary(out))
+
+
+def test_shared_module_is_factored_once():
+    lin = nn.Linear(32, 32)
+    model = nn.Sequential(lin, nn.ReLU(), lin)
+    out = transform(model, FULL_SVD)
+    assert out[0] is out[2] and isinstance(out[0], InRankLinear)
+    x = torch.randn(3, 32)
+    assert rel_err(out(x), model(x)) < 1e-5
+
+
+def test_weights_with_other_reads_stay_dense_with_the_reason():
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(32, 32))
+            self.fc1 = nn.Linear(32, 32)
+            self.fc2 = nn.Linear(32, 32)
+            self.fc2.weight = self.fc1.weight  # tied between two Linears
+            self.ok = nn.Linear(32, 32)
+
+        def forward(self, x):
+            return self.ok(self.fc2(self.fc1(x @ self.w))) + self.w.sum()
+
+    out = transform(Mixed(), FULL_SVD)
+    dense = {d.name: d.reason for d in summary(out).dense}
+    assert "sum" in dense["w"]
+    assert "shared by modules fc1, fc2" in dense["fc1.weight"]
+    assert list(ranks(out)) == ["ok"]
+
+
+def test_no_matmul_returns_unchanged_with_a_warning():
+    model = nn.Sequential(nn.LayerNorm(8), nn.ReLU())
+    with pytest.warns(UserWarning, match="no matmul against a weight"):
+        out = transform(model)
+    x = torch.randn(2, 8)
+    assert torch.equal(out(x), model(x)) and n_factored(out) == 0
+
+
+def test_init_rank_above_full_rank_is_capped_and_reported():
+    model = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 128))
+    with pytest.warns(UserWarning, match=r"0 \(64 > 32\).*capped"):
+        out = transform(model, InRankConfig(init="svd", init_rank=64))
+    assert ranks(out) == {"0": 32, "2": 48}
+    assert [r.requested_rank for r in out._inrank_report.factored] == [64, 64]
+
+
+def test_input_model_is_not_modified():
+    model = mlp()
+    transform(model, FULL_SVD)
+    assert all(type(m) is nn.Linear for m in model if not isinstance(m, nn.ReLU))
+
+
+def test_transform_is_idempotent():
+    once = transform(mlp(), InRankConfig(init_rank=4))
+    with pytest.warns(UserWarning, match="no matmul"):
+        twice = transform(once, InRankConfig(init_rank=8))
+    assert ranks(twice) == ranks(once) == {"0": 4, "2": 4, "4": 4}
+    assert twice._inrank_report.already_factored == ["0", "2", "4"]
+
+
+def test_filters_min_features_targets_and_filter_fn():
+    model = GPT(GPTConfig(n_layer=2, n_embd=64, block_size=32))
+    out = transform(model, InRankConfig(targets=["c_fc"], exclude=["transformer.h.1.*"]))
+    assert list(ranks(out)) == ["transformer.h.0.mlp.c_fc"]
+    seen = []
+    out = transform(model, filter_fn=lambda name, m: seen.append((name, m)) or "attn" in name)
+    assert set(ranks(out)) == {f"transformer.h.{i}.attn.{p}" for i in (0, 1) for p in ("c_attn", "c_proj")}
+    assert all(isinstance(m, nn.Linear) for _, m in seen)
+    small = transform(nn.Sequential(nn.Linear(32, 64), nn.Linear(64, 8)), InRankConfig(min_features=16))
+    assert list(ranks(small)) == ["0"]  # the 8-wide layer is below min_features
+    assert "below min_features=16" in summary(small).dense[0].reason
+
+
+def test_auto_rank_reads_the_spectrum():
+    model = mlp()
+    with torch.no_grad():
+        model[2].weight.copy_(torch.randn(64, 6) @ torch.randn(6, 64))
+    out = transform(model, InRankConfig(init="svd", init_rank="auto", buffer=0))
+    assert ranks(out)["2"] <= 6
+
+
+def test_summary_table():
+    model = GPT(GPTConfig(n_layer=1, n_embd=64, block_size=32))
+    out = transform(model, InRankConfig(init_rank=8, buffer=0))
+    text = str(summary(out))
+    for part in ("layer", "shape", "rank", "params dense", "FLOPs/row factored", "total",
+                 "transformer.h.0.mlp.c_fc", "256x64", "left dense", "lm_head.weight"):
+        assert part in text
+    s = summary(out)
+    assert s.factored_params < s.dense_params
+    c_fc = next(l for l in s.layers if l.name.endswith("c_fc"))
+    assert c_fc.factored_flops == 2 * 8 * (64 + 256) and c_fc.dense_flops == 2 * 64 * 256
+
+
+def test_root_linear():
+    out = transform(nn.Linear(32, 32), InRankConfig(init="svd", init_rank=1.0))
+    assert isinstance(out, InRankLinear)
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="nn.Module"):
+        transform(lambda x: x)
+    with pytest.raises(TypeError, match="InRankConfig"):
+        transform(mlp(), {"init_rank": 4})
+    assert inrank_fx.__version__
