@@ -21,7 +21,13 @@ from .config import InRankConfig
 from .layers import InRankLinear
 from .passes.analysis import Analysis, WeightUse, analyse
 from .passes.matchers import MatmulSite, module_handler
-from .passes.rewrite import factor_matmul_sites, graph_module_like, install_layer, replace_module
+from .passes.rewrite import (
+    carry_hooks,
+    factor_matmul_sites,
+    graph_module_like,
+    install_layer,
+    replace_module,
+)
 from .passes.tracing import is_library_module
 from .spectrum import select_rank
 
@@ -123,6 +129,7 @@ def transform(
             installs.append((weight, layer))
 
     for module, layer in swaps:
+        carry_hooks(module, layer)
         model = replace_module(model, module, layer)
     for weight, layer in installs:
         for name in weight.names:

@@ -261,6 +261,18 @@ def test_summary_table():
     assert c_fc.factored_flops == 2 * 8 * (64 + 256) and c_fc.dense_flops == 2 * 64 * 256
 
 
+def test_forward_hooks_survive_the_swap():
+    model = FunctionalNet()
+    model.fc = nn.Linear(40, 40)
+    seen = []
+    model.register_forward_hook(lambda m, i, o: seen.append("root"))
+    mlp_model = mlp()
+    mlp_model[2].register_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
+    transform(model, FULL_SVD)(torch.randn(2, 32))
+    transform(mlp_model, FULL_SVD)(torch.randn(2, 32))
+    assert seen == ["root", "InRankLinear"]
+
+
 def test_root_linear():
     out = transform(nn.Linear(32, 32), InRankConfig(init="svd", init_rank=1.0))
     assert isinstance(out, InRankLinear)

@@ -86,7 +86,24 @@ def graph_module_like(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
         if not key.startswith("_") and key not in vars(gm):
             setattr(gm, key, value)
     gm.train(module.training)
+    carry_hooks(module, gm)
     return gm
+
+
+_HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
+
+
+def carry_hooks(old: nn.Module, new: nn.Module) -> None:
+    """Forward hooks registered on the module being replaced keep firing on its replacement."""
+    for attr in _HOOK_DICTS:
+        if hasattr(old, attr) and hasattr(new, attr):
+            getattr(new, attr).update(getattr(old, attr))
 
 
 def replace_module(root: nn.Module, old: nn.Module, new: nn.Module) -> nn.Module:
