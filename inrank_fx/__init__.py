@@ -1,7 +1,10 @@
 """inrank_fx: InRank (incremental low-rank learning) for any PyTorch model, as a torch.fx pass."""
 from .config import InRankConfig
+from .controller import RankController, attach
 from .layers import InRankLinear
+from .optim import OptimizerStateError
 from .passes import register_function_handler, register_module_handler
+from .resize import RankChange, set_ranks
 from .summary import ranks, summary
 from .transform import TransformReport, transform
 
@@ -10,10 +13,15 @@ __version__ = "0.1.0"
 __all__ = [
     "InRankConfig",
     "InRankLinear",
+    "OptimizerStateError",
+    "RankChange",
+    "RankController",
     "TransformReport",
+    "attach",
     "ranks",
     "register_function_handler",
     "register_module_handler",
+    "set_ranks",
     "summary",
     "transform",
 ]

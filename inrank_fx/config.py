@@ -14,6 +14,7 @@ from typing import Sequence, Union
 from .spectrum import CRITERIA
 
 INITS = ("random", "svd")
+GROW_INITS = ("zero", "random")
 
 RankSpec = Union[int, float, str]
 
@@ -42,6 +43,9 @@ class InRankConfig:
             train at a fixed rank. None adapts for the whole run.
         rank_multiple: round each layer's computed width up to a multiple of this (e.g. 8 for
             tensor cores).
+        grow_init: how components added by growth start: "zero" (new U columns zero, new V
+            columns random: the function is unchanged at the moment of growth) or "random"
+            (both random at the scale of the existing factors). See docs/TRAINING.md.
     """
 
     init: str = "random"
@@ -49,10 +53,11 @@ class InRankConfig:
     buffer: Union[int, float] = 0.1
     threshold: float = 0.9
     criterion: str = "variance"
-    warmup_steps: int = 20
-    check_every: int = 10
+    warmup_steps: int = 25
+    check_every: int = 25
     stop_after: int | None = None
     rank_multiple: int = 1
+    grow_init: str = "zero"
     min_features: int = 16
     targets: Union[Sequence[str], str, None] = None
     exclude: Union[Sequence[str], str, None] = field(default=None)
@@ -72,6 +77,10 @@ class InRankConfig:
         if self.criterion not in CRITERIA:
             raise ValueError(
                 f"InRankConfig.criterion must be one of {CRITERIA}, got {self.criterion!r}"
+            )
+        if self.grow_init not in GROW_INITS:
+            raise ValueError(
+                f"InRankConfig.grow_init must be one of {GROW_INITS}, got {self.grow_init!r}"
             )
         _check_int("warmup_steps", self.warmup_steps, minimum=0)
         _check_int("check_every", self.check_every, minimum=1)

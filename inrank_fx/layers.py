@@ -7,8 +7,10 @@ rank) is how many components the layer computes with: the spare `buffer` compone
 spectrum can show that the layer needs more rank. The forward is two plain matmuls, so
 torch.compile, torch.export and ONNX see standard ops.
 
-The factor tensors may hold more columns than `width` (allocation slack, so that growing by a few
-components does not reallocate); only the first `width` columns take part in the forward.
+The factors hold exactly `width` columns, so parameter memory follows the rank. Only
+`inrank_fx.set_ranks` changes a layer's width (through `grow` / `truncate` here, keeping the
+optimizer in step); the rank travels in checkpoints as the module's extra state, and
+`load_state_dict` takes the checkpoint's width.
 """
 from __future__ import annotations
 
@@ -56,10 +58,10 @@ class InRankLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.rank = min(rank, self.full_rank)
-        self.width = min(self.rank + buffer, self.full_rank)
+        width = min(self.rank + buffer, self.full_rank)
         factory = {"device": device, "dtype": dtype}
-        self.U = nn.Parameter(torch.empty(out_features, self.width, **factory))
-        self.V = nn.Parameter(torch.empty(in_features, self.width, **factory))
+        self.U = nn.Parameter(torch.empty(out_features, width, **factory))
+        self.V = nn.Parameter(torch.empty(in_features, width, **factory))
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, **factory))
         else:
@@ -131,8 +133,12 @@ class InRankLinear(nn.Module):
     # -- the map ----------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.width
-        return F.linear(x @ self.V[:, :w], self.U[:, :w], self.bias)
+        return F.linear(x @ self.V, self.U, self.bias)
+
+    @property
+    def width(self) -> int:
+        """Components the layer computes with: rank + buffer."""
+        return self.U.shape[1]
 
     @property
     def full_rank(self) -> int:
@@ -147,14 +153,73 @@ class InRankLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         """The dense out×in product U·Vᵀ (differentiable), for code that reads `.weight` of
         what used to be an nn.Linear. It costs a dense matmul: the forward never forms it."""
-        w = self.width
-        return self.U[:, :w] @ self.V[:, :w].T
+        return self.U @ self.V.T
 
     def singular_values(self) -> torch.Tensor:
         """Singular values of U·Vᵀ (descending, length `width`), from QR of the factors and an
         SVD of the small width×width core; the dense product is never formed."""
-        w = self.width
-        return factor_singular_values(self.U[:, :w].detach(), self.V[:, :w].detach())
+        return factor_singular_values(self.U.detach(), self.V.detach())
+
+    # -- resizing (use inrank_fx.set_ranks, which keeps the optimizer in step) ----------------
+
+    @torch.no_grad()
+    def grow(self, width: int, *, init: str = "zero", generator: torch.Generator | None = None) -> None:
+        """Add components up to `width`; the existing ones keep their columns 0..w-1.
+
+        init="zero": new U columns are zero and new V columns random at the scale of the
+        existing V, so the layer's function is unchanged and the new components start learning
+        through U's gradient (x·V_new)ᵀ·δ. init="random": both new columns random at the scale of
+        the existing factors (the function changes a little).
+        """
+        extra = width - self.width
+        if extra < 0 or width > self.full_rank:
+            raise ValueError(f"grow: width {width} must be in [{self.width}, {self.full_rank}]")
+        if extra == 0:
+            return
+        new_v = _random_like(self.V, extra, generator)
+        if init == "zero":
+            new_u = self.U.new_zeros(self.out_features, extra)
+        elif init == "random":
+            new_u = _random_like(self.U, extra, generator)
+        else:
+            raise ValueError(f"grow: init must be 'zero' or 'random', got {init!r}")
+        self.U = nn.Parameter(torch.cat([self.U, new_u], dim=1))
+        self.V = nn.Parameter(torch.cat([self.V, new_v], dim=1))
+
+    @torch.no_grad()
+    def truncate(self, width: int) -> None:
+        """Keep the `width` leading singular components of U·Vᵀ, computed from the factors
+        (thin QR of each, SVD of the core), split evenly as U√S, V√S. This rotates the basis."""
+        if not 1 <= width <= self.width:
+            raise ValueError(f"truncate: width {width} must be in [1, {self.width}]")
+        dtype = self.U.dtype
+        q_u, r_u = torch.linalg.qr(self.U.to(torch.float64))
+        q_v, r_v = torch.linalg.qr(self.V.to(torch.float64))
+        p, s, qh = torch.linalg.svd(r_u @ r_v.T)
+        root = s[:width].sqrt()
+        self.U = nn.Parameter((q_u @ p[:, :width] * root).to(dtype))
+        self.V = nn.Parameter((q_v @ qh[:width].T * root).to(dtype))
+        self.rank = min(self.rank, width)
+
+    # -- checkpoints: the rank is extra state; the width comes with the factors' shapes ------
+
+    def get_extra_state(self) -> dict:
+        return {"rank": self.rank}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.rank = int(state["rank"])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        u, v = state_dict.get(prefix + "U"), state_dict.get(prefix + "V")
+        if (
+            u is not None and v is not None and u.dim() == v.dim() == 2
+            and u.shape[0] == self.out_features and v.shape[0] == self.in_features
+            and u.shape[1] == v.shape[1] != self.width
+        ):
+            # A checkpoint taken at another width: take its shape, then load as usual.
+            self.U = nn.Parameter(self.U.new_empty(u.shape))
+            self.V = nn.Parameter(self.V.new_empty(v.shape))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- accounting -------------------------------------------------------------------------
 
@@ -181,6 +246,15 @@ class InRankLinear(nn.Module):
             f"rank={self.rank}, buffer={self.buffer}, full_rank={self.full_rank}, "
             f"bias={self.bias is not None}, params={ratio:.1%} of dense"
         )
+
+
+def _random_like(factor: torch.Tensor, columns: int, generator) -> torch.Tensor:
+    """`columns` new random columns at the RMS scale of the existing factor's entries."""
+    scale = factor.detach().float().pow(2).mean().sqrt().item() if factor.numel() else 0.0
+    if scale == 0.0:
+        scale = 1.0 / math.sqrt(factor.shape[0])
+    noise = torch.randn(factor.shape[0], columns, generator=generator, dtype=torch.float32)
+    return (noise * scale).to(device=factor.device, dtype=factor.dtype)
 
 
 def _svd_factors(weight: torch.Tensor, width: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:

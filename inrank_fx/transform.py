@@ -60,6 +60,7 @@ class TransformReport:
     """What `transform` did: factored layers, weights left dense (and why), and how each module's
     forward was handled."""
 
+    config: InRankConfig = field(default_factory=InRankConfig)
     factored: list[FactoredRecord] = field(default_factory=list)
     dense: list[DenseRecord] = field(default_factory=list)
     traced: list[str] = field(default_factory=list)
@@ -112,6 +113,7 @@ def transform(
 
     analysis = analyse(model)
     report = TransformReport(
+        config=config,
         traced=[p for p, t in analysis.traces.items() if t.ok],
         not_traced={p: t.error for p, t in analysis.traces.items() if not t.ok},
         already_factored=analysis.already_factored,

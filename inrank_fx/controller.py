@@ -1,0 +1,188 @@
+"""`attach` and `RankController`: ranks that grow during an ordinary training loop.
+
+    ctrl = inrank_fx.attach(model, optimizer)     # registers an optimizer post-step hook
+    for x, y in data:
+        loss = loss_fn(model(x), y); loss.backward(); optimizer.step(); optimizer.zero_grad()
+
+Steps are counted in optimizer steps, so evaluation passes and gradient-accumulation
+micro-batches never advance the schedule (a step that GradScaler skips is not counted either).
+After `warmup_steps`, every `check_every` steps, each layer's singular values are taken from its
+factors and its rank becomes the smallest k ≥ r whose explained ratio exceeds the threshold; the
+layer then computes at k + buffer. With `stop_after=N` (InRank-Efficient), at step N every layer
+is truncated to its rank, the buffer is dropped and ranks stay fixed.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import InRankConfig
+from .resize import RankChange, set_ranks
+from .spectrum import explained_ratios, select_rank
+from .summary import factored_layers
+from .transform import REPORT_ATTR
+
+log = logging.getLogger("inrank_fx")
+
+HISTORY_FIELDS = ("step", "layer", "event", "rank", "width", "explained")
+
+
+class RankController:
+    """Decides ranks on optimizer steps and applies them through `set_ranks`.
+
+    `history` is plain data: one record per layer per check or truncation, with the fields of
+    HISTORY_FIELDS. `state_dict()` / `load_state_dict()` carry the step count, the phase, the
+    history and the random state used for new components, so a resumed run continues exactly.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        config: InRankConfig,
+        *,
+        seed: int = 0,
+    ) -> None:
+        if not factored_layers(model):
+            raise ValueError(
+                f"{type(model).__name__} has no factored layers: run inrank_fx.transform first"
+            )
+        self.model = model
+        self.optimizer = optimizer
+        self.config = config
+        self.step = 0
+        self.frozen = False
+        self.history: list[dict] = []
+        self.rank_events = 0
+        self.generator = torch.Generator().manual_seed(seed)
+        self._hook = optimizer.register_step_post_hook(self._after_optimizer_step)
+
+    # -- the schedule -------------------------------------------------------------------------
+
+    def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
+        self.step += 1
+        self.update()
+
+    def update(self) -> list[RankChange]:
+        """Run whatever the schedule asks for at the current step."""
+        cfg = self.config
+        if self.frozen:
+            return []
+        if cfg.stop_after is not None and self.step >= cfg.stop_after:
+            return self.finish_adaptation()
+        if self.step < cfg.warmup_steps or self.step % cfg.check_every:
+            return []
+        return self.check()
+
+    @torch.no_grad()
+    def check(self) -> list[RankChange]:
+        """One application of the InRank rule to every layer."""
+        cfg = self.config
+        ranks, widths = {}, {}
+        for name, layer in factored_layers(self.model).items():
+            s = layer.singular_values()
+            rank = select_rank(s, cfg.threshold, cfg.criterion, min_rank=layer.rank)
+            width = max(cfg.width_for(rank, layer.full_rank), layer.width)
+            explained = float(explained_ratios(s, cfg.criterion)[min(rank, s.numel())])
+            self._record(name, "check", rank, width, explained)
+            if (rank, width) != (layer.rank, layer.width):
+                ranks[name], widths[name] = rank, width
+        return self._apply(ranks, widths, "grew")
+
+    @torch.no_grad()
+    def finish_adaptation(self) -> list[RankChange]:
+        """InRank-Efficient: truncate every layer to its rank (buffer dropped); ranks freeze."""
+        cfg = self.config
+        ranks, widths = {}, {}
+        for name, layer in factored_layers(self.model).items():
+            width = min(-(-layer.rank // cfg.rank_multiple) * cfg.rank_multiple, layer.full_rank)
+            s = layer.singular_values()
+            explained = float(explained_ratios(s, cfg.criterion)[min(width, s.numel())])
+            self._record(name, "truncate", layer.rank, width, explained)
+            ranks[name], widths[name] = layer.rank, width
+        self.frozen = True
+        return self._apply(ranks, widths, "truncated to their ranks (adaptation stopped)")
+
+    def _apply(self, ranks: dict, widths: dict, verb: str) -> list[RankChange]:
+        if not ranks:
+            return []
+        changes = set_ranks(
+            self.model, ranks, self.optimizer, widths=widths,
+            init=self.config.grow_init, generator=self.generator,
+        )
+        if changes:
+            self.rank_events += 1
+            log.info("inrank_fx step %d: %d layer(s) %s: %s", self.step, len(changes), verb,
+                     ", ".join(map(str, changes)))
+        return changes
+
+    def _record(self, name: str, event: str, rank: int, width: int, explained: float) -> None:
+        self.history.append(
+            {"step": self.step, "layer": name, "event": event, "rank": rank, "width": width,
+             "explained": explained}
+        )
+
+    # -- inspection and persistence ----------------------------------------------------------
+
+    def to_csv(self, path: str | os.PathLike) -> Path:
+        """Write the history as CSV (atomically: a temp file renamed into place)."""
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=HISTORY_FIELDS)
+                writer.writeheader()
+                writer.writerows(self.history)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "frozen": self.frozen,
+            "rank_events": self.rank_events,
+            "history": [dict(r) for r in self.history],
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.frozen = bool(state["frozen"])
+        self.rank_events = int(state.get("rank_events", 0))
+        self.history = [dict(r) for r in state["history"]]
+        self.generator.set_state(state["generator"])
+
+    def detach(self) -> None:
+        """Stop following the optimizer."""
+        self._hook.remove()
+
+    def __repr__(self) -> str:
+        phase = "frozen" if self.frozen else "adapting"
+        return (f"RankController(step={self.step}, {phase}, layers={len(factored_layers(self.model))}, "
+                f"rank_events={self.rank_events})")
+
+
+def attach(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: InRankConfig | None = None,
+    *,
+    seed: int = 0,
+) -> RankController:
+    """Follow `optimizer` and adapt the ranks of `model`'s factored layers on its steps.
+
+    `config` defaults to the one `transform` used on this model.
+    """
+    if config is None:
+        report = getattr(model, REPORT_ATTR, None)
+        config = report.config if report is not None else InRankConfig()
+    return RankController(model, optimizer, config, seed=seed)

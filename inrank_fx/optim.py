@@ -1,0 +1,79 @@
+"""Carrying optimizer state through a resize of factored layers.
+
+When `set_ranks` replaces a factor by a wider or narrower tensor, the optimizer must point at the
+new tensor (in the same place of its param group, so that `optimizer.state_dict()` stays aligned
+with checkpoints) and its per-parameter state must follow:
+
+- growth ("pad"): the existing components keep their columns, so per-element state (Adam / AdamW
+  moments, SGD momentum, ...) is copied into the leading columns and is zero for the new ones;
+  step counts are kept.
+- truncation ("reset"): the SVD that truncates rotates the basis, so no column of the new factor
+  corresponds to a column of the old one. Per-element state is reset to zero and step counts to 0,
+  so that Adam's bias correction restarts with the moments instead of dividing stale counts into
+  fresh moments.
+
+Per-element state is recognised by having the parameter's shape; scalar tensors and plain numbers
+are counts and flags. Anything else (LBFGS's flat history, factored second moments) cannot be
+mapped, and `OptimizerStateError` says which optimizer, which state and which shapes.
+"""
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import nn
+
+
+class OptimizerStateError(TypeError):
+    """The optimizer keeps per-parameter state that cannot follow a resized factor."""
+
+
+def check_mappable(optimizer: torch.optim.Optimizer, param: nn.Parameter, name: str) -> None:
+    """Raise OptimizerStateError before anything changes if `param`'s state cannot be mapped."""
+    for key, value in optimizer.state.get(param, {}).items():
+        if torch.is_tensor(value):
+            if value.dim() == 0 or value.shape == param.shape:
+                continue
+            raise OptimizerStateError(
+                f"{type(optimizer).__name__} keeps state {key!r} of shape {tuple(value.shape)} for "
+                f"'{name}' of shape {tuple(param.shape)}; inrank_fx can carry only per-element "
+                "state (the parameter's shape) and scalar counts through a resize"
+            )
+        if value is not None and not isinstance(value, (numbers.Number, bool)):
+            raise OptimizerStateError(
+                f"{type(optimizer).__name__} keeps state {key!r} of type {type(value).__name__} "
+                f"for '{name}'; inrank_fx cannot carry it through a resize"
+            )
+
+
+@torch.no_grad()
+def replace_param(
+    optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter, mode: str
+) -> None:
+    """Point the optimizer at `new` instead of `old` and carry the state ("pad" or "reset")."""
+    if mode not in ("pad", "reset"):
+        raise ValueError(f"mode must be 'pad' or 'reset', got {mode!r}")
+    found = False
+    for group in optimizer.param_groups:
+        params = group["params"]
+        for i, p in enumerate(params):
+            if p is old:
+                params[i] = new
+                found = True
+    if not found:
+        return  # not optimised (frozen by the user): nothing to carry
+    state = optimizer.state.pop(old, None)
+    if not state:
+        return
+    carried = {}
+    for key, value in state.items():
+        if torch.is_tensor(value) and value.dim() > 0:
+            fresh = torch.zeros_like(new, dtype=value.dtype, memory_format=torch.contiguous_format)
+            if mode == "pad":
+                fresh[..., : value.shape[-1]] = value
+            carried[key] = fresh
+        elif torch.is_tensor(value):  # a count such as Adam's step
+            carried[key] = torch.zeros_like(value) if mode == "reset" and key == "step" else value
+        else:
+            carried[key] = 0 if mode == "reset" and key == "step" else value
+    optimizer.state[new] = carried

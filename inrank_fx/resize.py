@@ -1,0 +1,128 @@
+"""`set_ranks`: the one way a factored layer changes shape.
+
+The controller decides, `set_ranks` acts, and the optimizer follows in the same call: factors are
+grown (new components) or truncated (SVD of the factors), the optimizer's param groups and state
+are carried over (`inrank_fx.optim`), and compiled code that was specialised on the old shapes is
+dropped so that the next call recompiles once instead of piling up stale graphs until dynamo
+gives up and silently runs eager.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Mapping, Union
+
+import torch
+from torch import nn
+
+from .optim import check_mappable, replace_param
+from .summary import factored_layers
+
+log = logging.getLogger("inrank_fx")
+
+RankArg = Union[int, Mapping[str, int]]
+
+
+@dataclass(frozen=True)
+class RankChange:
+    name: str
+    old_rank: int
+    rank: int
+    old_width: int
+    width: int
+
+    @property
+    def resized(self) -> bool:
+        return self.width != self.old_width
+
+    def __str__(self) -> str:
+        text = f"{self.name} rank {self.old_rank}->{self.rank}"
+        return text + (f" (width {self.old_width}->{self.width})" if self.resized else "")
+
+
+def set_ranks(
+    model: nn.Module,
+    ranks: RankArg,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    widths: RankArg | None = None,
+    init: str = "zero",
+    generator: torch.Generator | None = None,
+    reset_compiled: bool = True,
+) -> list[RankChange]:
+    """Set the rank (and computed width) of factored layers, growing or truncating them.
+
+    Args:
+        ranks: one rank for every factored layer, or {qualified name: rank}.
+        optimizer: if given, its param groups and per-parameter state follow the new factors
+            (growth pads state with zeros; truncation rotates the basis and resets it).
+        widths: components to compute with (rank + buffer), same forms as `ranks`; a layer
+            without one computes at exactly its rank.
+        init: how new components start when a layer grows ("zero" or "random", see
+            `InRankLinear.grow`); generator: the random source for them.
+        reset_compiled: after any shape change, clear torch.compile's caches (one recompile
+            per rank-change event, never a fallback to eager at dynamo's recompile limit).
+
+    Returns the changes made (layers whose rank and width were already as asked are left out).
+    """
+    layers = factored_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no factored layers: run inrank_fx.transform first")
+    wanted_ranks = _per_layer(ranks, layers, "ranks")
+    wanted_widths = _per_layer(widths, layers, "widths") if widths is not None else {}
+
+    plan: list[tuple[str, nn.Module, int, int]] = []
+    for name, rank in wanted_ranks.items():
+        layer = layers[name]
+        _check_count(f"rank of '{name}'", rank, 1, layer.full_rank)
+        width = wanted_widths.get(name, rank)
+        _check_count(f"width of '{name}'", width, rank, layer.full_rank)
+        if (rank, width) != (layer.rank, layer.width):
+            plan.append((name, layer, rank, width))
+    if optimizer is not None:  # refuse before changing anything
+        for name, layer, _, width in plan:
+            if width != layer.width:
+                check_mappable(optimizer, layer.U, f"{name}.U")
+                check_mappable(optimizer, layer.V, f"{name}.V")
+
+    changes = []
+    for name, layer, rank, width in plan:
+        old_rank, old_width, old_u, old_v = layer.rank, layer.width, layer.U, layer.V
+        if width > old_width:
+            layer.grow(width, init=init, generator=generator)
+            mode = "pad"
+        elif width < old_width:
+            layer.truncate(width)
+            mode = "reset"
+        if width != old_width and optimizer is not None:
+            replace_param(optimizer, old_u, layer.U, mode)
+            replace_param(optimizer, old_v, layer.V, mode)
+        layer.rank = rank
+        changes.append(RankChange(name, old_rank, rank, old_width, width))
+
+    if reset_compiled and any(c.resized for c in changes):
+        torch.compiler.reset()
+        log.info(
+            "inrank_fx: %d layer(s) changed shape; torch.compile caches cleared, compiled "
+            "callers recompile once on their next call", sum(c.resized for c in changes)
+        )
+    return changes
+
+
+def _per_layer(value: RankArg, layers: dict, what: str) -> dict[str, int]:
+    if isinstance(value, Mapping):
+        unknown = [n for n in value if n not in layers]
+        if unknown:
+            raise KeyError(
+                f"{what}: no factored layer named {', '.join(map(repr, unknown))}; "
+                f"factored layers are: {', '.join(layers)}"
+            )
+        return dict(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int or a {{name: int}} mapping, got {type(value).__name__}")
+    return {name: min(value, layer.full_rank) for name, layer in layers.items()}
+
+
+def _check_count(what: str, value, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{what} must be an int in [{low}, {high}], got {value!r}")

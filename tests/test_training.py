@@ -1,0 +1,200 @@
+import csv
+
+import pytest
+import torch
+from torch import nn
+
+import inrank_fx
+from gpt import GPT, GPTConfig
+from inrank_fx import InRankConfig, InRankLinear, OptimizerStateError, attach, ranks, set_ranks, transform
+
+
+def teacher_student(model: nn.Module, teacher: torch.Tensor, steps: int, cfg=None):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    ctrl = attach(model, opt, cfg) if cfg is not None else None
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(256, teacher.shape[1], generator=g)
+        loss = (model(x) - x @ teacher.T).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return loss.item(), ctrl
+
+
+def test_teacher_student_rank_grows_and_settles():
+    d, r = 128, 12
+    teacher = torch.randn(d, r) @ torch.randn(r, d) / (r * d) ** 0.5
+    cfg = InRankConfig(init="random", init_rank=2)  # the default rule and schedule
+    student = transform(nn.Sequential(nn.Linear(d, d)), cfg)
+    assert ranks(student) == {"0": 2}
+    loss, ctrl = teacher_student(student, teacher, 500, cfg)
+    dense_loss, _ = teacher_student(nn.Sequential(nn.Linear(d, d)), teacher, 500)
+    trajectory = [h["rank"] for h in ctrl.history]
+    assert trajectory == sorted(trajectory) and trajectory[0] > 2  # grew, never shrank
+    assert 8 <= ranks(student)["0"] <= 24
+    assert loss <= 2 * dense_loss or (loss < 1e-4 and dense_loss < 1e-4)
+    # evaluation forwards are not optimizer steps
+    before, step = ranks(student), ctrl.step
+    student.eval()
+    with torch.no_grad():
+        for _ in range(1000):
+            student(torch.randn(4, d))
+    assert ranks(student) == before and ctrl.step == step
+
+
+def test_growth_keeps_adamw_moments_and_zeroes_new_ones():
+    model = transform(nn.Sequential(nn.Linear(32, 32)), InRankConfig(init_rank=4, buffer=0))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(3):
+        model(torch.randn(8, 32)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    layer = model[0]
+    old = {k: v.clone() for k, v in opt.state[layer.U].items()}
+    x = torch.randn(5, 32)
+    y_before = model(x)
+    changes = set_ranks(model, 6, opt, widths=9)
+    assert [(c.old_rank, c.rank, c.old_width, c.width) for c in changes] == [(4, 6, 4, 9)]
+    state = opt.state[layer.U]
+    assert layer.U.shape == (32, 9) and layer.U is opt.param_groups[0]["params"][0]
+    assert torch.equal(state["exp_avg"][:, :4], old["exp_avg"])
+    assert torch.equal(state["exp_avg_sq"][:, :4], old["exp_avg_sq"])
+    assert not state["exp_avg"][:, 4:].any() and not state["exp_avg_sq"][:, 4:].any()
+    assert state["step"] == old["step"]
+    assert torch.allclose(model(x), y_before, atol=1e-6)  # zero-init growth keeps the function
+    model(x).pow(2).mean().backward()
+    opt.step()  # and the optimizer keeps working on the new tensors
+
+
+def test_truncation_resets_state_and_keeps_the_best_approximation():
+    model = transform(nn.Sequential(nn.Linear(32, 32)), InRankConfig(init_rank=10, buffer=0))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+    model(torch.randn(8, 32)).pow(2).mean().backward()
+    opt.step()
+    layer = model[0]
+    dense = layer.weight.detach().clone()
+    s = torch.linalg.svdvals(dense)
+    set_ranks(model, {"0": 3}, opt)
+    assert layer.width == 3 and layer.rank == 3
+    assert torch.linalg.norm(layer.weight.detach() - dense).item() == pytest.approx(s[3:].norm().item(), rel=1e-4)
+    assert not opt.state[layer.U]["momentum_buffer"].any()
+    assert opt.state[layer.U]["momentum_buffer"].shape == layer.U.shape
+
+
+def test_set_ranks_errors():
+    model = transform(nn.Sequential(nn.Linear(32, 32)), InRankConfig(init_rank=4, buffer=0))
+    with pytest.raises(KeyError, match="no factored layer named 'nope'.*factored layers are: 0"):
+        set_ranks(model, {"nope": 3})
+    with pytest.raises(ValueError, match="width of '0' must be an int in \\[8, 32\\]"):
+        set_ranks(model, {"0": 8}, widths={"0": 4})
+    with pytest.raises(ValueError, match="no factored layers"):
+        set_ranks(nn.Linear(3, 3), 2)
+
+    class RowStats(torch.optim.Optimizer):  # keeps a factored (row) statistic, like Adafactor
+        def __init__(self, params):
+            super().__init__(params, {"lr": 0.1})
+
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    self.state[p]["row"] = p.detach().sum(-1)
+
+    opt = RowStats(model.parameters())
+    opt.step()
+    with pytest.raises(OptimizerStateError, match="RowStats keeps state 'row' of shape \\(32,\\) for '0.U'"):
+        set_ranks(model, 8, opt)
+    assert model[0].width == 4  # nothing changed
+
+
+def test_inrank_efficient_truncates_and_freezes():
+    cfg = InRankConfig(init="random", init_rank=2, buffer=6, warmup_steps=2, check_every=2, stop_after=6)
+    model = transform(nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32)), cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    ctrl = attach(model, opt)  # the config comes from transform
+    assert ctrl.config is cfg
+    for step in range(12):
+        model(torch.randn(16, 32)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert ctrl.frozen
+    for layer in (model[0], model[2]):
+        assert layer.width == layer.rank and layer.buffer == 0
+    events = [(h["step"], h["event"]) for h in ctrl.history]
+    assert max(s for s, _ in events) == 6 and events[-1] == (6, "truncate")
+    assert {s for s, e in events if e == "check"} == {2, 4}
+
+
+def test_history_csv(tmp_path):
+    cfg = InRankConfig(init_rank=2, warmup_steps=0, check_every=1)
+    model = transform(nn.Sequential(nn.Linear(32, 32)), cfg)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ctrl = attach(model, opt)
+    for _ in range(3):
+        model(torch.randn(4, 32)).sum().backward()
+        opt.step()
+    path = ctrl.to_csv(tmp_path / "ranks.csv")
+    rows = list(csv.DictReader(path.open()))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    assert set(rows[0]) == {"step", "layer", "event", "rank", "width", "explained"}
+    assert not list(tmp_path.glob(".ranks.csv.*"))  # no temp file left behind
+
+
+def _gpt_run(model, opt, ctrl, steps, start):
+    losses = []
+    for step in range(start, start + steps):
+        g = torch.Generator().manual_seed(step)
+        idx = torch.randint(0, 256, (4, 17), generator=g)
+        loss = model.loss(idx[:, :-1], idx[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_resume_is_bit_exact(tmp_path):
+    cfg = InRankConfig(init="random", init_rank=2, buffer=2, warmup_steps=5, check_every=5,
+                       stop_after=50, threshold=0.6)
+    gpt_cfg = GPTConfig(n_layer=2, n_embd=32, n_head=2, block_size=16)
+
+    def fresh():
+        torch.manual_seed(0)
+        model = transform(GPT(gpt_cfg), cfg)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        return model, opt
+
+    model, opt = fresh()
+    ctrl = attach(model, opt)
+    _gpt_run(model, opt, ctrl, 40, 0)
+    assert ctrl.rank_events > 0  # ranks moved before the checkpoint
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "ctrl": ctrl.state_dict()},
+               tmp_path / "ckpt.pt")
+    expected = _gpt_run(model, opt, ctrl, 20, 40)
+
+    torch.manual_seed(123)  # the resumed run must not depend on the global RNG
+    model2 = transform(GPT(gpt_cfg), cfg)
+    ckpt = torch.load(tmp_path / "ckpt.pt")
+    model2.load_state_dict(ckpt["model"])
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=3e-3)
+    opt2.load_state_dict(ckpt["opt"])
+    ctrl2 = attach(model2, opt2)
+    ctrl2.load_state_dict(ckpt["ctrl"])
+    resumed = _gpt_run(model2, opt2, ctrl2, 20, 40)
+
+    assert resumed == expected
+    assert ranks(model2) == ranks(model)
+    for p in model2.parameters():
+        for value in opt2.state[p].values():
+            if torch.is_tensor(value) and value.dim():
+                assert value.shape == p.shape
+
+
+def test_load_state_dict_takes_the_checkpoint_width():
+    model = transform(nn.Sequential(nn.Linear(32, 32)), InRankConfig(init_rank=4, buffer=0))
+    set_ranks(model, 7, widths=11)
+    fresh = transform(nn.Sequential(nn.Linear(32, 32)), InRankConfig(init_rank=4, buffer=0))
+    fresh.load_state_dict(model.state_dict())
+    assert (fresh[0].rank, fresh[0].width) == (7, 11)
+    x = torch.randn(3, 32)
+    assert torch.equal(fresh(x), model(x))
