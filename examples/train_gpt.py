@@ -1,9 +1,11 @@
-"""Factor a small GPT with inrank_fx and train it beside its dense twin on the stdlib corpus.
+"""Train a small GPT with InRank beside its dense twin on the stdlib corpus.
 
-    python examples/train_gpt.py [--steps 200] [--rank 8]
+    python examples/train_gpt.py [--steps 200] [--stop-after 100]
 
-Prints the transform summary, then training and validation loss of both models from the same
-seed and data, with parameter counts and wall-clock time.
+The InRank model starts every factored layer at rank 2; ranks grow by the InRank rule on optimizer
+steps and, InRank-Efficient style, freeze at --stop-after. Prints the final transform summary, then
+training and validation loss of both models from the same seed and data, with parameter counts
+and wall-clock time.
 """
 from __future__ import annotations
 
@@ -17,8 +19,11 @@ from corpus import batches, split, stdlib_corpus
 from gpt import GPT, GPTConfig
 
 
-def train(model: GPT, train_ids, val_ids, steps: int, config: GPTConfig, seed: int) -> dict:
+def train(model: GPT, train_ids, val_ids, steps: int, config: GPTConfig, seed: int,
+          inrank: bool) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    if inrank:
+        inrank_fx.attach(model, opt, seed=seed)
     data = batches(train_ids, config.block_size, 16, torch.Generator().manual_seed(seed))
     model.train()
     start = time.perf_counter()
@@ -39,7 +44,8 @@ def train(model: GPT, train_ids, val_ids, steps: int, config: GPTConfig, seed: i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--rank", type=int, default=8, help="initial rank of every factored layer")
+    parser.add_argument("--stop-after", type=int, default=100,
+                        help="optimizer steps after which ranks freeze (InRank-Efficient)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -47,14 +53,15 @@ def main() -> None:
     train_ids, val_ids = split(stdlib_corpus(1_000_000))
     torch.manual_seed(args.seed)
     dense = GPT(config)
-    factored = inrank_fx.transform(dense, inrank_fx.InRankConfig(init_rank=args.rank, buffer=0))
-    print(inrank_fx.summary(factored), end="\n\n")
+    inrank_config = inrank_fx.InRankConfig(init="random", init_rank=2, stop_after=args.stop_after)
+    factored = inrank_fx.transform(dense, inrank_config)
 
     for name, model in (("dense", dense), ("inrank", factored)):
-        result = train(model, train_ids, val_ids, args.steps, config, args.seed)
+        result = train(model, train_ids, val_ids, args.steps, config, args.seed, name == "inrank")
         params = sum(p.numel() for p in model.parameters())
         print(f"{name:>7}: params {params:>9,}  train loss {result['train_loss']:.3f}  "
               f"val loss {result['val_loss']:.3f}  {result['seconds']:.1f}s for {args.steps} steps")
+    print("\nfinal ranks of the InRank model:\n" + str(inrank_fx.summary(factored)))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import csv
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -60,14 +61,17 @@ class RankController:
         self.frozen = False
         self.history: list[dict] = []
         self.rank_events = 0
+        self.seconds = 0.0  # time spent deciding and applying ranks: the controller's overhead
         self.generator = torch.Generator().manual_seed(seed)
         self._hook = optimizer.register_step_post_hook(self._after_optimizer_step)
 
     # -- the schedule -------------------------------------------------------------------------
 
     def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
+        start = time.perf_counter()
         self.step += 1
         self.update()
+        self.seconds += time.perf_counter() - start
 
     def update(self) -> list[RankChange]:
         """Run whatever the schedule asks for at the current step."""
