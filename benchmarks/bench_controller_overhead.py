@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import inrank_fx  # noqa: E402
 from corpus import batches, split, stdlib_corpus  # noqa: E402
 from gpt import GPT, GPTConfig  # noqa: E402
+from training import train_steps  # noqa: E402
 
 
 def main() -> None:
@@ -40,17 +40,8 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     ctrl = inrank_fx.attach(model, opt)
     stream = batches(train_ids, config.block_size, 16, torch.Generator().manual_seed(0))
-    step_times, total = [], 0.0
-    for _ in range(args.steps):
-        x, y = next(stream)
-        start = time.perf_counter()
-        loss = model.loss(x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()  # the controller runs in the optimizer's post-step hook
-        elapsed = time.perf_counter() - start
-        step_times.append(elapsed)
-        total += elapsed
+    _, step_times = train_steps(model, opt, stream, args.steps)  # the controller runs in opt.step()
+    total = sum(step_times)
     checks = len({h["step"] for h in ctrl.history})
     print(f"examples GPT n_embd={args.n_embd}, {len(inrank_fx.ranks(model))} factored layers, "
           f"{args.steps} steps, checks every {args.check_every} ({checks} checks, "

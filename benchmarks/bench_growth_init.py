@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import inrank_fx  # noqa: E402
 from corpus import batches, split, stdlib_corpus  # noqa: E402
 from gpt import GPT, GPTConfig  # noqa: E402
+from training import evaluate, train_steps  # noqa: E402
 
 
 def run(grow_init: str, seed: int, steps: int, data) -> dict:
@@ -33,21 +33,11 @@ def run(grow_init: str, seed: int, steps: int, data) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     ctrl = inrank_fx.attach(model, opt, seed=seed)
     stream = batches(train_ids, config.block_size, 16, torch.Generator().manual_seed(seed))
-    losses, start = [], time.perf_counter()
-    for _ in range(steps):
-        x, y = next(stream)
-        loss = model.loss(x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    model.eval()
-    val = batches(val_ids, config.block_size, 32, torch.Generator().manual_seed(10_000 + seed))
-    with torch.no_grad():
-        val_loss = statistics.mean(model.loss(*next(val)).item() for _ in range(16))
+    losses, seconds = train_steps(model, opt, stream, steps)
+    val_loss = evaluate(model, val_ids, config.block_size, 10_000 + seed)
     mean_rank = statistics.mean(inrank_fx.ranks(model).values())
     return {"train": statistics.mean(losses[-20:]), "val": val_loss, "mean_rank": mean_rank,
-            "events": ctrl.rank_events, "seconds": time.perf_counter() - start}
+            "events": ctrl.rank_events, "seconds": sum(seconds)}
 
 
 def main() -> None:

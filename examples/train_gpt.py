@@ -10,13 +10,13 @@ and wall-clock time.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 import inrank_fx
 from corpus import batches, split, stdlib_corpus
 from gpt import GPT, GPTConfig
+from training import evaluate, train_steps
 
 
 def train(model: GPT, train_ids, val_ids, steps: int, config: GPTConfig, seed: int,
@@ -24,21 +24,10 @@ def train(model: GPT, train_ids, val_ids, steps: int, config: GPTConfig, seed: i
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     if inrank:
         inrank_fx.attach(model, opt, seed=seed)
-    data = batches(train_ids, config.block_size, 16, torch.Generator().manual_seed(seed))
-    model.train()
-    start = time.perf_counter()
-    for step in range(steps):
-        x, y = next(data)
-        loss = model.loss(x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    seconds = time.perf_counter() - start
-    model.eval()
-    val = batches(val_ids, config.block_size, 32, torch.Generator().manual_seed(seed + 1))
-    with torch.no_grad():
-        val_loss = sum(model.loss(*next(val)).item() for _ in range(8)) / 8
-    return {"train_loss": loss.item(), "val_loss": val_loss, "seconds": seconds}
+    stream = batches(train_ids, config.block_size, 16, torch.Generator().manual_seed(seed))
+    losses, seconds = train_steps(model, opt, stream, steps)
+    val_loss = evaluate(model, val_ids, config.block_size, seed + 1)
+    return {"train_loss": losses[-1], "val_loss": val_loss, "seconds": sum(seconds)}
 
 
 def main() -> None:

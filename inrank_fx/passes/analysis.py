@@ -24,7 +24,7 @@ from .matchers import (
     NotFactorable,
     function_handler,
     module_handler,
-    view_source,
+    view_chain,
 )
 from .tracing import TraceResult, has_own_forward, is_library_module, trace_own_forward
 
@@ -157,19 +157,10 @@ def _reads_in_graph(graph: fx.Graph, module: nn.Module, path: str, add_read) -> 
     candidates = set(param_nodes)
     for pnode, param in param_nodes.items():
         name = prefix + pnode.target
-        seen: set[fx.Node] = set()
-        frontier = [pnode]
-        while frontier:
-            node = frontier.pop()
-            for user in node.users:
-                source = view_source(user)
-                if source is not None and source[0] is node:
-                    frontier.append(user)
-                    continue
-                if user in seen:
-                    continue
-                seen.add(user)
-                add_read(param, name, _read_at(user, pnode, candidates, path, where_mod))
+        views = view_chain(pnode)
+        readers = {user: None for view in views for user in view.users if user not in views}
+        for user in readers:
+            add_read(param, name, _read_at(user, pnode, candidates, path, where_mod))
 
 
 def _read_at(user: fx.Node, pnode: fx.Node, candidates: set, path: str, where_mod: str) -> Read:

@@ -93,6 +93,19 @@ def _permute_dims(rest) -> tuple | None:
     return None
 
 
+def view_chain(root: fx.Node) -> list[fx.Node]:
+    """`root` and every node that is a transpose (or no-op view) of it, transitively."""
+    chain, frontier = [root], [root]
+    while frontier:
+        node = frontier.pop()
+        for user in node.users:
+            source = view_source(user)
+            if source is not None and source[0] is node:
+                chain.append(user)
+                frontier.append(user)
+    return chain
+
+
 def weight_of(arg: Argument, param_nodes: set[fx.Node]) -> tuple[fx.Node, bool] | None:
     """(parameter get_attr node, transposed?) if `arg` is a weight parameter seen through views."""
     transposed = False

@@ -12,7 +12,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .matchers import MatmulSite, view_source
+from .matchers import MatmulSite, view_chain
 
 
 @torch.fx.wrap
@@ -52,15 +52,7 @@ def factor_matmul_sites(gm: fx.GraphModule, sites: list[tuple[MatmulSite, str]])
 def _erase_unused_views(graph: fx.Graph, roots: list[fx.Node]) -> None:
     """Erase weight get_attr nodes and transposes of them that no longer have users."""
     for root in dict.fromkeys(roots):
-        chain, frontier = [root], [root]
-        while frontier:
-            node = frontier.pop()
-            for user in node.users:
-                source = view_source(user)
-                if source is not None and source[0] is node:
-                    chain.append(user)
-                    frontier.append(user)
-        for node in reversed(chain):
+        for node in reversed(view_chain(root)):
             if not node.users:
                 graph.erase_node(node)
 
