@@ -198,3 +198,21 @@ def test_load_state_dict_takes_the_checkpoint_width():
     assert (fresh[0].rank, fresh[0].width) == (7, 11)
     x = torch.randn(3, 32)
     assert torch.equal(fresh(x), model(x))
+
+
+def test_steps_are_optimizer_steps_and_widths_follow_rank_multiple():
+    cfg = InRankConfig(init_rank=2, buffer=3, warmup_steps=0, check_every=2, rank_multiple=8,
+                       criterion="energy", threshold=0.99)
+    model = transform(nn.Sequential(nn.Linear(64, 64)), cfg)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    ctrl = attach(model, opt)
+    target = torch.randn(64, 64)
+    for _ in range(6):
+        for _ in range(4):  # gradient accumulation: 4 micro-batches per optimizer step
+            x = torch.randn(32, 64)
+            (model(x) - x @ target.T).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert ctrl.step == 6
+    assert [h["step"] for h in ctrl.history] == [2, 4, 6]
+    assert model[0].rank > 2 and model[0].width % 8 == 0
