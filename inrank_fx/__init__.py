@@ -1,6 +1,7 @@
 """inrank_fx: InRank (incremental low-rank learning) for any PyTorch model, as a torch.fx pass."""
 from .config import InRankConfig
 from .controller import RankController, attach
+from .export.freeze import freeze
 from .layers import InRankLinear
 from .optim import OptimizerStateError
 from .passes import register_function_handler, register_module_handler
@@ -18,6 +19,7 @@ __all__ = [
     "RankController",
     "TransformReport",
     "attach",
+    "freeze",
     "ranks",
     "register_function_handler",
     "register_module_handler",

@@ -1,0 +1,103 @@
+"""`freeze`: a trained InRank model becomes a plain inference model.
+
+Each InRankLinear becomes either two nn.Linear at its final rank r (`FactoredLinear`: the buffer is
+truncated away by SVD of the factors) or, where factoring cannot save FLOPs, one nn.Linear with
+W = U·Vᵀ. No controller, buffer or rank state is left: only standard modules, which torch.export,
+torch.compile, ONNX and TensorRT take as they are.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..layers import InRankLinear
+from ..passes.rewrite import carry_hooks, replace_module
+from ..summary import factored_layers
+from ..transform import REPORT_ATTR
+
+FROZEN_ATTR = "_inrank_frozen"
+
+
+class FactoredLinear(nn.Module):
+    """y = up(down(x)): two plain matmuls through an inner dimension `rank`."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.down = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.up = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
+
+    @classmethod
+    @torch.no_grad()
+    def from_factors(cls, U: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None) -> "FactoredLinear":
+        """The layer x ↦ x·V·Uᵀ (+ bias), U: out×r, V: in×r."""
+        layer = cls(V.shape[0], U.shape[0], U.shape[1], bias is not None, U.device, U.dtype)
+        layer.down.weight.copy_(V.T)
+        layer.up.weight.copy_(U)
+        if bias is not None:
+            layer.up.bias.copy_(bias)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+@dataclass(frozen=True)
+class FrozenLayer:
+    name: str
+    out_features: int
+    in_features: int
+    rank: int  # the inner dimension, or min(in, out) where merged
+    merged: bool
+
+
+def freeze(model: nn.Module, *, merge: bool | str = "auto") -> nn.Module:
+    """A copy of `model` with every InRankLinear replaced by plain modules at its final rank.
+
+    merge="auto" makes a layer one dense nn.Linear where r·(in + out) ≥ in·out (the factored
+    form would cost at least as many FLOPs and parameters), and two nn.Linear otherwise;
+    merge=True merges every layer, merge=False keeps every layer factored. A merged layer keeps
+    all the components it trained with (merging costs nothing extra); a factored one is truncated
+    to its rank r by SVD of its factors, dropping the buffer.
+    """
+    if merge not in ("auto", True, False):
+        raise ValueError(f"merge must be 'auto', True or False, got {merge!r}")
+    frozen = copy.deepcopy(model)
+    records = []
+    for name, layer in factored_layers(frozen).items():
+        r, n_in, n_out = layer.rank, layer.in_features, layer.out_features
+        merged = merge is True or (merge == "auto" and r * (n_in + n_out) >= n_in * n_out)
+        if merged:
+            plain = nn.Linear(n_in, n_out, bias=layer.bias is not None,
+                              device=layer.U.device, dtype=layer.U.dtype)
+            with torch.no_grad():
+                plain.weight.copy_(layer.weight)
+                if layer.bias is not None:
+                    plain.bias.copy_(layer.bias)
+        else:
+            if layer.width > r:
+                layer.truncate(r)
+            plain = FactoredLinear.from_factors(layer.U.detach(), layer.V.detach(), layer.bias)
+        carry_hooks(layer, plain)
+        frozen = replace_module(frozen, layer, plain)
+        records.append(FrozenLayer(name, n_out, n_in, min(n_in, n_out) if merged else r, merged))
+    if hasattr(frozen, REPORT_ATTR):
+        delattr(frozen, REPORT_ATTR)
+    setattr(frozen, FROZEN_ATTR, records)
+    return frozen.eval()
+
+
+def frozen_layers(model: nn.Module) -> list[FrozenLayer]:
+    """What `freeze` did to each factored layer (empty for a model that was never factored)."""
+    return list(getattr(model, FROZEN_ATTR, []))
+
+
+def needs_freeze(model: nn.Module) -> bool:
+    return any(isinstance(m, InRankLinear) for m in model.modules())

@@ -1,0 +1,150 @@
+"""`to_onnx`: a slim ONNX file of the frozen model, checked against ONNX Runtime."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ._common import (
+    ExportParityError,
+    atomic_destination,
+    check_destination,
+    check_inputs,
+    compare,
+    count_params,
+    export_program,
+    flat_outputs,
+    second_batch,
+)
+from .freeze import freeze, frozen_layers, needs_freeze
+
+RANKS_METADATA_KEY = "inrank_fx.ranks"
+
+
+@dataclass
+class OnnxExportReport:
+    path: Path
+    file_bytes: int  # the .onnx file and any external-data file beside it
+    parameters: int
+    ranks: dict[str, int]  # factored layers: inner dimension r; merged layers are not listed
+    merged: list[str] = field(default_factory=list)
+    opset: int | None = None
+    providers: list[str] = field(default_factory=list)
+    batch_sizes: list[int] = field(default_factory=list)
+    max_abs_error: float | None = None
+    max_rel_error: float | None = None
+
+    def __str__(self) -> str:
+        lines = [
+            f"ONNX file     {self.path} ({self.file_bytes / 1e6:.2f} MB, opset {self.opset})",
+            f"parameters    {self.parameters:,}",
+            f"factored      {len(self.ranks)} layer(s)"
+            + (f", ranks {min(self.ranks.values())}..{max(self.ranks.values())}" if self.ranks else "")
+            + (f"; merged to dense: {len(self.merged)}" if self.merged else ""),
+        ]
+        if self.providers:
+            lines.append(
+                f"verified      ONNX Runtime {', '.join(self.providers)} at batch sizes "
+                f"{self.batch_sizes}: max abs error {self.max_abs_error:.2e}, "
+                f"max rel error {self.max_rel_error:.2e}"
+            )
+        else:
+            lines.append("verified      no (verify=False)")
+        return "\n".join(lines)
+
+
+def to_onnx(
+    model: nn.Module,
+    example_inputs,
+    path: str | os.PathLike,
+    *,
+    dynamic_batch: bool = True,
+    opset: int | None = None,
+    verify: bool = True,
+    rtol: float = 1e-4,
+    debug_info: bool = False,
+) -> OnnxExportReport:
+    """Export `model` (frozen first if it still has InRank layers) to an ONNX file.
+
+    Uses torch.onnx's dynamo exporter; the file is written atomically (nothing is left at `path`
+    if anything fails) and carries the per-layer ranks in its metadata_props under
+    "inrank_fx.ranks". With `verify`, ONNX Runtime (CPU, and CUDA where available) runs the file
+    on the example inputs and, with `dynamic_batch`, on a second batch size, and the outputs must
+    match the frozen PyTorch model to `rtol` relative to the output's largest magnitude; otherwise
+    ExportParityError says by how much they differ. The exporter's per-node debug metadata
+    (Python stack traces with local paths, module hierarchy) is dropped unless `debug_info`: it
+    can outweigh the weights of a small factored model.
+    """
+    path = check_destination(path)
+    inputs = check_inputs(example_inputs)
+    frozen = freeze(model) if needs_freeze(model) else model.eval()
+    layers = frozen_layers(frozen)
+    ranks = {l.name: l.rank for l in layers if not l.merged}
+    merged = [l.name for l in layers if l.merged]
+
+    with torch.no_grad():
+        program = export_program(frozen, inputs, dynamic_batch)
+    onnx_program = torch.onnx.export(
+        program, inputs, dynamo=True, opset_version=opset, optimize=True, verbose=False
+    )
+    if not debug_info:
+        _drop_node_metadata(onnx_program.model)
+    onnx_program.model.metadata_props[RANKS_METADATA_KEY] = json.dumps(ranks)
+    report = OnnxExportReport(path, 0, count_params(frozen), ranks, merged,
+                              opset=_opset_of(onnx_program))
+    with atomic_destination(path) as tmp:
+        onnx_program.save(tmp)
+        if verify:
+            _verify(frozen, inputs, tmp, dynamic_batch, rtol, report)
+        written = list(tmp.parent.iterdir())
+        report.file_bytes = sum(p.stat().st_size for p in written)
+    return report
+
+
+def _drop_node_metadata(model) -> None:
+    from onnx_ir.traversal import RecursiveGraphIterator
+
+    for node in RecursiveGraphIterator(model.graph):
+        node.metadata_props.clear()
+        for value in node.outputs:
+            value.metadata_props.clear()
+
+
+def _opset_of(onnx_program) -> int | None:
+    return onnx_program.model.opset_imports.get("")
+
+
+def _verify(frozen: nn.Module, inputs, file: Path, dynamic_batch: bool, rtol: float,
+            report: OnnxExportReport) -> None:
+    import onnxruntime as ort
+
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
+                 if p in ort.get_available_providers()]
+    batches = [inputs]
+    if dynamic_batch and inputs[0].dim():
+        first = inputs[0].shape[0]
+        batches.append(second_batch(inputs, 3 if first != 3 else 2))
+    worst_abs, worst_rel = 0.0, 0.0
+    for provider in providers:
+        session = ort.InferenceSession(str(file), providers=[provider])
+        names = [i.name for i in session.get_inputs()]
+        for batch in batches:
+            with torch.no_grad():
+                expected = flat_outputs(frozen(*batch))
+            feed = {n: x.detach().cpu().numpy() for n, x in zip(names, batch)}
+            got = [torch.from_numpy(o) for o in session.run(None, feed)]
+            what = f"ONNX Runtime ({provider}, batch {batch[0].shape[0] if batch[0].dim() else 1})"
+            max_abs, max_rel = compare(expected, got, what)
+            if max_rel > rtol:
+                raise ExportParityError(
+                    f"{what} differs from the PyTorch model: max relative error {max_rel:.3e} "
+                    f"(max abs {max_abs:.3e}) exceeds rtol={rtol:g}"
+                )
+            worst_abs, worst_rel = max(worst_abs, max_abs), max(worst_rel, max_rel)
+    report.providers = providers
+    report.batch_sizes = [b[0].shape[0] if b[0].dim() else 1 for b in batches]
+    report.max_abs_error, report.max_rel_error = worst_abs, worst_rel

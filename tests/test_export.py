@@ -1,0 +1,177 @@
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import rel_err
+from gpt import GPT, GPTConfig
+from inrank_fx import InRankConfig, InRankLinear, freeze, ranks, set_ranks, transform
+from inrank_fx.export import (
+    RANKS_METADATA_KEY,
+    ExportError,
+    ExportParityError,
+    FactoredLinear,
+    tensorrt_missing,
+    to_onnx,
+    to_tensorrt,
+)
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+
+def matmul_weight_shapes(path) -> list[tuple[int, ...]]:
+    """Shapes of the constant operands of every MatMul / Gemm in an ONNX file."""
+    model = onnx.load(str(path))
+    inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    return [inits[x] for n in model.graph.node if n.op_type in ("MatMul", "Gemm")
+            for x in n.input if x in inits]
+
+
+def assert_two_matmuls_per_layer(path, frozen_model) -> None:
+    shapes = matmul_weight_shapes(path)
+    layers = [m for m in frozen_model.modules() if isinstance(m, FactoredLinear)]
+    assert layers
+    for layer in layers:
+        r, n_in, n_out = layer.rank, layer.in_features, layer.out_features
+        assert (n_in, r) in shapes or (r, n_in) in shapes, (layer, shapes)
+        assert (r, n_out) in shapes or (n_out, r) in shapes, (layer, shapes)
+    inner = [s for s in shapes if any(l.rank in s for l in layers)]
+    assert len(inner) >= 2 * len(layers)
+
+
+def small_gpt(n_embd=64, n_layer=2):
+    return GPT(GPTConfig(n_layer=n_layer, n_embd=n_embd, n_head=4, block_size=32)).eval()
+
+
+def test_freeze_merge_rule():
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    out = transform(model, InRankConfig(init="svd", init_rank=8, buffer=0))
+    set_ranks(out, {"2": 40})  # 40·(64+64) ≥ 64·64: above break-even
+    frozen = freeze(out)
+    assert isinstance(frozen[0], FactoredLinear) and frozen[0].rank == 8
+    assert type(frozen[2]) is nn.Linear
+    assert not any(isinstance(m, InRankLinear) for m in frozen.modules())
+    x = torch.randn(5, 64)
+    assert rel_err(frozen(x), out(x)) < 1e-5
+    assert all(isinstance(m, FactoredLinear) for m in (freeze(out, merge=False)[0], freeze(out, merge=False)[2]))
+    assert all(type(m) is nn.Linear for m in (freeze(out, merge=True)[0], freeze(out, merge=True)[2]))
+    with pytest.raises(ValueError, match="merge must be"):
+        freeze(out, merge="never")
+
+
+def test_freeze_truncates_the_buffer():
+    out = transform(nn.Sequential(nn.Linear(64, 64)), InRankConfig(init="svd", init_rank=6, buffer=10))
+    frozen = freeze(out)
+    assert frozen[0].rank == 6 and frozen[0].down.weight.shape == (6, 64)
+    set_ranks(out, 6)  # the same SVD truncation, applied to the training model
+    x = torch.randn(5, 64)
+    assert rel_err(frozen(x), out(x)) < 1e-5
+
+
+def test_frozen_model_exports_and_compiles():
+    out = transform(small_gpt(), InRankConfig(init="svd", init_rank=0.25, buffer=0))
+    frozen = freeze(out)
+    idx = torch.randint(0, 256, (2, 32))
+    program = torch.export.export(frozen, (idx,))
+    assert rel_err(program.module()(idx), frozen(idx)) < 1e-6
+    compiled = torch.compile(frozen, backend="aot_eager")
+    assert rel_err(compiled(idx), out(idx)) < 1e-5
+
+
+def test_gpt_to_onnx(tmp_path):
+    out = transform(small_gpt(), InRankConfig(init="svd", init_rank=0.25, buffer=0))
+    idx = torch.randint(0, 256, (1, 32))
+    report = to_onnx(out, (idx,), tmp_path / "gpt.onnx")
+    assert report.batch_sizes == [1, 3] and "CPUExecutionProvider" in report.providers
+    assert report.max_rel_error <= 1e-4
+    assert report.ranks == ranks(out) and len(report.ranks) == 8
+    assert report.file_bytes == (tmp_path / "gpt.onnx").stat().st_size
+    stored = {p.key: p.value for p in onnx.load(str(tmp_path / "gpt.onnx")).metadata_props}
+    assert json.loads(stored[RANKS_METADATA_KEY]) == report.ranks
+    assert_two_matmuls_per_layer(tmp_path / "gpt.onnx", freeze(out))
+    assert [p.name for p in tmp_path.iterdir()] == ["gpt.onnx"]  # no temp files left
+
+
+def test_onnx_file_shrinks_with_the_parameters(tmp_path):
+    dense = small_gpt(n_embd=128, n_layer=4)
+    factored = transform(dense, InRankConfig(init="svd", init_rank=16, buffer=0))
+    idx = torch.randint(0, 256, (2, 32))
+    d = to_onnx(dense, (idx,), tmp_path / "dense.onnx")
+    f = to_onnx(factored, (idx,), tmp_path / "factored.onnx")
+    param_ratio = f.parameters / d.parameters
+    file_ratio = f.file_bytes / d.file_bytes
+    assert param_ratio < 0.5
+    assert file_ratio == pytest.approx(param_ratio, rel=0.1)
+
+
+def test_resnet18_to_onnx(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.resnet18().eval()
+    out = transform(model, InRankConfig(init="svd", init_rank=0.125, buffer=0))
+    report = to_onnx(out, (torch.randn(1, 3, 64, 64),), tmp_path / "resnet18.onnx")
+    assert report.ranks == {"fc": 64} and report.batch_sizes == [1, 3]
+    assert report.max_rel_error <= 1e-4
+    assert_two_matmuls_per_layer(tmp_path / "resnet18.onnx", freeze(out))
+
+
+@pytest.mark.slow
+def test_vit_b_16_to_onnx(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.vit_b_16().eval()
+    nn.init.normal_(model.heads.head.weight, std=0.02)
+    out = transform(model, InRankConfig(init="svd", init_rank=0.25, buffer=0))
+    report = to_onnx(out, (torch.randn(1, 3, 224, 224),), tmp_path / "vit.onnx")
+    assert len(report.ranks) == 25 and report.batch_sizes == [1, 3]
+    assert report.max_rel_error <= 1e-4
+    assert_two_matmuls_per_layer(tmp_path / "vit.onnx", freeze(out))
+
+
+def test_bad_destinations_leave_nothing(tmp_path):
+    model = transform(nn.Sequential(nn.Linear(32, 32)), InRankConfig(init_rank=4))
+    x = torch.randn(2, 32)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        to_onnx(model, (x,), tmp_path / "missing" / "m.onnx")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(FileNotFoundError, match="afile does not exist"):
+        to_onnx(model, (x,), tmp_path / "afile" / "m.onnx")
+    with pytest.raises(TypeError, match="example_inputs"):
+        to_onnx(model, ("not a tensor",), tmp_path / "m.onnx")
+    with pytest.raises(ExportParityError, match="max relative error .* exceeds rtol=0"):
+        to_onnx(model, (x,), tmp_path / "m.onnx", rtol=0.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_untraceable_model_names_the_module(tmp_path):
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(32, 32)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow
+                return self.fc(x)
+            return x
+
+    model = nn.Sequential(nn.Linear(32, 32), Branchy())
+    with pytest.raises(ExportError, match=r"module '1' \(Branchy\) at test_export.py:\d+"):
+        to_onnx(model, (torch.randn(2, 32),), tmp_path / "m.onnx")
+    assert not list(tmp_path.iterdir())
+
+
+def test_to_tensorrt_without_cuda_says_what_is_missing(tmp_path):
+    if not tensorrt_missing():
+        pytest.skip("CUDA and torch-tensorrt are present")
+    model = nn.Sequential(nn.Linear(32, 32))
+    with pytest.raises(RuntimeError, match="to_tensorrt needs .*(CUDA|torch-tensorrt)"):
+        to_tensorrt(model, (torch.randn(2, 32),), tmp_path / "m.ep")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(bool(tensorrt_missing()), reason="needs a CUDA GPU and torch-tensorrt")
+def test_to_tensorrt_on_gpu(tmp_path):
+    out = transform(small_gpt(), InRankConfig(init="svd", init_rank=0.25, buffer=0))
+    report = to_tensorrt(out, (torch.randint(0, 256, (2, 32)),), tmp_path / "gpt.ep")
+    assert report.file_bytes > 0 and report.max_rel_error <= 2e-2
+    assert (tmp_path / "gpt.ep").exists()
