@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .compiled import allow_dynamic_parameter_shapes, check_policy
 from .config import InRankConfig
 from .resize import RankChange, set_ranks
 from .spectrum import explained_ratios, select_rank
@@ -49,14 +50,19 @@ class RankController:
         config: InRankConfig,
         *,
         seed: int = 0,
+        recompile: str = "dynamic",
     ) -> None:
         if not factored_layers(model):
             raise ValueError(
                 f"{type(model).__name__} has no factored layers: run inrank_fx.transform first"
             )
+        check_policy(recompile)
+        if recompile == "dynamic":
+            allow_dynamic_parameter_shapes()  # before the user's first compile, ideally
         self.model = model
         self.optimizer = optimizer
         self.config = config
+        self.recompile = recompile
         self.step = 0
         self.frozen = False
         self.history: list[dict] = []
@@ -118,7 +124,7 @@ class RankController:
             return []
         changes = set_ranks(
             self.model, ranks, self.optimizer, widths=widths,
-            init=self.config.grow_init, generator=self.generator,
+            init=self.config.grow_init, generator=self.generator, recompile=self.recompile,
         )
         if changes:
             self.rank_events += 1
@@ -181,12 +187,14 @@ def attach(
     config: InRankConfig | None = None,
     *,
     seed: int = 0,
+    recompile: str = "dynamic",
 ) -> RankController:
     """Follow `optimizer` and adapt the ranks of `model`'s factored layers on its steps.
 
-    `config` defaults to the one `transform` used on this model.
+    `config` defaults to the one `transform` used on this model; `seed` seeds the components
+    added by growth; `recompile` is the torch.compile policy (see `inrank_fx.compiled`).
     """
     if config is None:
         report = getattr(model, REPORT_ATTR, None)
         config = report.config if report is not None else InRankConfig()
-    return RankController(model, optimizer, config, seed=seed)
+    return RankController(model, optimizer, config, seed=seed, recompile=recompile)

@@ -2,23 +2,20 @@
 
 The controller decides, `set_ranks` acts, and the optimizer follows in the same call: factors are
 grown (new components) or truncated (SVD of the factors), the optimizer's param groups and state
-are carried over (`inrank_fx.optim`), and compiled code that was specialised on the old shapes is
-dropped so that the next call recompiles once instead of piling up stale graphs until dynamo
-gives up and silently runs eager.
+are carried over (`inrank_fx.optim`), and torch.compile'd callers are kept compiled at the cost
+of at most one recompile (`inrank_fx.compiled`).
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Mapping, Union
 
 import torch
 from torch import nn
 
+from .compiled import after_shape_change, check_policy
 from .optim import check_mappable, replace_param
 from .summary import factored_layers
-
-log = logging.getLogger("inrank_fx")
 
 RankArg = Union[int, Mapping[str, int]]
 
@@ -48,7 +45,7 @@ def set_ranks(
     widths: RankArg | None = None,
     init: str = "zero",
     generator: torch.Generator | None = None,
-    reset_compiled: bool = True,
+    recompile: str = "dynamic",
 ) -> list[RankChange]:
     """Set the rank (and computed width) of factored layers, growing or truncating them.
 
@@ -60,11 +57,14 @@ def set_ranks(
             without one computes at exactly its rank.
         init: how new components start when a layer grows ("zero" or "random", see
             `InRankLinear.grow`); generator: the random source for them.
-        reset_compiled: after any shape change, clear torch.compile's caches (one recompile
-            per rank-change event, never a fallback to eager at dynamo's recompile limit).
+        recompile: what happens to torch.compile'd code after a shape change: "dynamic"
+            (widths become symbolic, few recompiles), "reset" (caches cleared every time) or
+            "none". See `inrank_fx.compiled`. Either of the first two costs at most one
+            recompile per event and never lets dynamo fall back to eager.
 
     Returns the changes made (layers whose rank and width were already as asked are left out).
     """
+    check_policy(recompile)
     layers = factored_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no factored layers: run inrank_fx.transform first")
@@ -100,12 +100,9 @@ def set_ranks(
         layer.rank = rank
         changes.append(RankChange(name, old_rank, rank, old_width, width))
 
-    if reset_compiled and any(c.resized for c in changes):
-        torch.compiler.reset()
-        log.info(
-            "inrank_fx: %d layer(s) changed shape; torch.compile caches cleared, compiled "
-            "callers recompile once on their next call", sum(c.resized for c in changes)
-        )
+    resized = sum(c.resized for c in changes)
+    if resized:
+        after_shape_change(recompile, resized)
     return changes
 
 
