@@ -11,17 +11,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-
-import inrank_fx  # noqa: E402
-from corpus import batches, split, stdlib_corpus  # noqa: E402
-from gpt import GPT, GPTConfig  # noqa: E402
-from training import train_steps  # noqa: E402
+import inrank_fx
+from inrank_fx.demo.corpus import batches, split, stdlib_corpus
+from inrank_fx.demo.gpt import GPT, GPTConfig
+from inrank_fx.demo.training import train_steps
 
 
 def main() -> None:

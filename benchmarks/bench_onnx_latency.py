@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,11 +20,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-
-import inrank_fx  # noqa: E402
-from gpt import GPT, GPTConfig  # noqa: E402
-from inrank_fx.export import to_onnx  # noqa: E402
+import inrank_fx
+from inrank_fx.demo.gpt import GPT, GPTConfig
+from inrank_fx.export import to_onnx
 
 
 def flops(model: nn.Module, inputs) -> int:

@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 
 import inrank_fx
-from corpus import batches, split, stdlib_corpus
-from gpt import GPT, GPTConfig
+from inrank_fx.demo.corpus import batches, split, stdlib_corpus
+from inrank_fx.demo.gpt import GPT, GPTConfig
 from inrank_fx.export import to_onnx
-from training import evaluate, train_steps
+from inrank_fx.demo.training import evaluate, train_steps
 
 
 def main() -> None:

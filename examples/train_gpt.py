@@ -14,9 +14,9 @@ import argparse
 import torch
 
 import inrank_fx
-from corpus import batches, split, stdlib_corpus
-from gpt import GPT, GPTConfig
-from training import evaluate, train_steps
+from inrank_fx.demo.corpus import batches, split, stdlib_corpus
+from inrank_fx.demo.gpt import GPT, GPTConfig
+from inrank_fx.demo.training import evaluate, train_steps
 
 
 def train(model: GPT, train_ids, val_ids, steps: int, config: GPTConfig, seed: int,

@@ -5,8 +5,6 @@ import pytest
 import torch
 
 # The examples (the nanoGPT-style model) are scripts, not part of the installed package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-
 
 @pytest.fixture(autouse=True)
 def _seed():

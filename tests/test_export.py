@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from conftest import rel_err
-from gpt import GPT, GPTConfig
+from inrank_fx.demo.gpt import GPT, GPTConfig
 from inrank_fx import InRankConfig, InRankLinear, freeze, ranks, set_ranks, transform
 from inrank_fx.export import (
     RANKS_METADATA_KEY,

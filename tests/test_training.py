@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import inrank_fx
-from gpt import GPT, GPTConfig
+from inrank_fx.demo.gpt import GPT, GPTConfig
 from inrank_fx import InRankConfig, InRankLinear, OptimizerStateError, attach, ranks, set_ranks, transform
 
 

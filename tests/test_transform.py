@@ -8,7 +8,7 @@ from torch import nn
 
 import inrank_fx
 from conftest import rel_err
-from gpt import GPT, GPTConfig
+from inrank_fx.demo.gpt import GPT, GPTConfig
 from inrank_fx import InRankConfig, InRankLinear, ranks, summary, transform
 from models import FunctionalNet, Untraceable, mlp
 

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from corpus import batches
+from inrank_fx.demo.corpus import batches
 
 
 def train_steps(model, optimizer, stream, steps: int) -> tuple[list[float], list[float]]:
