@@ -16,13 +16,13 @@ from __future__ import annotations
 import csv
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ._io import atomic_destination, check_destination
 from .compiled import allow_dynamic_parameter_shapes, check_policy
 from .config import InRankConfig
 from .resize import RankChange, set_ranks
@@ -141,18 +141,12 @@ class RankController:
     # -- inspection and persistence ----------------------------------------------------------
 
     def to_csv(self, path: str | os.PathLike) -> Path:
-        """Write the history as CSV (atomically: a temp file renamed into place)."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=HISTORY_FIELDS)
-                writer.writeheader()
-                writer.writerows(self.history)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """Write the history as CSV (atomically: nothing half-written is left on failure)."""
+        path = check_destination(path)
+        with atomic_destination(path) as tmp, tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=HISTORY_FIELDS)
+            writer.writeheader()
+            writer.writerows(self.history)
         return path
 
     def state_dict(self) -> dict:

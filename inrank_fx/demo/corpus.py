@@ -22,6 +22,18 @@ def stdlib_corpus(max_bytes: int = 2_000_000) -> bytes:
     return b"".join(chunks)[:max_bytes]
 
 
+def file_corpus(path, min_bytes: int = 1024) -> bytes:
+    """The bytes of a user's text file, refusing files that are missing or too small to train on."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    data = path.read_bytes()
+    if len(data) < min_bytes:
+        what = "empty" if not data else f"only {len(data)} bytes"
+        raise ValueError(f"{path}: {what}; the demo needs at least {min_bytes} bytes of text")
+    return data
+
+
 def split(data: bytes, val_fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids (bytes) for training and held-out validation."""
     ids = torch.frombuffer(bytearray(data), dtype=torch.uint8).long()

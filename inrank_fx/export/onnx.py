@@ -9,10 +9,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._io import atomic_destination, check_destination
 from ._common import (
     ExportParityError,
-    atomic_destination,
-    check_destination,
     check_inputs,
     compare,
     count_params,

@@ -6,6 +6,7 @@ the rest of inrank_fx works without them.
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import inspect
 import os
@@ -15,10 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._io import atomic_destination, check_destination
 from ._common import (
     ExportParityError,
-    atomic_destination,
-    check_destination,
     check_inputs,
     compare,
     count_params,
@@ -86,8 +86,8 @@ def to_tensorrt(
 
     path = check_destination(path)
     dtype = PRECISIONS[precision]
-    frozen = freeze(model) if needs_freeze(model) else model.eval()
-    frozen = frozen.to(device="cuda", dtype=dtype)
+    frozen = freeze(model) if needs_freeze(model) else copy.deepcopy(model).eval()
+    frozen = frozen.to(device="cuda", dtype=dtype)  # a copy: the caller's model is left as it is
     inputs = tuple(x.to("cuda", dtype) if x.is_floating_point() else x.to("cuda")
                    for x in check_inputs(example_inputs))
     with torch.no_grad():

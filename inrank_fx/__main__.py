@@ -1,0 +1,5 @@
+import sys
+
+from inrank_fx.cli import main
+
+sys.exit(main())

@@ -1,0 +1,293 @@
+"""The job behind `inrank-fx demo`: dense vs InRank-Efficient on the same data, then ship it.
+
+1. Train the demo GPT twice from the same seed on the same batches, both under torch.compile:
+   dense, and InRank-Efficient (every layer starts at rank 2, ranks grow by the InRank rule on
+   optimizer steps, and freeze at `stop_after`).
+2. Compare validation loss / perplexity, parameters, final ranks, wall-clock and tokens/s.
+3. Freeze the InRank model, export it to ONNX and verify it in ONNX Runtime.
+4. Compare inference of the two models on every available backend (inrank_fx.bench).
+5. Write the report folder: results.json, ranks.csv, summary.txt, model.onnx and PNG plots of the
+   loss curves, the rank trajectories and the inference comparison. Everything is written to a
+   temp folder first and renamed into place at the end, so an interruption leaves no half report.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+import inrank_fx
+from inrank_fx import bench
+from inrank_fx.demo.corpus import batches, file_corpus, split, stdlib_corpus
+from inrank_fx.demo.gpt import GPT, GPTConfig, lm_loss
+from inrank_fx.demo.training import evaluate, train_steps
+from inrank_fx.export import to_onnx
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    gpt: GPTConfig
+    batch_size: int
+    steps: int
+    stop_after: int  # InRank-Efficient: ranks freeze after this many optimizer steps
+    check_every: int
+    eval_every: int
+    eval_batches: int
+    lr: float
+    corpus_bytes: int
+
+
+DEFAULT = DemoSettings(
+    gpt=GPTConfig(block_size=128, n_layer=4, n_head=4, n_embd=256),
+    batch_size=16, steps=600, stop_after=150, check_every=25, eval_every=100, eval_batches=12,
+    lr=2e-3, corpus_bytes=3_000_000,
+)
+QUICK = DemoSettings(
+    gpt=GPTConfig(block_size=64, n_layer=2, n_head=4, n_embd=128),
+    batch_size=8, steps=120, stop_after=50, check_every=10, eval_every=40, eval_batches=6,
+    lr=3e-3, corpus_bytes=600_000,
+)
+
+
+def settings_for(quick: bool = False, steps: int | None = None) -> DemoSettings:
+    chosen = QUICK if quick else DEFAULT
+    if steps is not None:
+        if steps < 2:
+            raise ValueError(f"--steps must be at least 2, got {steps}")
+        chosen = replace(chosen, steps=steps, stop_after=min(chosen.stop_after, max(1, steps // 2)),
+                         eval_every=min(chosen.eval_every, steps))
+    return chosen
+
+
+def load_text(data: str | os.PathLike | None, max_bytes: int) -> tuple[bytes, str]:
+    if data is None:
+        return stdlib_corpus(max_bytes), "the Python standard library's .py sources"
+    return file_corpus(data), str(data)
+
+
+def run_demo(
+    out: str | os.PathLike,
+    *,
+    data: str | os.PathLike | None = None,
+    device: str = "cpu",
+    settings: DemoSettings = DEFAULT,
+    seed: int = 0,
+    compile: bool = True,
+    progress: bool = True,
+    backends=bench.BACKENDS,
+    log=print,
+) -> dict:
+    """Run the demo and write the report folder `out` (replacing an earlier one). Returns the
+    results that results.json holds."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"--out {out}: folder {out.parent} does not exist")
+    text, source = load_text(data, settings.corpus_bytes)
+    train_ids, val_ids = split(text)
+    device = torch.device(device)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        results = _run(tmp, out, train_ids, val_ids, source, device, settings, seed, compile,
+                       progress, backends, log)
+        _publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"report written to {out}/")
+    return results
+
+
+def _run(tmp, out, train_ids, val_ids, source, device, s: DemoSettings, seed, compile, progress,
+         backends, log) -> dict:
+    log(f"data: {len(train_ids):,} training and {len(val_ids):,} validation bytes from {source}")
+    runs, controller = {}, None
+    for name in ("dense", "inrank"):
+        torch.manual_seed(seed)
+        model = GPT(s.gpt)
+        if name == "inrank":
+            config = inrank_fx.InRankConfig(init="random", init_rank=2, warmup_steps=s.check_every,
+                                            check_every=s.check_every, stop_after=s.stop_after)
+            model = inrank_fx.transform(model, config)
+        model.to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=0.01)
+        if name == "inrank":
+            controller = inrank_fx.attach(model, opt, seed=seed)
+        runs[name] = _train(name, model, opt, train_ids, val_ids, device, s, seed, compile, progress)
+        runs[name]["model"] = model
+
+    dense, inrank = runs["dense"], runs["inrank"]
+    controller.to_csv(tmp / "ranks.csv")
+    summary_text = str(inrank_fx.summary(inrank["model"]))
+
+    example = (torch.randint(0, s.gpt.vocab_size, (1, s.gpt.block_size), device=device),)
+    onnx_report = to_onnx(inrank["model"], example, tmp / "model.onnx")
+    log(f"\nONNX export of the InRank model:\n{str(onnx_report).replace(str(tmp), str(out))}")
+
+    bench_inputs = (torch.randint(0, s.gpt.vocab_size, (8, s.gpt.block_size), device=device),)
+    comparison = bench.compare(dense["model"], inrank["model"], bench_inputs, backends=backends,
+                               iters=10 if s is QUICK else 20)
+    comparison.plot(tmp / "inference.png")
+
+    results = {
+        "settings": {**asdict(s), "device": str(device), "seed": seed, "compile": compile,
+                     "data": source},
+        "dense": _public(dense),
+        "inrank": {**_public(inrank), "final_ranks": inrank_fx.ranks(inrank["model"]),
+                   "rank_events": controller.rank_events,
+                   "controller_seconds": controller.seconds},
+        "ratios": {
+            "train_seconds": inrank["train_seconds"] / dense["train_seconds"],
+            "steady_step_seconds": inrank["median_step_seconds"] / dense["median_step_seconds"],
+            "val_loss": inrank["val_loss"] / dense["val_loss"],
+            "params": inrank["params"] / dense["params"],
+        },
+        "onnx": {"file": "model.onnx", "file_bytes": onnx_report.file_bytes,
+                 "parameters": onnx_report.parameters, "max_rel_error": onnx_report.max_rel_error,
+                 "providers": onnx_report.providers, "batch_sizes": onnx_report.batch_sizes},
+        "inference": {"meta": comparison.meta, "records": [asdict(r) for r in comparison.records]},
+    }
+    table = comparison_table(results)
+    text = "\n\n".join([table, summary_text, comparison.table()])
+    (tmp / "summary.txt").write_text(text + "\n")
+    (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    _plot_losses(runs, tmp / "loss_curves.png")
+    _plot_ranks(controller.history, s.stop_after, tmp / "rank_trajectories.png")
+    log("\n" + text)
+    return results
+
+
+def _train(name, model, opt, train_ids, val_ids, device, s: DemoSettings, seed, compile, progress):
+    from tqdm.auto import tqdm
+
+    forward = torch.compile(model) if compile else model
+    stream = batches(train_ids, s.gpt.block_size, s.batch_size, torch.Generator().manual_seed(seed))
+    val_curve = []
+    bar = tqdm(total=s.steps, desc=f"{name:>6}", unit="step", disable=not progress, leave=True)
+
+    def loss_of(x, y):
+        return lm_loss(forward(x.to(device)), y.to(device))
+
+    def on_step(step, loss):
+        bar.update(1)
+        if step % 5 == 0 or step == s.steps:
+            postfix = {"loss": f"{loss:.3f}"}
+            layers = inrank_fx.ranks(model)
+            if layers:
+                postfix["rank"] = f"{statistics.mean(layers.values()):.1f}"
+            bar.set_postfix(postfix, refresh=False)
+        if step % s.eval_every == 0 or step == s.steps:
+            val_curve.append((step, evaluate(model, val_ids, s.gpt.block_size, seed + 1,
+                                             s.eval_batches, batch=s.batch_size)))
+
+    start = time.perf_counter()
+    losses, seconds = train_steps(model, opt, stream, s.steps, loss_of=loss_of, on_step=on_step)
+    wall = time.perf_counter() - start  # with evaluation; `seconds` holds the steps alone
+    bar.close()
+    val_loss = val_curve[-1][1]
+    tokens = s.steps * s.batch_size * s.gpt.block_size
+    return {
+        "train_losses": losses,
+        "val_curve": val_curve,
+        "val_loss": val_loss,
+        "val_ppl": math.exp(val_loss),
+        "params": sum(p.numel() for p in model.parameters()),
+        "train_seconds": sum(seconds),  # every optimizer step, compilation included
+        "wall_seconds": wall,
+        "median_step_seconds": statistics.median(seconds),
+        "tokens_per_second": tokens / sum(seconds),
+    }
+
+
+def _public(run: dict) -> dict:
+    return {k: v for k, v in run.items() if k != "model"}
+
+
+def comparison_table(results: dict) -> str:
+    dense, inrank, ratios = results["dense"], results["inrank"], results["ratios"]
+    ranks = list(inrank["final_ranks"].values())
+    rows = [
+        ("", "dense", "InRank-Efficient", "InRank / dense"),
+        ("val loss", f"{dense['val_loss']:.4f}", f"{inrank['val_loss']:.4f}", f"{ratios['val_loss']:.3f}"),
+        ("val perplexity", f"{dense['val_ppl']:.3f}", f"{inrank['val_ppl']:.3f}", ""),
+        ("parameters", f"{dense['params']:,}", f"{inrank['params']:,}", f"{ratios['params']:.3f}"),
+        ("training time (s)", f"{dense['train_seconds']:.1f}", f"{inrank['train_seconds']:.1f}",
+         f"{ratios['train_seconds']:.3f}"),
+        ("median step (ms)", f"{dense['median_step_seconds'] * 1e3:.1f}",
+         f"{inrank['median_step_seconds'] * 1e3:.1f}", f"{ratios['steady_step_seconds']:.3f}"),
+        ("tokens / s", f"{dense['tokens_per_second']:,.0f}", f"{inrank['tokens_per_second']:,.0f}", ""),
+        ("final ranks", "full", f"{min(ranks)}..{max(ranks)} (mean {statistics.mean(ranks):.1f})", ""),
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def _plot_losses(runs: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for name, color in (("dense", "#8a8a8a"), ("inrank", "#2a7ab9")):
+        losses = runs[name]["train_losses"]
+        window = max(1, len(losses) // 30)
+        smooth = [statistics.mean(losses[max(0, i - window + 1): i + 1]) for i in range(len(losses))]
+        ax.plot(range(1, len(losses) + 1), smooth, color=color, lw=1.2, label=f"{name} train")
+        steps, vals = zip(*runs[name]["val_curve"])
+        ax.plot(steps, vals, "o--", color=color, ms=4, label=f"{name} validation")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats / byte)")
+    ax.set_title("demo GPT: dense vs InRank-Efficient")
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_ranks(history: list[dict], stop_after: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    layers = list(dict.fromkeys(h["layer"] for h in history))
+    cmap = plt.get_cmap("viridis", max(len(layers), 2))
+    for i, layer in enumerate(layers):
+        points = [(0, 2)] + [(h["step"], h["rank"]) for h in history if h["layer"] == layer]
+        steps, ranks = zip(*points)
+        ax.step(steps, ranks, where="post", color=cmap(i), lw=1, label=layer if len(layers) <= 8 else None)
+    ax.axvline(stop_after, color="#aa3333", ls=":", lw=1)
+    ax.text(stop_after, ax.get_ylim()[1], " ranks frozen", color="#aa3333", va="top", fontsize=8)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("rank")
+    ax.set_title(f"rank trajectories of {len(layers)} factored layers")
+    if len(layers) <= 8:
+        ax.legend(frameon=False, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Move the finished report into place, replacing an earlier report folder."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(out, 0o777 & ~umask)  # mkdtemp made it private; a report is an ordinary folder
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

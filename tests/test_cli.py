@@ -1,0 +1,135 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import inrank_fx
+from inrank_fx import bench
+from inrank_fx.cli import main
+from inrank_fx.demo import job
+from inrank_fx.demo.gpt import GPTConfig
+
+pytest.importorskip("onnxruntime")
+
+TINY = job.DemoSettings(
+    gpt=GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32), batch_size=4, steps=12,
+    stop_after=6, check_every=3, eval_every=6, eval_batches=2, lr=3e-3, corpus_bytes=100_000,
+)
+REPORT_FILES = {"results.json", "ranks.csv", "summary.txt", "model.onnx", "loss_curves.png",
+                "rank_trajectories.png", "inference.png"}
+
+
+def test_demo_writes_the_report(tmp_path):
+    out = tmp_path / "report"
+    results = job.run_demo(out, settings=TINY, compile=False, progress=False,
+                           backends=("eager", "onnxruntime"), log=lambda *a: None)
+    assert {p.name for p in out.iterdir()} == REPORT_FILES
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["ratios"] == results["ratios"]
+    for key in ("val_loss", "val_ppl", "params", "train_seconds", "tokens_per_second", "val_curve"):
+        assert key in saved["dense"] and key in saved["inrank"]
+    assert saved["inrank"]["params"] < saved["dense"]["params"]
+    assert set(saved["inrank"]["final_ranks"]) == {"transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj",
+                                                   "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"}
+    assert saved["onnx"]["batch_sizes"] == [1, 3] and saved["onnx"]["max_rel_error"] <= 1e-4
+    backends = {(r["backend"], r["model"]): r["status"] for r in saved["inference"]["records"]}
+    assert backends == {("eager", "dense"): "ok", ("eager", "factored"): "ok",
+                        ("onnxruntime", "dense"): "ok", ("onnxruntime", "factored"): "ok"}
+    assert (out / "ranks.csv").read_text().startswith("step,layer,event,rank,width,explained")
+    assert (out / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
+    # a second run replaces the report
+    job.run_demo(out, settings=TINY, compile=False, progress=False, backends=("eager",), log=lambda *a: None)
+    assert [p.name for p in tmp_path.iterdir()] == ["report"]
+
+
+def test_ctrl_c_leaves_no_report(tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(job, "train_steps", interrupted)
+    monkeypatch.setattr(job, "settings_for", lambda quick, steps: TINY)
+    assert main(["demo", "--out", str(tmp_path / "report")]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["demo", "--data", "{tmp}/missing.txt"], "--data {tmp}/missing.txt: no such file"),
+        (["demo", "--data", "{tmp}/empty.txt"], "--data {tmp}/empty.txt: empty"),
+        (["demo", "--out", "{tmp}/no/such/report"], "--out {tmp}/no/such/report: folder"),
+        (["demo", "--device", "cuda:banana"], "--device 'cuda:banana'"),
+        (["bench", "--shape", "1024by4096"], "--shape '1024by4096': expected INxOUT"),
+        (["bench", "--shape", "64x32", "--rank", "40"], "--rank 40: must be in [1, 32]"),
+        (["bench", "--model", "nosuchpkg.models:net", "--input", "1x3"], "cannot import 'nosuchpkg.models'"),
+        (["bench", "--model", "torch.nn:Linear", "--input", "1x3"], "calling Linear() failed"),
+        (["bench", "--backends", "eager,tpu"], "--backends 'eager,tpu'"),
+        (["summary", "--model", "torchvision.models"], "expected 'gpt' or 'package.module:function'"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message.replace("{tmp}", str(tmp_path)) in err
+    assert "Traceback" not in err
+
+
+def test_bad_input_from_the_console_script(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "inrank_fx", "demo", "--data", str(tmp_path / "x.txt")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"inrank-fx demo: error: --data {tmp_path / 'x.txt'}: no such file"]
+
+
+def test_bench_compare_records(tmp_path):
+    dense = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64)).eval()
+    factored = inrank_fx.transform(dense, inrank_fx.InRankConfig(init="svd", init_rank=8, buffer=0))
+    result = bench.compare(dense, factored, (torch.randn(32, 64),), backends=("eager", "onnxruntime", "tensorrt"),
+                           iters=3)
+    ok = result.get("factored", "eager")
+    assert ok.status == "ok" and ok.latency_median_ms > 0 and ok.throughput > 0
+    assert ok.params < result.get("dense", "eager").params
+    assert ok.flop_ideal_speedup == pytest.approx(result.get("dense", "eager").flops / ok.flops)
+    assert ok.flop_ideal_speedup > 3 and ok.speedup is not None
+    assert result.get("factored", "onnxruntime").artifact_bytes < result.get("dense", "onnxruntime").artifact_bytes
+    trt = result.get("factored", "tensorrt")
+    if trt.status == "skipped":
+        assert "CUDA" in trt.reason or "torch-tensorrt" in trt.reason
+    train = bench.compare(dense, factored, (torch.randn(32, 64),), backends=("eager", "onnxruntime"),
+                          train=True, iters=3)
+    assert train.get("factored", "onnxruntime").reason == "inference-only backend"
+    assert train.get("factored", "eager").status == "ok"
+    data = json.loads(result.to_json(tmp_path / "b.json").read_text())
+    assert len(data["records"]) == 6 and data["meta"]["mode"] == "inference"
+    assert result.plot(tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+    assert "speedup" in result.table()
+
+
+def test_bench_and_summary_commands(capsys):
+    assert main(["bench", "--shape", "64x128", "--rank", "8", "--rows", "16", "--backends", "eager",
+                 "--iters", "3", "--no-malloc-tuning"]) == 0
+    out = capsys.readouterr().out
+    assert "eager" in out and "factored" in out
+    pytest.importorskip("torchvision")
+    assert main(["summary", "--model", "torchvision.models:resnet18", "--init-rank", "0.25"]) == 0
+    assert "fc" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_demo_quick_console_script(tmp_path):
+    out = tmp_path / "demo"
+    result = subprocess.run(
+        [sys.executable, "-m", "inrank_fx", "demo", "--quick", "--steps", "30", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert {p.name for p in out.iterdir()} == REPORT_FILES
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["settings"]["compile"] is True
+    assert saved["inrank"]["params"] < saved["dense"]["params"]
