@@ -15,6 +15,7 @@ from .spectrum import CRITERIA
 
 INITS = ("random", "svd")
 GROW_INITS = ("zero", "random")
+CONVS = ("1x1", "all", "none")
 
 RankSpec = Union[int, float, str]
 
@@ -31,6 +32,8 @@ class InRankConfig:
         buffer: spare components beyond the rank that the layer computes with while ranks adapt
             (InRank's buffer). int = count, float in (0, 1] = fraction of the full rank.
         min_features: layers with min(in, out) below this stay dense.
+        convs: which nn.Conv2d to factor (groups=1 only): "1x1" (channel matmuls, the default),
+            "all" (k×k too, as a k×k conv to r channels then a 1×1 conv), or "none".
         targets / exclude: layer-name patterns, PEFT-style. A list entry matches a name equal to
             it, ending in "." + it, or matching it as a glob; a single string is a regex that
             must match the whole name. None targets every layer.
@@ -59,6 +62,7 @@ class InRankConfig:
     rank_multiple: int = 1
     grow_init: str = "zero"
     min_features: int = 16
+    convs: str = "1x1"
     targets: Union[Sequence[str], str, None] = None
     exclude: Union[Sequence[str], str, None] = field(default=None)
 
@@ -88,6 +92,8 @@ class InRankConfig:
             _check_int("stop_after", self.stop_after, minimum=0)
         _check_int("rank_multiple", self.rank_multiple, minimum=1)
         _check_int("min_features", self.min_features, minimum=1)
+        if self.convs not in CONVS:
+            raise ValueError(f"InRankConfig.convs must be one of {CONVS}, got {self.convs!r}")
         for name in ("targets", "exclude"):
             patterns = getattr(self, name)
             if patterns is None:

@@ -111,7 +111,7 @@ def transform(
     if not inplace:
         model = copy.deepcopy(model)
 
-    analysis = analyse(model)
+    analysis = analyse(model, config)
     report = TransformReport(
         config=config,
         traced=[p for p, t in analysis.traces.items() if t.ok],
@@ -157,7 +157,7 @@ def _plan(
     opaque = weight.reads_of("opaque")
     owner_module = _owner_of(model, weight.name)
     if not calls and not sites:
-        if owner_module is not None and module_handler(owner_module) is not None:
+        if owner_module is not None and module_handler(owner_module, config) is not None:
             # A Linear that no traced forward calls: used inside a library module, or dead.
             reason = opaque[0].where if opaque else "its module is never called by a traced forward"
             report.dense.append(DenseRecord(weight.name, reason))
@@ -181,9 +181,8 @@ def _plan(
             return dense(f"shared by modules {', '.join(sorted(modules.values()))}")
         name = calls[0].owner
         module = model.get_submodule(name)
-        matrix, kind, subject = weight.param, type(module).__name__, module
-        if kind == "Linear":
-            kind = "nn.Linear"
+        handler = module_handler(module, config)
+        matrix, kind, subject = handler.matrix(module), handler.kind, module
     else:
         if len({r.site.transposed for r in sites}) > 1:
             return dense("read both as W and as its transpose by matmul nodes")
@@ -209,7 +208,6 @@ def _plan(
     rank, requested = _initial_rank(matrix, name, config)
     width = config.width_for(rank, full_rank)
     if module is not None:
-        handler = module_handler(module)
         layer = handler.build(module, rank, buffer=width - rank, init=config.init, name=name)
     else:
         layer = InRankLinear.from_weight(
@@ -225,6 +223,8 @@ def _initial_rank(matrix: torch.Tensor, name: str, config: InRankConfig) -> tupl
     """(rank, the requested rank if it had to be capped)."""
     full_rank = min(matrix.shape)
     if config.init_rank == "auto":
+        if matrix.is_meta:
+            raise ValueError(f"{name}: weights on the meta device have no spectrum to choose a rank from")
         if not torch.isfinite(matrix).all():
             raise ValueError(f"{name}: non-finite (NaN/Inf) entries; cannot choose a rank from them")
         s = torch.linalg.svdvals(matrix.detach().to(torch.float64))

@@ -61,6 +61,19 @@ def test_freeze_merge_rule():
         freeze(out, merge="never")
 
 
+def test_freeze_convolutions():
+    model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 48, 1))
+    out = transform(model, InRankConfig(init="svd", init_rank=6, buffer=2, convs="all"))
+    frozen = freeze(out)
+    assert [type(m).__name__ for m in frozen] == ["FactoredConv2d", "ReLU", "FactoredConv2d"]
+    assert frozen[0][0].weight.shape == (6, 16, 3, 3) and frozen[0][1].weight.shape == (32, 6, 1, 1)
+    set_ranks(out, 6)
+    x = torch.randn(2, 16, 8, 8)
+    assert rel_err(frozen(x), out(x)) < 1e-5
+    merged = freeze(out, merge=True)
+    assert type(merged[0]) is nn.Conv2d and rel_err(merged(x), out(x)) < 1e-5
+
+
 def test_freeze_truncates_the_buffer():
     out = transform(nn.Sequential(nn.Linear(64, 64)), InRankConfig(init="svd", init_rank=6, buffer=10))
     frozen = freeze(out)
@@ -111,9 +124,12 @@ def test_resnet18_to_onnx(tmp_path):
     model = torchvision.models.resnet18().eval()
     out = transform(model, InRankConfig(init="svd", init_rank=0.125, buffer=0))
     report = to_onnx(out, (torch.randn(1, 3, 64, 64),), tmp_path / "resnet18.onnx")
-    assert report.ranks == {"fc": 64} and report.batch_sizes == [1, 3]
-    assert report.max_rel_error <= 1e-4
+    assert report.ranks == {"fc": 64, "layer2.0.downsample.0": 8, "layer3.0.downsample.0": 16,
+                            "layer4.0.downsample.0": 32}
+    assert report.batch_sizes == [1, 3] and report.max_rel_error <= 1e-4
     assert_two_matmuls_per_layer(tmp_path / "resnet18.onnx", freeze(out))
+    convs = [n for n in onnx.load(str(tmp_path / "resnet18.onnx")).graph.node if n.op_type == "Conv"]
+    assert len(convs) == 20 + 3  # each factored 1x1 convolution became two
 
 
 @pytest.mark.slow

@@ -112,10 +112,17 @@ def test_torchvision_resnet18():
     torchvision = pytest.importorskip("torchvision")
     model = torchvision.models.resnet18().eval()
     out = transform(model, FULL_SVD).eval()
-    assert list(ranks(out)) == ["fc"] and ranks(out)["fc"] == 512
+    # the classifier and the three 1x1 downsampling convolutions (channel matmuls)
+    assert ranks(out) == {"layer2.0.downsample.0": 64, "layer3.0.downsample.0": 128,
+                          "layer4.0.downsample.0": 256, "fc": 512}
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert rel_err(out(x), model(x)) < 1e-5
+    every_conv = transform(model, InRankConfig(init="svd", init_rank=1.0, convs="all")).eval()
+    assert len(ranks(every_conv)) == 20 + 1  # every convolution (opt-in k×k) and the classifier
+    with torch.no_grad():
+        assert rel_err(every_conv(x), model(x)) < 1e-5
+    assert list(ranks(transform(model, InRankConfig(convs="none")))) == ["fc"]
 
 
 @pytest.mark.slow

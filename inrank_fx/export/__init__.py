@@ -5,13 +5,14 @@ in optional dependencies (onnx, onnxruntime, torch-tensorrt) that training never
 imported only when an exporter runs.
 """
 from ._common import ExportError, ExportParityError
-from .freeze import FactoredLinear, FrozenLayer, freeze, frozen_layers
+from .freeze import FactoredConv2d, FactoredLinear, FrozenLayer, freeze, frozen_layers
 from .onnx import RANKS_METADATA_KEY, OnnxExportReport, to_onnx
 from .tensorrt import TensorRTReport, tensorrt_missing, to_tensorrt
 
 __all__ = [
     "ExportError",
     "ExportParityError",
+    "FactoredConv2d",
     "FactoredLinear",
     "FrozenLayer",
     "OnnxExportReport",

@@ -2,7 +2,7 @@
 
 Each InRankLinear becomes either two nn.Linear at its final rank r (`FactoredLinear`: the buffer is
 truncated away by SVD of the factors) or, where factoring cannot save FLOPs, one nn.Linear with
-W = U·Vᵀ. No controller, buffer or rank state is left: only standard modules, which torch.export,
+W = U·Vᵀ; an InRankConv2d likewise becomes two nn.Conv2d (`FactoredConv2d`) or one. No controller, buffer or rank state is left: only standard modules, which torch.export,
 torch.compile, ONNX and TensorRT take as they are.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..layers import InRankLinear
+from ..layers import InRankConv2d, InRankLinear
 from ..passes.rewrite import carry_hooks, replace_module
 from ..summary import factored_layers
 from ..transform import REPORT_ATTR
@@ -49,6 +49,40 @@ class FactoredLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
+class FactoredConv2d(nn.Sequential):
+    """A k×k conv to `rank` channels, then a 1×1 conv: two plain convolutions."""
+
+    def __init__(self, layer: InRankConv2d) -> None:
+        w = layer.width
+        down = nn.Conv2d(layer.in_channels, w, layer.kernel_size, layer.stride, layer.padding,
+                         layer.dilation, bias=False, device=layer.U.device, dtype=layer.U.dtype)
+        up = nn.Conv2d(w, layer.out_channels, 1, bias=layer.bias is not None,
+                       device=layer.U.device, dtype=layer.U.dtype)
+        with torch.no_grad():
+            down.weight.copy_(layer.V.T.reshape(w, layer.in_channels, *layer.kernel_size))
+            up.weight.copy_(layer.U[:, :, None, None])
+            if layer.bias is not None:
+                up.bias.copy_(layer.bias)
+        super().__init__(down, up)
+        self.rank = w
+
+
+def _merged(layer: InRankLinear) -> nn.Module:
+    """One dense module with W = U·Vᵀ (all trained components kept)."""
+    factory = {"device": layer.U.device, "dtype": layer.U.dtype}
+    has_bias = layer.bias is not None
+    if isinstance(layer, InRankConv2d):
+        plain = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
+                          layer.padding, layer.dilation, bias=has_bias, **factory)
+    else:
+        plain = nn.Linear(layer.in_features, layer.out_features, bias=has_bias, **factory)
+    with torch.no_grad():
+        plain.weight.copy_(layer.weight)
+        if has_bias:
+            plain.bias.copy_(layer.bias)
+    return plain
+
+
 @dataclass(frozen=True)
 class FrozenLayer:
     name: str
@@ -75,16 +109,14 @@ def freeze(model: nn.Module, *, merge: bool | str = "auto") -> nn.Module:
         r, n_in, n_out = layer.rank, layer.in_features, layer.out_features
         merged = merge is True or (merge == "auto" and r * (n_in + n_out) >= n_in * n_out)
         if merged:
-            plain = nn.Linear(n_in, n_out, bias=layer.bias is not None,
-                              device=layer.U.device, dtype=layer.U.dtype)
-            with torch.no_grad():
-                plain.weight.copy_(layer.weight)
-                if layer.bias is not None:
-                    plain.bias.copy_(layer.bias)
+            plain = _merged(layer)
         else:
             if layer.width > r:
                 layer.truncate(r)
-            plain = FactoredLinear.from_factors(layer.U.detach(), layer.V.detach(), layer.bias)
+            if isinstance(layer, InRankConv2d):
+                plain = FactoredConv2d(layer)
+            else:
+                plain = FactoredLinear.from_factors(layer.U.detach(), layer.V.detach(), layer.bias)
         carry_hooks(layer, plain)
         frozen = replace_module(frozen, layer, plain)
         records.append(FrozenLayer(name, n_out, n_in, min(n_in, n_out) if merged else r, merged))

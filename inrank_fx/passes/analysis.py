@@ -47,7 +47,7 @@ class Read:
 
 @dataclass
 class WeightUse:
-    """Everything known about one 2-D parameter."""
+    """Everything known about one parameter of 2 or more dimensions."""
 
     param: nn.Parameter
     names: list[str]
@@ -68,15 +68,16 @@ class Analysis:
     already_factored: list[str]
 
 
-def analyse(model: nn.Module) -> Analysis:
-    """Trace every module's own forward and find all reads of every 2-D parameter."""
+def analyse(model: nn.Module, config=None) -> Analysis:
+    """Trace every module's own forward and find all reads of every parameter of 2 or more
+    dimensions (`config` lets module handlers decline instances, e.g. k×k convolutions)."""
     graph = nx.Graph()
     params: dict[int, nn.Parameter] = {}
     factored_ids = {
         id(p) for m in model.modules() if isinstance(m, InRankLinear) for p in m.parameters()
     }
     for name, p in model.named_parameters(remove_duplicate=False):
-        if p.dim() == 2 and id(p) not in factored_ids:
+        if p.dim() >= 2 and id(p) not in factored_ids:
             params[id(p)] = p
             graph.add_edge(("param", id(p)), ("name", name))
 
@@ -94,7 +95,7 @@ def analyse(model: nn.Module) -> Analysis:
         if isinstance(module, InRankLinear):
             already.append(path)
             continue
-        handler = module_handler(module)
+        handler = module_handler(module, config)
         if handler is not None:
             if not path:  # the model itself is the layer: the user calls it
                 add_read(getattr(module, handler.weight_attr), handler.weight_attr,
@@ -110,13 +111,13 @@ def analyse(model: nn.Module) -> Analysis:
         trace = trace_own_forward(module, path)
         traces[path] = trace
         if trace.ok:
-            _reads_in_graph(trace.graph, module, path, add_read)
+            _reads_in_graph(trace.graph, module, path, add_read, config)
             continue
         label = f"'{path}' ({type(module).__name__})" if path else type(module).__name__
         for pname, p in module.named_parameters(recurse=False):
             add_read(p, prefix + pname, Read("opaque", f"read by {label}, whose forward did not trace", path))
         for cname, child in module.named_children():
-            handler = module_handler(child)
+            handler = module_handler(child, config)
             if handler is not None:
                 where = f"called by {label}, whose forward did not trace"
                 add_read(getattr(child, handler.weight_attr), f"{prefix}{cname}.{handler.weight_attr}",
@@ -136,7 +137,7 @@ def _name_order(name: str) -> tuple[int, str]:
     return (name.count("."), name)
 
 
-def _reads_in_graph(graph: fx.Graph, module: nn.Module, path: str, add_read) -> None:
+def _reads_in_graph(graph: fx.Graph, module: nn.Module, path: str, add_read, config) -> None:
     """Record every read of a 2-D parameter in one module's traced forward."""
     prefix = f"{path}." if path else ""
     where_mod = f"'{path}'" if path else "the root forward"
@@ -144,11 +145,11 @@ def _reads_in_graph(graph: fx.Graph, module: nn.Module, path: str, add_read) -> 
     for node in graph.nodes:
         if node.op == "get_attr":
             obj = _resolve(module, node.target)
-            if isinstance(obj, nn.Parameter) and obj.dim() == 2:
+            if isinstance(obj, nn.Parameter) and obj.dim() >= 2:
                 param_nodes[node] = obj
         elif node.op == "call_module":
             child = module.get_submodule(node.target)
-            handler = module_handler(child)
+            handler = module_handler(child, config)
             if handler is not None:
                 target = prefix + node.target
                 add_read(getattr(child, handler.weight_attr), f"{target}.{handler.weight_attr}",

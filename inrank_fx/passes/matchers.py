@@ -21,7 +21,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import InRankLinear
+from ..layers import InRankConv2d, InRankLinear
 
 Argument = Any
 
@@ -208,31 +208,75 @@ register_function_handler("call_method", "addmm", _addmm)
 
 @dataclass(frozen=True)
 class ModuleHandler:
-    """A module type whose call is y = x·Wᵀ (+ b) for its parameter `weight_attr`."""
+    """A module type whose call is a matmul against its parameter `weight_attr`.
 
-    module_type: type
+    `matrix(module)` is that weight as the out×in matrix W of y = x·Wᵀ; `build(module, rank, *,
+    buffer, init, name)` makes the factored replacement; `accepts(module, config)` may decline a
+    particular instance (a grouped convolution, say).
+    """
+
+    module_type: Union[type, str]
     weight_attr: str
-    build: Callable[..., InRankLinear]  # build(module, rank, *, buffer, init, name)
+    build: Callable[..., InRankLinear]
+    matrix: Callable[[nn.Module], torch.Tensor]
+    accepts: Callable[[nn.Module, object], bool]
+    kind: str
 
 
-_MODULE_HANDLERS: dict[type, ModuleHandler] = {}
+_MODULE_HANDLERS: dict[Union[type, str], ModuleHandler] = {}
 
 
 def register_module_handler(
-    module_type: type, build: Callable[..., InRankLinear], weight_attr: str = "weight"
+    module_type: Union[type, str],
+    build: Callable[..., InRankLinear],
+    weight_attr: str = "weight",
+    *,
+    matrix: Callable[[nn.Module], torch.Tensor] | None = None,
+    accepts: Callable[[nn.Module, object], bool] | None = None,
+    kind: str | None = None,
 ) -> None:
-    """Factor calls of `module_type` with `build(module, rank, *, buffer, init, name)`."""
-    _MODULE_HANDLERS[module_type] = ModuleHandler(module_type, weight_attr, build)
+    """Factor calls of `module_type` (a class, or a qualified class name such as
+    "transformers.pytorch_utils.Conv1D" so that the package need not be imported) with
+    `build(module, rank, *, buffer, init, name)`."""
+    name = module_type if isinstance(module_type, str) else module_type.__name__
+    _MODULE_HANDLERS[module_type] = ModuleHandler(
+        module_type,
+        weight_attr,
+        build,
+        matrix or (lambda m: getattr(m, weight_attr)),
+        accepts or (lambda m, config: True),
+        kind or name.rpartition(".")[2],
+    )
 
 
-def module_handler(module: nn.Module) -> ModuleHandler | None:
+def module_handler(module: nn.Module, config=None) -> ModuleHandler | None:
     """The handler for this module's type, or for a base type whose forward it does not override
     (a subclass with its own forward computes something else and is left alone)."""
     for cls in type(module).__mro__:
-        handler = _MODULE_HANDLERS.get(cls)
+        handler = _MODULE_HANDLERS.get(cls) or _MODULE_HANDLERS.get(f"{cls.__module__}.{cls.__qualname__}")
         if handler is not None:
-            return handler if type(module).forward is cls.forward else None
+            if type(module).forward is not cls.forward or not handler.accepts(module, config):
+                return None
+            return handler
     return None
 
 
-register_module_handler(nn.Linear, InRankLinear.from_linear)
+def _conv_accepts(conv: nn.Conv2d, config) -> bool:
+    """Plain convolutions only; 1×1 by default, any kernel when config.convs == "all"."""
+    mode = getattr(config, "convs", "1x1")
+    if mode == "none" or conv.groups != 1 or conv.padding_mode != "zeros":
+        return False
+    return mode == "all" or tuple(conv.kernel_size) == (1, 1)
+
+
+def _conv1d_build(module, rank, *, buffer=0, init="svd", name=""):
+    # transformers' Conv1D computes x·W + b with W: in×out, i.e. a Linear with weight Wᵀ.
+    return InRankLinear.from_weight(module.weight.T, module.bias, rank, buffer=buffer, init=init,
+                                    name=name or "Conv1D")
+
+
+register_module_handler(nn.Linear, InRankLinear.from_linear, kind="nn.Linear")
+register_module_handler(nn.Conv2d, InRankConv2d.from_conv, accepts=_conv_accepts,
+                        matrix=lambda m: m.weight.reshape(m.out_channels, -1), kind="nn.Conv2d")
+register_module_handler("transformers.pytorch_utils.Conv1D", _conv1d_build,
+                        matrix=lambda m: m.weight.T, kind="Conv1D")
