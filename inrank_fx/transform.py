@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import copy
+import difflib
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -67,6 +68,7 @@ class TransformReport:
     not_traced: dict[str, str] = field(default_factory=dict)
     rewritten_forwards: list[str] = field(default_factory=list)
     already_factored: list[str] = field(default_factory=list)
+    candidates: list[str] = field(default_factory=list)  # every layer the filters were asked about
 
     def __str__(self) -> str:
         lines = [f"factored {len(self.factored)} weight(s), left {len(self.dense)} dense"]
@@ -138,9 +140,31 @@ def transform(
             install_layer(model, name, layer)
     model = _rewrite_forwards(model, analysis, [w for w, _ in installs], report)
 
+    _warn_unmatched_patterns(config, report.candidates)
     _announce(model, report)
     setattr(model, REPORT_ATTR, report)
     return model
+
+
+def _warn_unmatched_patterns(config: InRankConfig, names: list[str]) -> None:
+    """A targets / exclude pattern that matches no layer is almost always a typo: say so, with
+    the layer names closest to it."""
+    for field_name in ("targets", "exclude"):
+        patterns = getattr(config, field_name)
+        if patterns is None:
+            continue
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            probe = InRankConfig(targets=pattern if isinstance(patterns, str) else [pattern])
+            if any(probe.selects(n) for n in names):
+                continue
+            tails = {n.rpartition(".")[2]: n for n in names}
+            near = difflib.get_close_matches(pattern, list(tails) + names, n=4, cutoff=0.5)
+            hint = ", ".join(dict.fromkeys(tails.get(n, n) for n in near)) or ", ".join(names[:4])
+            warnings.warn(
+                f"inrank_fx.transform: {field_name} pattern {pattern!r} matches no layer; "
+                f"nearest layer names: {hint or 'none (no factorable layers)'}",
+                stacklevel=3,
+            )
 
 
 def _plan(
@@ -200,6 +224,7 @@ def _plan(
             f"{out_features}x{in_features}: full rank {full_rank} is below "
             f"min_features={config.min_features}"
         )
+    report.candidates.append(name)
     if not config.selects(name):
         return dense("not selected by targets/exclude")
     if filter_fn is not None and not filter_fn(name, subject):
@@ -268,9 +293,13 @@ def _announce(model: nn.Module, report: TransformReport) -> None:
     name = type(model).__name__
     if not report.factored:
         why = "; ".join(f"{d.name}: {d.reason}" for d in report.dense[:5])
+        untraced = "; ".join(f"{_label(p)} ({e})" for p, e in list(report.not_traced.items())[:3])
         message = (
             f"inrank_fx.transform: no matmul against a weight was factored in {name}; "
-            f"the model is returned unchanged" + (f" (left dense: {why})" if why else "")
+            f"the model is returned unchanged"
+            + (f" (left dense: {why})" if why else "")
+            + (f"; forwards that did not trace, so their own matmuls could not be seen: {untraced}"
+               if untraced else "")
         )
         warnings.warn(message, stacklevel=3)
         return
