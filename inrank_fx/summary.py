@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .layers import InRankLinear
@@ -33,11 +34,34 @@ class LayerSummary:
 
 
 @dataclass
+class FlopCoverage:
+    """Weight-matmul FLOPs of one forward, measured with torch.utils.flop_counter."""
+
+    factored_dense_equivalent: int  # what the factored layers would cost dense
+    factored_actual: int
+    left_dense: int  # matmul / convolution FLOPs outside factored layers and tied heads
+    tied: int  # in layers tied to an embedding (kept dense by design)
+
+    @property
+    def share(self) -> float:
+        total = self.factored_dense_equivalent + self.left_dense
+        return self.factored_dense_equivalent / total if total else 0.0
+
+    def __str__(self) -> str:
+        return (f"matmul FLOPs factored: {self.share:.1%} of "
+                f"{(self.factored_dense_equivalent + self.left_dense) / 1e9:.3f} GFLOPs outside "
+                f"embedding-tied layers ({self.tied / 1e9:.3f} GFLOPs there); factored layers "
+                f"run {self.factored_actual / 1e9:.3f} GFLOPs instead of "
+                f"{self.factored_dense_equivalent / 1e9:.3f}")
+
+
+@dataclass
 class Summary:
     layers: list[LayerSummary]
     dense: list[DenseRecord]
     model_params: int
     report: TransformReport | None
+    flops: FlopCoverage | None = None
 
     @property
     def dense_params(self) -> int:
@@ -81,6 +105,8 @@ class Summary:
             )
         else:
             lines.append("no factored layers")
+        if self.flops is not None:
+            lines.append(str(self.flops))
         if self.dense:
             lines.append("left dense:")
             lines += [f"  {d.name}: {d.reason}" for d in self.dense]
@@ -90,9 +116,13 @@ class Summary:
         return "\n".join(lines)
 
 
-def summary(model: nn.Module) -> Summary:
+def summary(model: nn.Module, example_inputs=None) -> Summary:
     """Per factored layer: shape, rank, params and FLOPs per row, dense vs factored; totals;
-    and the weights `transform` left dense, with the reason. `str()` gives the table."""
+    and the weights `transform` left dense, with the reason. `str()` gives the table.
+
+    With `example_inputs`, one forward is run under torch.utils.flop_counter to measure which
+    share of the model's weight-matmul FLOPs the factored layers carry (`.flops`).
+    """
     layers = [
         LayerSummary(name, m.out_features, m.in_features, m.rank, m.width, m.dense_params(),
                      m.factored_params(), m.dense_flops_per_row(), m.flops_per_row())
@@ -102,4 +132,37 @@ def summary(model: nn.Module) -> Summary:
     active = sum(l.factored_params for l in layers)
     allocated = sum(p.numel() for m in factored_layers(model).values() for p in m.parameters())
     model_params = sum(p.numel() for p in model.parameters()) - allocated + active
-    return Summary(layers, list(report.dense) if report else [], model_params, report)
+    result = Summary(layers, list(report.dense) if report else [], model_params, report)
+    if example_inputs is not None:
+        result.flops = flop_coverage(model, example_inputs)
+    return result
+
+
+def _is_weight_matmul(op) -> bool:
+    name = str(op).rpartition(".")[2].split("'")[0]
+    return name in ("mm", "addmm", "convolution", "_convolution")
+
+
+def flop_coverage(model: nn.Module, example_inputs) -> FlopCoverage:
+    """Measure how much of one forward's weight-matmul work the factored layers carry."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(*inputs)
+    counts = counter.get_flop_counts()
+    root = type(model).__name__
+
+    def matmul_flops(path: str) -> int:
+        ops = counts.get(f"{root}.{path}" if path else root, {})
+        return sum(v for op, v in ops.items() if _is_weight_matmul(op))
+
+    layers = factored_layers(model)
+    actual = {name: matmul_flops(name) for name in layers}
+    equivalent = sum(actual[n] * l.dense_flops_per_row() / l.flops_per_row() for n, l in layers.items())
+    report = getattr(model, REPORT_ATTR, None)
+    tied_paths = [d.name.rpartition(".")[0] for d in (report.dense if report else []) if "tied" in d.reason]
+    tied = sum(matmul_flops(p) for p in tied_paths)
+    left = matmul_flops("") - sum(actual.values()) - tied
+    return FlopCoverage(int(equivalent), sum(actual.values()), max(left, 0), tied)
