@@ -154,15 +154,16 @@ def flop_coverage(model: nn.Module, example_inputs) -> FlopCoverage:
     counts = counter.get_flop_counts()
     root = type(model).__name__
 
-    def matmul_flops(path: str) -> int:
+    def flops(path: str, only_weight_ops: bool = True) -> int:
         ops = counts.get(f"{root}.{path}" if path else root, {})
-        return sum(v for op, v in ops.items() if _is_weight_matmul(op))
+        return sum(v for op, v in ops.items() if not only_weight_ops or _is_weight_matmul(op))
 
     layers = factored_layers(model)
-    actual = {name: matmul_flops(name) for name in layers}
+    # Everything a factored layer counts is a matmul of its factors, whatever aten op ran it.
+    actual = {name: flops(name, only_weight_ops=False) for name in layers}
     equivalent = sum(actual[n] * l.dense_flops_per_row() / l.flops_per_row() for n, l in layers.items())
     report = getattr(model, REPORT_ATTR, None)
     tied_paths = [d.name.rpartition(".")[0] for d in (report.dense if report else []) if "tied" in d.reason]
-    tied = sum(matmul_flops(p) for p in tied_paths)
-    left = matmul_flops("") - sum(actual.values()) - tied
+    tied = sum(flops(p) for p in tied_paths)
+    left = flops("") - sum(flops(name) for name in layers) - tied
     return FlopCoverage(int(equivalent), sum(actual.values()), max(left, 0), tied)

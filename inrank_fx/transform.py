@@ -21,7 +21,7 @@ from torch import nn
 from .config import InRankConfig
 from .layers import InRankLinear
 from .passes.analysis import Analysis, WeightUse, analyse
-from .passes.matchers import MatmulSite, module_handler
+from .passes.matchers import MatmulSite, handled_weights, module_handler
 from .passes.rewrite import (
     carry_hooks,
     factor_matmul_sites,
@@ -122,8 +122,9 @@ def transform(
     )
     swaps: list[tuple[nn.Module, InRankLinear]] = []
     installs: list[tuple[WeightUse, InRankLinear]] = []
+    uses = {id(w.param): w for w in analysis.weights}
     for weight in analysis.weights:
-        plan = _plan(weight, model, config, filter_fn, report)
+        plan = _plan(weight, model, config, filter_fn, report, uses)
         if plan is None:
             continue
         module, layer = plan
@@ -173,7 +174,8 @@ def _plan(
     config: InRankConfig,
     filter_fn: FilterFn | None,
     report: TransformReport,
-) -> tuple[nn.Module | None, InRankLinear] | None:
+    uses: dict[int, WeightUse],
+) -> tuple[nn.Module | None, nn.Module] | None:
     """Decide one weight: (module to swap or None for functional reads, its factored layer),
     or None after recording why it stays dense."""
     calls = weight.reads_of("module") + weight.reads_of("blind")
@@ -206,6 +208,15 @@ def _plan(
         name = calls[0].owner
         module = model.get_submodule(name)
         handler = module_handler(module, config)
+        weights = handled_weights(module, handler)
+        if weight.param is not weights[handler.weight_attr]:
+            return None  # a further weight of a module whose main weight decides for both
+        for path, extra in list(weights.items())[1:]:
+            other = uses.get(id(extra))
+            foreign = [r for r in (other.reads if other else []) if r.kind not in ("module", "blind")
+                       or model.get_submodule(r.owner) is not module]
+            if foreign:
+                return dense(f"its module also needs {path}, which is {foreign[0].where}")
         matrix, kind, subject = handler.matrix(module), handler.kind, module
     else:
         if len({r.site.transposed for r in sites}) > 1:

@@ -44,7 +44,7 @@ def _bert():
 ZOO = {
     "resnet18": (lambda: _torchvision("resnet18", 64), 4, None),  # 3x3 convs: opt-in (convs="all")
     "mobilenet_v3_small": (lambda: _torchvision("mobilenet_v3_small", 64), 42, None),
-    "vit_b_16": (lambda: _torchvision("vit_b_16", 224), 25, None),  # nn.MultiheadAttention stays dense
+    "vit_b_16": (lambda: _torchvision("vit_b_16", 224), 49, 0.9),
     "vit_tiny_patch16_224": (lambda: _timm("vit_tiny_patch16_224", 224), 49, 0.9),
     "convnext_atto": (lambda: _timm("convnext_atto", 64), 25, None),
     "gpt2": (_gpt2, 8, 0.9),

@@ -23,6 +23,7 @@ from .matchers import (
     MatmulSite,
     NotFactorable,
     function_handler,
+    handled_weights,
     module_handler,
     view_chain,
 )
@@ -98,8 +99,8 @@ def analyse(model: nn.Module, config=None) -> Analysis:
         handler = module_handler(module, config)
         if handler is not None:
             if not path:  # the model itself is the layer: the user calls it
-                add_read(getattr(module, handler.weight_attr), handler.weight_attr,
-                         Read("module", "the model itself", ""))
+                for wpath, p in handled_weights(module, handler).items():
+                    add_read(p, wpath, Read("module", "the model itself", ""))
             continue  # its reads are the calls of it, found in its callers' traces
         if not has_own_forward(module):
             continue  # a container (ModuleList, ModuleDict): its callers call its children
@@ -120,8 +121,8 @@ def analyse(model: nn.Module, config=None) -> Analysis:
             handler = module_handler(child, config)
             if handler is not None:
                 where = f"called by {label}, whose forward did not trace"
-                add_read(getattr(child, handler.weight_attr), f"{prefix}{cname}.{handler.weight_attr}",
-                         Read("blind", where, prefix + cname))
+                for wpath, p in handled_weights(child, handler).items():
+                    add_read(p, f"{prefix}{cname}.{wpath}", Read("blind", where, prefix + cname))
 
     weights = []
     for pid, param in params.items():
@@ -152,8 +153,8 @@ def _reads_in_graph(graph: fx.Graph, module: nn.Module, path: str, add_read, con
             handler = module_handler(child, config)
             if handler is not None:
                 target = prefix + node.target
-                add_read(getattr(child, handler.weight_attr), f"{target}.{handler.weight_attr}",
-                         Read("module", f"call of '{target}' in {where_mod}", target))
+                for wpath, p in handled_weights(child, handler).items():
+                    add_read(p, f"{target}.{wpath}", Read("module", f"call of '{target}' in {where_mod}", target))
 
     candidates = set(param_nodes)
     for pnode, param in param_nodes.items():

@@ -21,6 +21,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..attention import InRankMultiheadAttention
 from ..layers import InRankConv2d, InRankLinear
 
 Argument = Any
@@ -221,6 +222,7 @@ class ModuleHandler:
     matrix: Callable[[nn.Module], torch.Tensor]
     accepts: Callable[[nn.Module, object], bool]
     kind: str
+    extra_weights: tuple[str, ...] = ()  # other weights the call reads and `build` factors too
 
 
 _MODULE_HANDLERS: dict[Union[type, str], ModuleHandler] = {}
@@ -234,10 +236,12 @@ def register_module_handler(
     matrix: Callable[[nn.Module], torch.Tensor] | None = None,
     accepts: Callable[[nn.Module, object], bool] | None = None,
     kind: str | None = None,
+    extra_weights: tuple[str, ...] = (),
 ) -> None:
     """Factor calls of `module_type` (a class, or a qualified class name such as
     "transformers.pytorch_utils.Conv1D" so that the package need not be imported) with
-    `build(module, rank, *, buffer, init, name)`."""
+    `build(module, rank, *, buffer, init, name)`. `extra_weights` names further weights (paths
+    inside the module) that its call reads and `build` factors along with the main one."""
     name = module_type if isinstance(module_type, str) else module_type.__name__
     _MODULE_HANDLERS[module_type] = ModuleHandler(
         module_type,
@@ -246,7 +250,14 @@ def register_module_handler(
         matrix or (lambda m: getattr(m, weight_attr)),
         accepts or (lambda m, config: True),
         kind or name.rpartition(".")[2],
+        tuple(extra_weights),
     )
+
+
+def handled_weights(module: nn.Module, handler: ModuleHandler) -> dict[str, nn.Parameter]:
+    """Path inside the module → parameter, for every weight a call of the module reads."""
+    paths = (handler.weight_attr, *handler.extra_weights)
+    return {path: module.get_parameter(path) for path in paths}
 
 
 def module_handler(module: nn.Module, config=None) -> ModuleHandler | None:
@@ -280,3 +291,7 @@ register_module_handler(nn.Conv2d, InRankConv2d.from_conv, accepts=_conv_accepts
                         matrix=lambda m: m.weight.reshape(m.out_channels, -1), kind="nn.Conv2d")
 register_module_handler("transformers.pytorch_utils.Conv1D", _conv1d_build,
                         matrix=lambda m: m.weight.T, kind="Conv1D")
+register_module_handler(nn.MultiheadAttention, InRankMultiheadAttention.from_mha,
+                        weight_attr="in_proj_weight", extra_weights=("out_proj.weight",),
+                        accepts=lambda m, config: InRankMultiheadAttention.supports(m),
+                        kind="nn.MultiheadAttention")

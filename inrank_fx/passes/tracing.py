@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch.fx as fx
 from torch import nn
 
+from ..attention import InRankMultiheadAttention
 from ..layers import InRankLinear
 
 
@@ -29,7 +30,7 @@ _LIBRARY = fx.Tracer()
 
 def is_library_module(module: nn.Module) -> bool:
     """torch.nn's own modules (and factored layers): their forward is known, not traced."""
-    if isinstance(module, InRankLinear):
+    if isinstance(module, (InRankLinear, InRankMultiheadAttention)):
         return True
     return _LIBRARY.is_leaf_module(module, "")
 
