@@ -110,6 +110,10 @@ class Summary:
         if self.dense:
             lines.append("left dense:")
             lines += [f"  {d.name}: {d.reason}" for d in self.dense]
+        if self.report is not None and self.report.exported:
+            lines.append("frontends: torch.fx symbolic tracing, except these forwards, captured with "
+                         "torch.export at the example call: "
+                         + ", ".join(p or "<root>" for p in self.report.exported))
         if self.report is not None and self.report.not_traced:
             lines.append("forwards that did not trace (their nn.Linear children swapped as leaves):")
             lines += [f"  {p or '<root>'}: {e}" for p, e in self.report.not_traced.items()]

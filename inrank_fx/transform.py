@@ -69,6 +69,8 @@ class TransformReport:
     rewritten_forwards: list[str] = field(default_factory=list)
     already_factored: list[str] = field(default_factory=list)
     candidates: list[str] = field(default_factory=list)  # every layer the filters were asked about
+    exported: list[str] = field(default_factory=list)  # forwards captured by torch.export instead
+    captured: bool = False  # example inputs were given (the torch.export frontend was available)
 
     def __str__(self) -> str:
         lines = [f"factored {len(self.factored)} weight(s), left {len(self.dense)} dense"]
@@ -84,6 +86,9 @@ class TransformReport:
             f"rewritten as fx graphs: {', '.join(map(_label, self.rewritten_forwards)) or 'none'}"
         )
         lines += [f"  not traced {_label(p)}: {err}" for p, err in self.not_traced.items()]
+        if self.exported:
+            lines.append("captured with torch.export (fx could not trace them): "
+                         + ", ".join(map(_label, self.exported)))
         if self.already_factored:
             lines.append(f"already factored (left as they are): {', '.join(self.already_factored)}")
         return "\n".join(lines)
@@ -94,6 +99,7 @@ def transform(
     config: InRankConfig | None = None,
     *,
     filter_fn: FilterFn | None = None,
+    example_inputs=None,
     inplace: bool = False,
 ) -> nn.Module:
     """Factor every dense matmul against a 2-D weight in `model` into an InRankLinear.
@@ -113,11 +119,14 @@ def transform(
     if not inplace:
         model = copy.deepcopy(model)
 
-    analysis = analyse(model, config)
+    captured = _capture_calls(model, example_inputs) if example_inputs is not None else None
+    analysis = analyse(model, config, captured)
     report = TransformReport(
         config=config,
         traced=[p for p, t in analysis.traces.items() if t.ok],
         not_traced={p: t.error for p, t in analysis.traces.items() if not t.ok},
+        exported=[p for p, t in analysis.traces.items() if t.ok and t.frontend == "torch.export"],
+        captured=captured is not None,
         already_factored=analysis.already_factored,
     )
     swaps: list[tuple[nn.Module, InRankLinear]] = []
@@ -139,7 +148,7 @@ def transform(
     for weight, layer in installs:
         for name in weight.names:
             install_layer(model, name, layer)
-    model = _rewrite_forwards(model, analysis, [w for w, _ in installs], report)
+    model = _rewrite_forwards(model, analysis, installs, report)
 
     _warn_unmatched_patterns(config, report.candidates)
     _announce(model, report)
@@ -187,6 +196,11 @@ def _plan(
             # A Linear that no traced forward calls: used inside a library module, or dead.
             reason = opaque[0].where if opaque else "its module is never called by a traced forward"
             report.dense.append(DenseRecord(weight.name, reason))
+        elif weight.param.dim() == 2 and any(r.untraced for r in opaque):
+            # Possibly a matmul weight that no frontend could see.
+            hint = "" if report.captured else \
+                "; pass example_inputs to capture that forward with torch.export"
+            report.dense.append(DenseRecord(weight.name, opaque[0].where + hint))
         return None  # not a matmul weight at all (embeddings, norms, ...)
 
     def dense(reason: str) -> None:
@@ -221,7 +235,8 @@ def _plan(
     else:
         if len({r.site.transposed for r in sites}) > 1:
             return dense("read both as W and as its transpose by matmul nodes")
-        if owner_module is not None and is_library_module(owner_module):
+        inlined = all(r.owner in report.exported for r in sites)  # torch.export inlined its module
+        if owner_module is not None and is_library_module(owner_module) and not inlined:
             return dense(f"a parameter of {type(owner_module).__name__} read directly by {sites[0].where}")
         module, name = None, weight.name
         site: MatmulSite = sites[0].site
@@ -272,20 +287,49 @@ def _initial_rank(matrix: torch.Tensor, name: str, config: InRankConfig) -> tupl
 
 
 def _rewrite_forwards(
-    model: nn.Module, analysis: Analysis, installed: list[WeightUse], report: TransformReport
+    model: nn.Module, analysis: Analysis, installs: list, report: TransformReport
 ) -> nn.Module:
     """Rewrite the forwards that hold functional matmuls on installed weights, deepest first."""
-    by_owner: dict[str, list[tuple[MatmulSite, str]]] = {}
-    for weight in installed:
+    by_owner: dict[str, list[tuple[MatmulSite, str, nn.Module]]] = {}
+    for weight, layer in installs:
         for read in weight.reads_of("site"):
-            by_owner.setdefault(read.owner, []).append((read.site, read.site.param_node.target))
+            target = read.site.param_node.target
+            by_owner.setdefault(read.owner, []).append((read.site, target, layer))
     for owner in sorted(by_owner, key=lambda p: -p.count(".") if p else 1):
         module = model.get_submodule(owner)
-        gm = graph_module_like(module, analysis.traces[owner].graph)
-        gm = factor_matmul_sites(gm, by_owner[owner])
+        trace = analysis.traces[owner]
+        if trace.frontend == "torch.export":
+            gm = trace.module  # the exported module holds the same parameters at the same paths
+            for _, target, layer in by_owner[owner]:
+                install_layer(gm, target, layer)
+            carry_hooks(module, gm)
+        else:
+            gm = graph_module_like(module, trace.graph)
+        gm = factor_matmul_sites(gm, [(site, target) for site, target, _ in by_owner[owner]])
         model = replace_module(model, module, gm)
         report.rewritten_forwards.append(owner)
     return model
+
+
+def _capture_calls(model: nn.Module, example_inputs) -> dict[str, tuple[tuple, dict]]:
+    """Run the model once on the example and record each module's first call (args, kwargs)."""
+    calls: dict[str, tuple[tuple, dict]] = {}
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+
+    def recorder(path):
+        def hook(module, args, kwargs):
+            calls.setdefault(path, (args, kwargs))
+        return hook
+
+    handles = [m.register_forward_pre_hook(recorder(p), with_kwargs=True)
+               for p, m in model.named_modules()]
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
 
 
 def _owner_of(model: nn.Module, param_name: str) -> nn.Module | None:

@@ -27,7 +27,13 @@ from .matchers import (
     module_handler,
     view_chain,
 )
-from .tracing import TraceResult, has_own_forward, is_library_module, trace_own_forward
+from .tracing import (
+    TraceResult,
+    export_own_forward,
+    has_own_forward,
+    is_library_module,
+    trace_own_forward,
+)
 
 
 @dataclass
@@ -44,6 +50,7 @@ class Read:
     where: str
     owner: str = ""
     site: MatmulSite | None = None
+    untraced: bool = False  # read by a forward that could not be traced
 
 
 @dataclass
@@ -69,9 +76,13 @@ class Analysis:
     already_factored: list[str]
 
 
-def analyse(model: nn.Module, config=None) -> Analysis:
+def analyse(model: nn.Module, config=None, captured: dict | None = None) -> Analysis:
     """Trace every module's own forward and find all reads of every parameter of 2 or more
-    dimensions (`config` lets module handlers decline instances, e.g. k×k convolutions)."""
+    dimensions (`config` lets module handlers decline instances, e.g. k×k convolutions).
+
+    `captured` maps module paths to an example call (args, kwargs): a forward that symbolic
+    tracing cannot handle is then exported with torch.export instead, and its aten graph (all
+    submodules inlined) stands for the whole subtree."""
     graph = nx.Graph()
     params: dict[int, nn.Parameter] = {}
     factored_ids = {
@@ -91,7 +102,10 @@ def analyse(model: nn.Module, config=None) -> Analysis:
 
     traces: dict[str, TraceResult] = {}
     already: list[str] = []
+    exported: list[str] = []
     for path, module in model.named_modules():
+        if any(path.startswith(f"{e}.") if e else path for e in exported):
+            continue  # inside a subtree that torch.export captured as one graph
         prefix = f"{path}." if path else ""
         if isinstance(module, InRankLinear):
             already.append(path)
@@ -110,13 +124,24 @@ def analyse(model: nn.Module, config=None) -> Analysis:
                 add_read(p, prefix + pname, Read("opaque", where, path))
             continue
         trace = trace_own_forward(module, path)
+        # torch.export only where fx loses something: weights read by this very forward (its
+        # nn.Linear children are swapped as leaves and its other children traced on their own).
+        own_weights = any(p.dim() >= 2 for p in module.parameters(recurse=False))
+        if not trace.ok and captured and path in captured and own_weights:
+            export_trace = export_own_forward(module, path, *captured[path])
+            if export_trace.ok:
+                trace = export_trace
+                exported.append(path)
+            else:
+                trace.error += f"; torch.export: {export_trace.error}"
         traces[path] = trace
         if trace.ok:
-            _reads_in_graph(trace.graph, module, path, add_read, config)
+            _reads_in_graph(trace.graph, trace.module or module, path, add_read, config)
             continue
         label = f"'{path}' ({type(module).__name__})" if path else type(module).__name__
         for pname, p in module.named_parameters(recurse=False):
-            add_read(p, prefix + pname, Read("opaque", f"read by {label}, whose forward did not trace", path))
+            add_read(p, prefix + pname,
+                     Read("opaque", f"read by {label}, whose forward did not trace", path, untraced=True))
         for cname, child in module.named_children():
             handler = module_handler(child, config)
             if handler is not None:

@@ -51,6 +51,7 @@ class NotFactorable(Exception):
 # -- weight views: a parameter seen through transposes ---------------------------------------
 
 _TRANSPOSE_ATTRS = ("T", "mT")
+_ATEN_TRANSPOSES = (torch.ops.aten.t.default, torch.ops.aten.numpy_T.default)
 
 
 def _is_01_swap(dims) -> bool:
@@ -77,6 +78,12 @@ def view_source(node: fx.Node) -> tuple[fx.Node, bool] | None:
         return None
     if node.op == "call_function" and node.args:
         src, rest = node.args[0], node.args[1:]
+        if node.target in _ATEN_TRANSPOSES and not rest:
+            return src, True
+        if node.target is torch.ops.aten.transpose.int and len(rest) == 2 and _is_01_swap(rest):
+            return src, True
+        if node.target is torch.ops.aten.permute.default and _permute_dims(rest) == (1, 0):
+            return src, True
         if node.target is torch.t and not rest:
             return src, True
         if node.target is torch.transpose and len(rest) == 2 and _is_01_swap(rest):
@@ -193,12 +200,14 @@ def _addmm(node: fx.Node, params: set) -> MatmulSite | None:
 _matmul = _two_operand("matmul", "input", "other")
 _mm = _two_operand("mm", "input", "mat2")
 
-for _target in (F.linear, torch._C._nn.linear):
+for _target in (F.linear, torch._C._nn.linear, torch.ops.aten.linear.default):
     register_function_handler("call_function", _target, _linear)
-for _target in (torch.matmul, operator.matmul):
+for _target in (torch.matmul, operator.matmul, torch.ops.aten.matmul.default):
     register_function_handler("call_function", _target, _matmul)
-register_function_handler("call_function", torch.mm, _mm)
-register_function_handler("call_function", torch.addmm, _addmm)
+for _target in (torch.mm, torch.ops.aten.mm.default):
+    register_function_handler("call_function", _target, _mm)
+for _target in (torch.addmm, torch.ops.aten.addmm.default):
+    register_function_handler("call_function", _target, _addmm)
 for _method in ("matmul", "__matmul__"):
     register_function_handler("call_method", _method, _matmul)
 register_function_handler("call_method", "mm", _mm)

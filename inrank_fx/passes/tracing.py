@@ -45,6 +45,8 @@ class TraceResult:
     path: str
     graph: fx.Graph | None
     error: str | None = None
+    frontend: str = "fx"  # "fx" (symbolic, this forward only) or "torch.export" (aten, inlined)
+    module: nn.Module | None = None  # torch.export: the trainable GraphModule the graph runs in
 
     @property
     def ok(self) -> bool:
@@ -59,3 +61,24 @@ def trace_own_forward(module: nn.Module, path: str) -> TraceResult:
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         return TraceResult(path, None, f"{type(err).__name__}: {first_line}")
     return TraceResult(path, graph)
+
+
+def export_own_forward(module: nn.Module, path: str, args: tuple, kwargs: dict) -> TraceResult:
+    """The torch.export frontend, for a forward that symbolic tracing could not handle.
+
+    Exports the module at the example call (`args`, `kwargs`, captured from a run of the whole
+    model) into an aten-level graph, with every submodule inlined, and hands it back as a plain
+    (trainable, train()/eval()-able) GraphModule whose parameters are the module's own tensors.
+    The graph is specialised to the example call: Python branches take the path they took then.
+    """
+    import torch
+
+    try:
+        program = torch.export.export(module, tuple(args), dict(kwargs), strict=False)
+        unlifted = program.module()
+        graph_module = fx.GraphModule(unlifted, unlifted.graph, class_name=type(module).__name__)
+    except Exception as err:  # exporting user code can fail in any way: report it
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        return TraceResult(path, None, f"{type(err).__name__}: {first_line}", "torch.export")
+    graph_module.train(module.training)
+    return TraceResult(path, graph_module.graph, None, "torch.export", graph_module)

@@ -1,0 +1,91 @@
+"""The torch.export frontend: forwards that symbolic tracing cannot handle, given an example."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import rel_err
+from inrank_fx import InRankConfig, attach, ranks, summary, transform
+
+FULL_SVD = InRankConfig(init="svd", init_rank=1.0)
+
+
+class ShapeLoop(nn.Module):
+    """A Python loop over an input shape: fx cannot trace it, torch.export can."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(32, 32)
+        self.w = nn.Parameter(torch.randn(32, 32) / 6)
+
+    def forward(self, x):
+        for _ in range(x.shape[0] // 2):
+            x = x * 1.0
+        return F.gelu(self.fc(x)) @ self.w.T
+
+
+class Outer(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.head = nn.Linear(32, 16)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.inner(x)))
+
+
+def test_torch_export_frontend_factors_what_fx_cannot_see():
+    model = Outer(ShapeLoop()).eval()
+    x = torch.randn(4, 32)
+    without = transform(model, FULL_SVD)
+    assert set(ranks(without)) == {"inner.fc", "head"}  # fx alone: w is read by an untraced forward
+    assert "did not trace" in {d.name: d.reason for d in summary(without).dense}["inner.w"]
+
+    out = transform(model, FULL_SVD, example_inputs=(x,))
+    assert set(ranks(out)) == {"inner.fc.weight", "inner.w", "head"}
+    assert out._inrank_report.exported == ["inner"]
+    assert "captured with torch.export" in str(summary(out))
+    assert rel_err(out(x), model(x)) < 1e-5
+
+    out.train()  # a plain, trainable module
+    opt = torch.optim.AdamW(out.parameters(), lr=1e-2)
+    u_before = out.inner.w.U.detach().clone()
+    attach(out, opt, InRankConfig(warmup_steps=0, check_every=1, threshold=0.999))
+    out(x).pow(2).mean().backward()
+    opt.step()
+    assert not torch.equal(out.inner.w.U[:, : u_before.shape[1]], u_before)
+    out.eval()
+    assert out(x).shape == (4, 16)
+
+
+def test_when_torch_export_fails_too_the_reason_is_kept():
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(32, 32))
+
+        def forward(self, x):
+            if x.sum() > 0:
+                return x @ self.w
+            return x
+
+    model = Outer(DataDependent())
+    x = torch.rand(4, 32)
+    out = transform(model, FULL_SVD, example_inputs=(x,))
+    assert set(ranks(out)) == {"head"}
+    assert "torch.export:" in out._inrank_report.not_traced["inner"]
+    assert rel_err(out(x), model(x)) < 1e-5
+
+
+def test_export_is_chosen_only_where_fx_misses_weights():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(num_hidden_layers=1, hidden_size=64, num_attention_heads=4,
+                                     intermediate_size=128, vocab_size=128, max_position_embeddings=32)
+    model = transformers.BertModel(config).eval()
+    ids = torch.randint(0, 128, (1, 8))
+    out = transform(model, FULL_SVD, example_inputs=(ids,))
+    # BertModel's forwards do not trace, but every weight is in an nn.Linear: no export needed,
+    # and the model keeps its class
+    assert out._inrank_report.exported == [] and type(out) is type(model)
+    assert len(ranks(out)) == 7
+    assert rel_err(out(ids).last_hidden_state, model(ids).last_hidden_state) < 1e-5
