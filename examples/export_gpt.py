@@ -15,8 +15,8 @@ import torch
 import inrank_fx
 from inrank_fx.demo.corpus import batches, split, stdlib_corpus
 from inrank_fx.demo.gpt import GPT, GPTConfig
-from inrank_fx.export import to_onnx
 from inrank_fx.demo.training import evaluate, train_steps
+from inrank_fx.export import to_onnx
 
 
 def main() -> None:

@@ -2,9 +2,9 @@ import itertools
 
 import pytest
 import torch
+from conftest import rel_err
 from torch import nn
 
-from conftest import rel_err
 from inrank_fx.attention import InRankMultiheadAttention
 
 

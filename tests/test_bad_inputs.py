@@ -3,9 +3,9 @@ import warnings
 
 import pytest
 import torch
+from conftest import rel_err
 from torch import nn
 
-from conftest import rel_err
 from inrank_fx import InRankConfig, ranks, transform
 from inrank_fx.demo.gpt import GPT, GPTConfig
 

@@ -2,11 +2,11 @@ import json
 
 import pytest
 import torch
+from conftest import rel_err
 from torch import nn
 
-from conftest import rel_err
-from inrank_fx.demo.gpt import GPT, GPTConfig
 from inrank_fx import InRankConfig, InRankLinear, freeze, ranks, set_ranks, transform
+from inrank_fx.demo.gpt import GPT, GPTConfig
 from inrank_fx.export import (
     RANKS_METADATA_KEY,
     ExportError,

@@ -2,9 +2,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import rel_err
 from torch import nn
 
-from conftest import rel_err
 from inrank_fx import InRankConfig, attach, ranks, summary, transform
 
 FULL_SVD = InRankConfig(init="svd", init_rank=1.0)
@@ -89,3 +89,33 @@ def test_export_is_chosen_only_where_fx_misses_weights():
     assert out._inrank_report.exported == [] and type(out) is type(model)
     assert len(ranks(out)) == 7
     assert rel_err(out(ids).last_hidden_state, model(ids).last_hidden_state) < 1e-5
+
+
+def test_users_register_their_own_module_types():
+    from inrank_fx import InRankLinear, register_module_handler
+
+    class RowProjection(nn.Module):
+        """A third-party layer: y = x @ W with W stored in×out, and a custom forward."""
+
+        def __init__(self, n_in, n_out):
+            super().__init__()
+            self.kernel = nn.Parameter(torch.randn(n_in, n_out) / n_in ** 0.5)
+
+        def forward(self, x):
+            return torch.einsum("...i,io->...o", x, self.kernel)  # einsum: no built-in handler
+
+    model = nn.Sequential(RowProjection(32, 48), nn.ReLU(), RowProjection(48, 16))
+    x = torch.randn(3, 32)
+    with pytest.warns(UserWarning, match="no matmul"):
+        before = transform(model, FULL_SVD)
+    assert not ranks(before)
+
+    register_module_handler(
+        RowProjection,
+        lambda m, rank, *, buffer=0, init="svd", name="": InRankLinear.from_weight(
+            m.kernel.T, None, rank, buffer=buffer, init=init, name=name),
+        weight_attr="kernel", matrix=lambda m: m.kernel.T, kind="RowProjection")
+    out = transform(model, FULL_SVD)
+    assert ranks(out) == {"0": 32, "2": 16}
+    assert rel_err(out(x), model(x)) < 1e-5
+    assert {r.kind for r in out._inrank_report.factored} == {"RowProjection"}

@@ -1,8 +1,8 @@
 import pytest
 import torch
+from conftest import rel_err
 from torch import nn
 
-from conftest import rel_err
 from inrank_fx import InRankLinear
 
 

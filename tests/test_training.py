@@ -4,9 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-import inrank_fx
+from inrank_fx import InRankConfig, OptimizerStateError, attach, ranks, set_ranks, transform
 from inrank_fx.demo.gpt import GPT, GPTConfig
-from inrank_fx import InRankConfig, InRankLinear, OptimizerStateError, attach, ranks, set_ranks, transform
 
 
 def teacher_student(model: nn.Module, teacher: torch.Tensor, steps: int, cfg=None):

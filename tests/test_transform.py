@@ -4,13 +4,13 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from conftest import rel_err
+from models import FunctionalNet, Untraceable, mlp
 from torch import nn
 
 import inrank_fx
-from conftest import rel_err
-from inrank_fx.demo.gpt import GPT, GPTConfig
 from inrank_fx import InRankConfig, InRankLinear, ranks, summary, transform
-from models import FunctionalNet, Untraceable, mlp
+from inrank_fx.demo.gpt import GPT, GPTConfig
 
 FULL_SVD = InRankConfig(init="svd", init_rank=1.0)
 

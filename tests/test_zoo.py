@@ -5,8 +5,8 @@ import warnings
 
 import pytest
 import torch
-
 from conftest import rel_err
+
 from inrank_fx import InRankConfig, attach, ranks, summary, transform
 from inrank_fx.export import to_onnx
 
