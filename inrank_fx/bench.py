@@ -30,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ._io import atomic_destination, check_destination
 from .export._common import check_inputs, flat_outputs
-from .export.freeze import freeze, needs_freeze
+from .export.freeze import freeze
 
 BACKENDS = ("eager", "compile", "onnxruntime", "tensorrt")
 INFERENCE_ONLY = ("onnxruntime", "tensorrt")
@@ -149,7 +149,7 @@ def compare(
     mode = "train" if train else "inference"
     models = {"dense": dense_model, "factored": factored_model}
     if not train:
-        models = {k: (freeze(m) if needs_freeze(m) else m).eval() for k, m in models.items()}
+        models = {k: freeze(m) for k, m in models.items()}  # copies, in eval mode
     else:
         models = {k: copy.deepcopy(m).train() for k, m in models.items()}
     models = {k: m.to(device) for k, m in models.items()}

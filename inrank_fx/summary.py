@@ -133,9 +133,7 @@ def summary(model: nn.Module, example_inputs=None) -> Summary:
         for name, m in factored_layers(model).items()
     ]
     report = getattr(model, REPORT_ATTR, None)
-    active = sum(l.factored_params for l in layers)
-    allocated = sum(p.numel() for m in factored_layers(model).values() for p in m.parameters())
-    model_params = sum(p.numel() for p in model.parameters()) - allocated + active
+    model_params = sum(p.numel() for p in model.parameters())
     result = Summary(layers, list(report.dense) if report else [], model_params, report)
     if example_inputs is not None:
         result.flops = flop_coverage(model, example_inputs)

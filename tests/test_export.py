@@ -191,3 +191,9 @@ def test_to_tensorrt_on_gpu(tmp_path):
     report = to_tensorrt(out, (torch.randint(0, 256, (2, 32)),), tmp_path / "gpt.ep")
     assert report.file_bytes > 0 and report.max_rel_error <= 2e-2
     assert (tmp_path / "gpt.ep").exists()
+
+
+def test_exporting_leaves_the_callers_model_as_it_was(tmp_path):
+    model = nn.Sequential(nn.Linear(32, 32), nn.Dropout(0.1)).train()
+    to_onnx(model, (torch.randn(2, 32),), tmp_path / "m.onnx")
+    assert model.training and type(model[0]) is nn.Linear

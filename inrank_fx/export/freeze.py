@@ -93,7 +93,8 @@ class FrozenLayer:
 
 
 def freeze(model: nn.Module, *, merge: bool | str = "auto") -> nn.Module:
-    """A copy of `model` with every InRankLinear replaced by plain modules at its final rank.
+    """A copy of `model` (in eval mode) with every InRankLinear replaced by plain modules at its
+    final rank; a model without factored layers comes back as a plain copy.
 
     merge="auto" makes a layer one dense nn.Linear where r·(in + out) ≥ in·out (the factored
     form would cost at least as many FLOPs and parameters), and two nn.Linear otherwise;
@@ -131,5 +132,7 @@ def frozen_layers(model: nn.Module) -> list[FrozenLayer]:
     return list(getattr(model, FROZEN_ATTR, []))
 
 
-def needs_freeze(model: nn.Module) -> bool:
-    return any(isinstance(m, InRankLinear) for m in model.modules())
+def frozen_ranks(model: nn.Module) -> tuple[dict[str, int], list[str]]:
+    """({factored layer: its inner rank}, [layers merged to dense]) of a frozen model."""
+    layers = frozen_layers(model)
+    return {l.name: l.rank for l in layers if not l.merged}, [l.name for l in layers if l.merged]

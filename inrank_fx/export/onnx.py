@@ -19,7 +19,7 @@ from ._common import (
     flat_outputs,
     second_batch,
 )
-from .freeze import freeze, frozen_layers, needs_freeze
+from .freeze import freeze, frozen_ranks
 
 RANKS_METADATA_KEY = "inrank_fx.ranks"
 
@@ -80,10 +80,8 @@ def to_onnx(
     """
     path = check_destination(path)
     inputs = check_inputs(example_inputs)
-    frozen = freeze(model) if needs_freeze(model) else model.eval()
-    layers = frozen_layers(frozen)
-    ranks = {l.name: l.rank for l in layers if not l.merged}
-    merged = [l.name for l in layers if l.merged]
+    frozen = freeze(model)  # a copy: the caller's model keeps its mode and layers
+    ranks, merged = frozen_ranks(frozen)
 
     with torch.no_grad():
         program = export_program(frozen, inputs, dynamic_batch)

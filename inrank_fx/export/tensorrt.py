@@ -6,7 +6,6 @@ the rest of inrank_fx works without them.
 """
 from __future__ import annotations
 
-import copy
 import importlib.util
 import inspect
 import os
@@ -25,7 +24,7 @@ from ._common import (
     export_program,
     flat_outputs,
 )
-from .freeze import freeze, frozen_layers, needs_freeze
+from .freeze import freeze, frozen_ranks
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # fp16/bf16 engines are compared to the PyTorch model run at the same precision.
@@ -86,19 +85,16 @@ def to_tensorrt(
 
     path = check_destination(path)
     dtype = PRECISIONS[precision]
-    frozen = freeze(model) if needs_freeze(model) else copy.deepcopy(model).eval()
-    frozen = frozen.to(device="cuda", dtype=dtype)  # a copy: the caller's model is left as it is
+    frozen = freeze(model).to(device="cuda", dtype=dtype)  # a copy: the caller's model is left as it is
     inputs = tuple(x.to("cuda", dtype) if x.is_floating_point() else x.to("cuda")
                    for x in check_inputs(example_inputs))
     with torch.no_grad():
         program = export_program(frozen, inputs, dynamic_batch=False)
         compiled = torch_tensorrt.dynamo.compile(program, arg_inputs=inputs,
                                                  **_precision_settings(torch_tensorrt, dtype))
-    layers = frozen_layers(frozen)
-    report = TensorRTReport(
-        path, 0, count_params(frozen), {l.name: l.rank for l in layers if not l.merged},
-        precision, torch.cuda.get_device_name(), merged=[l.name for l in layers if l.merged],
-    )
+    ranks, merged = frozen_ranks(frozen)
+    report = TensorRTReport(path, 0, count_params(frozen), ranks, precision,
+                            torch.cuda.get_device_name(), merged=merged)
     if verify:
         with torch.no_grad():
             expected = flat_outputs(frozen(*inputs))
