@@ -30,7 +30,7 @@ def main() -> None:
     config = GPTConfig(block_size=64, n_layer=4, n_head=4, n_embd=args.n_embd)
     train_ids, _ = split(stdlib_corpus(1_000_000))
     torch.manual_seed(0)
-    cfg = inrank_fx.InRankConfig(init="random", init_rank=2, warmup_steps=args.check_every,
+    cfg = inrank_fx.InRankConfig(init_rank=2, warmup_steps=args.check_every,
                                  check_every=args.check_every)
     model = inrank_fx.transform(GPT(config), cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)

@@ -34,7 +34,7 @@ def main() -> None:
         torch.manual_seed(0)
         model = GPT(config)
         if name == "inrank":
-            cfg = inrank_fx.InRankConfig(init="random", init_rank=2, stop_after=args.stop_after)
+            cfg = inrank_fx.InRankConfig(init_rank=2, stop_after=args.stop_after)
             model = inrank_fx.transform(model, cfg)
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
         if name == "inrank":

@@ -42,7 +42,7 @@ def main() -> None:
     train_ids, val_ids = split(stdlib_corpus(1_000_000))
     torch.manual_seed(args.seed)
     dense = GPT(config)
-    inrank_config = inrank_fx.InRankConfig(init="random", init_rank=2, stop_after=args.stop_after)
+    inrank_config = inrank_fx.InRankConfig(init_rank=2, stop_after=args.stop_after)
     factored = inrank_fx.transform(dense, inrank_config)
 
     for name, model in (("dense", dense), ("inrank", factored)):

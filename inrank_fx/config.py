@@ -11,9 +11,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Sequence, Union
 
+from .layers import INITS
 from .spectrum import CRITERIA
 
-INITS = ("random", "svd")
+MEASURES = ("update", "weight")
 GROW_INITS = ("zero", "random")
 CONVS = ("1x1", "all", "none")
 
@@ -25,8 +26,12 @@ class InRankConfig:
     """How `inrank_fx.transform` factors a model and how ranks grow during training.
 
     Factoring:
-        init: "random" trains the factors from scratch (the product U·Vᵀ has the variance of
-            nn.Linear's default init); "svd" starts from the existing weights by truncated SVD.
+        init: how the factors start from the module's own weights. "svd": truncated SVD; on a
+            freshly initialised model this is spectral initialisation (the model's own init
+            scale and leading directions), on a trained one the best rank-r approximation.
+            "random": random directions at the scale of the module's top singular values.
+            "iid": i.i.d. factors at nn.Linear's default variance, ignoring the module's init.
+            In every case the buffer starts silent (its U columns zero).
         init_rank: int = exact rank; float in (0, 1] = fraction of each layer's full rank;
             "auto" = the smallest rank whose explained ratio exceeds `threshold` (svd only).
         buffer: spare components beyond the rank that the layer computes with while ranks adapt
@@ -39,8 +44,17 @@ class InRankConfig:
             must match the whole name. None targets every layer.
 
     Adaptation (used by `inrank_fx.attach`):
-        threshold: α of the explained-ratio rule. criterion: "variance" (the paper's
-        1 − var(s − s_k)/var(s)) or "energy" (Σ_{i<k} s_i² / Σ s_i²).
+        measure: which spectrum the rule reads. "update": the cumulative update W_t − W_0 since
+            the layer was built (what InRank's theory says grows in rank); "weight": the whole
+            weight W_t, as the reference code does.
+        threshold: α of the explained-ratio rule, in (0, 1). criterion: "variance" (the paper's
+            1 − var(s − s_k)/var(s) over the measured singular values), "variance_padded" (the
+            reference code's exact ratio: s zero-padded to the full rank) or "energy"
+            (Σ_{i<k} s_i² / Σ s_i²). docs/TRAINING.md has the measurements behind the defaults.
+        ranks_only_grow: False (default): every check re-measures the rank, never below the
+            rank the layer started with and never above its width, so a transient early
+            spectrum does not fix the final rank (the width, i.e. memory, only grows while
+            adapting). True: the reference's rule, the smallest k ≥ the current rank.
         warmup_steps, check_every: optimizer steps before the first check, and between checks.
         stop_after: InRank-Efficient: after this many optimizer steps, truncate to the rank and
             train at a fixed rank. None adapts for the whole run.
@@ -51,11 +65,13 @@ class InRankConfig:
             (both random at the scale of the existing factors). See docs/TRAINING.md.
     """
 
-    init: str = "random"
+    init: str = "svd"
     init_rank: RankSpec = 2
     buffer: Union[int, float] = 0.1
-    threshold: float = 0.9
+    measure: str = "weight"
+    threshold: float = 0.99
     criterion: str = "variance"
+    ranks_only_grow: bool = False
     warmup_steps: int = 25
     check_every: int = 25
     stop_after: int | None = None
@@ -76,11 +92,20 @@ class InRankConfig:
                 f"init='svd', got init={self.init!r}"
             )
         _check_rank_spec("buffer", self.buffer, allow_zero=True)
-        if not (isinstance(self.threshold, (int, float)) and 0.0 < self.threshold < 1.0):
+        if self.measure not in MEASURES:
+            raise ValueError(
+                f"InRankConfig.measure must be one of {MEASURES}, got {self.measure!r}"
+            )
+        if (isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float))
+                or not 0.0 < self.threshold < 1.0):
             raise ValueError(f"InRankConfig.threshold must be in (0, 1), got {self.threshold!r}")
         if self.criterion not in CRITERIA:
             raise ValueError(
                 f"InRankConfig.criterion must be one of {CRITERIA}, got {self.criterion!r}"
+            )
+        if not isinstance(self.ranks_only_grow, bool):
+            raise ValueError(
+                f"InRankConfig.ranks_only_grow must be a bool, got {self.ranks_only_grow!r}"
             )
         if self.grow_init not in GROW_INITS:
             raise ValueError(

@@ -7,8 +7,13 @@
 Steps are counted in optimizer steps, so evaluation passes and gradient-accumulation
 micro-batches never advance the schedule (a step that GradScaler skips is not counted either).
 After `warmup_steps`, every `check_every` steps, each layer's singular values are taken from its
-factors and its rank becomes the smallest k ≥ r whose explained ratio exceeds the threshold; the
-layer then computes at k + buffer. With `stop_after=N` (InRank-Efficient), at step N every layer
+factors (by default those of the cumulative update W_t − W_0, `InRankConfig.measure`) and its
+rank becomes the smallest k whose explained ratio exceeds the threshold: at least the rank the
+layer started adaptation with (init_rank), at most its current width (a layer grows by at most
+its buffer per check). The rank is re-measured at every check and can fall back when an early
+spectrum was transient, but the width (what the layer computes and stores) only grows while
+adapting: the layer computes at max(width, k + buffer). `ranks_only_grow=True` keeps the
+reference's k ≥ r instead. With `stop_after=N` (InRank-Efficient), at step N every layer
 is truncated to its rank, the buffer is dropped and ranks stay fixed.
 """
 from __future__ import annotations
@@ -69,6 +74,8 @@ class RankController:
         self.rank_events = 0
         self.seconds = 0.0  # time spent deciding and applying ranks: the controller's overhead
         self.generator = torch.Generator().manual_seed(seed)
+        # The floor of each layer's rank: what it had when adaptation started (init_rank).
+        self.start_ranks = {name: layer.rank for name, layer in factored_layers(model).items()}
         self._hook = optimizer.register_step_post_hook(self._after_optimizer_step)
 
     # -- the schedule -------------------------------------------------------------------------
@@ -90,16 +97,29 @@ class RankController:
             return []
         return self.check()
 
+    def spectrum(self, layer) -> torch.Tensor:
+        """The singular values the rule reads for `layer` (`InRankConfig.measure`)."""
+        if self.config.measure == "update":
+            return layer.update_singular_values()
+        return layer.singular_values()
+
+    def _explained(self, layer, s: torch.Tensor, k: int) -> float:
+        ratios = explained_ratios(s, self.config.criterion, layer.full_rank)
+        return float(ratios[min(k, s.numel())])
+
     @torch.no_grad()
     def check(self) -> list[RankChange]:
         """One application of the InRank rule to every layer."""
         cfg = self.config
         ranks, widths = {}, {}
         for name, layer in factored_layers(self.model).items():
-            s = layer.singular_values()
-            rank = select_rank(s, cfg.threshold, cfg.criterion, min_rank=layer.rank)
+            s = self.spectrum(layer)
+            floor = layer.rank if cfg.ranks_only_grow else self.start_ranks.get(name, layer.rank)
+            rank = select_rank(s, cfg.threshold, cfg.criterion, min_rank=floor,
+                               full_rank=layer.full_rank)
+            rank = min(rank, layer.width)  # the buffer bounds growth per check
             width = max(cfg.width_for(rank, layer.full_rank), layer.width)
-            explained = float(explained_ratios(s, cfg.criterion)[min(rank, s.numel())])
+            explained = self._explained(layer, s, rank)
             self._record(name, "check", rank, width, explained)
             if (rank, width) != (layer.rank, layer.width):
                 ranks[name], widths[name] = rank, width
@@ -112,8 +132,7 @@ class RankController:
         ranks, widths = {}, {}
         for name, layer in factored_layers(self.model).items():
             width = min(-(-layer.rank // cfg.rank_multiple) * cfg.rank_multiple, layer.full_rank)
-            s = layer.singular_values()
-            explained = float(explained_ratios(s, cfg.criterion)[min(width, s.numel())])
+            explained = self._explained(layer, self.spectrum(layer), layer.rank)
             self._record(name, "truncate", layer.rank, width, explained)
             ranks[name], widths[name] = layer.rank, width
         self.frozen = True
@@ -156,6 +175,7 @@ class RankController:
             "rank_events": self.rank_events,
             "history": [dict(r) for r in self.history],
             "generator": self.generator.get_state(),
+            "start_ranks": dict(self.start_ranks),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -164,6 +184,7 @@ class RankController:
         self.rank_events = int(state.get("rank_events", 0))
         self.history = [dict(r) for r in state["history"]]
         self.generator.set_state(state["generator"])
+        self.start_ranks = dict(state.get("start_ranks", self.start_ranks))
 
     def detach(self) -> None:
         """Stop following the optimizer."""

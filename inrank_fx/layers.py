@@ -7,6 +7,11 @@ rank) is how many components the layer computes with: the spare `buffer` compone
 spectrum can show that the layer needs more rank. The forward is two plain matmuls, so
 torch.compile, torch.export and ONNX see standard ops.
 
+The buffer starts **silent**: its U columns are zero (its V columns are directions), so at
+initialisation the layer is exactly rank r and the spectrum shows no random components that the
+InRank rule could mistake for learned ones. The layer keeps its starting factors (U0, V0: only the
+r active columns) as buffers, so the rule can measure the cumulative update W_t − W_0 from factors.
+
 The factors hold exactly `width` columns, so parameter memory follows the rank. Only
 `inrank_fx.set_ranks` changes a layer's width (through `grow` / `truncate` here, keeping the
 optimizer in step); the rank travels in checkpoints as the module's extra state, and
@@ -21,7 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from .spectrum import factor_singular_values
+from .spectrum import factor_singular_values, update_singular_values
+
+INITS = ("svd", "random", "iid")
 
 
 class InRankLinear(nn.Module):
@@ -30,10 +37,13 @@ class InRankLinear(nn.Module):
     Args:
         in_features, out_features: as nn.Linear.
         rank: the starting rank r (capped at min(in, out)).
-        buffer: spare components computed beyond r (capped so that r + buffer ≤ min(in, out)).
+        buffer: spare components computed beyond r (capped so that r + buffer ≤ min(in, out));
+            they start silent (U columns zero).
         bias: whether the layer adds a bias (the bias is not factored).
-        init: "random" for a from-scratch layer whose product U·Vᵀ has the variance of
-            nn.Linear's default init. Use `from_linear` / `from_weight` to start from weights.
+
+    The constructor draws i.i.d. factors whose product has nn.Linear's default variance ("iid").
+    Use `from_linear` / `from_weight` to start from a module's own weights: "svd" (spectral
+    initialisation on a fresh model, compression on a trained one) or "random".
     """
 
     def __init__(
@@ -67,6 +77,9 @@ class InRankLinear(nn.Module):
             self.bias = nn.Parameter(torch.empty(out_features, **factory))
         else:
             self.register_parameter("bias", None)
+        # W_0 = U0·V0ᵀ, the weight training started from (see `mark_reference`).
+        self.register_buffer("U0", torch.empty(out_features, self.rank, **factory))
+        self.register_buffer("V0", torch.empty(in_features, self.rank, **factory))
         self.reset_parameters()
 
     # -- constructors -----------------------------------------------------------------------
@@ -75,8 +88,7 @@ class InRankLinear(nn.Module):
     def from_linear(
         cls, linear: nn.Linear, rank: int, *, buffer: int = 0, init: str = "svd", name: str = ""
     ) -> "InRankLinear":
-        """Factor an nn.Linear. init="svd" keeps its function (exactly at full rank);
-        init="random" keeps only its shape and bias."""
+        """Factor an nn.Linear by `init` (see `from_weight`); the bias is copied."""
         return cls.from_weight(
             linear.weight, linear.bias, rank, buffer=buffer, init=init, name=name or "linear"
         )
@@ -92,7 +104,19 @@ class InRankLinear(nn.Module):
         init: str = "svd",
         name: str = "weight",
     ) -> "InRankLinear":
-        """A layer computing x·weightᵀ (+ bias), weight: out×in, factored by `init`."""
+        """A layer computing x·weightᵀ (+ bias), weight: out×in, factored by `init`:
+
+        - "svd": the rank-r truncated SVD of `weight`. On a freshly initialised model this is
+          spectral initialisation (Khodak et al., ICLR 2021): the layer starts at the scale and
+          in the leading directions of the model's own init (GPT-2's 0.02 and scaled residual
+          projections survive). On a trained model it keeps the best rank-r approximation.
+        - "random": random orthonormal directions carrying the top-r singular values of
+          `weight`: the model's own scale, none of its directions.
+        - "iid": i.i.d. factors with nn.Linear's default variance, ignoring `weight`'s values.
+
+        The buffer is silent in every case (U columns zero); for "svd" its V columns are the
+        next right singular directions of `weight`.
+        """
         if weight.dim() != 2:
             raise ValueError(f"{name}: expected a 2-D weight, got shape {tuple(weight.shape)}")
         out_features, in_features = weight.shape
@@ -109,36 +133,54 @@ class InRankLinear(nn.Module):
 
     @torch.no_grad()
     def _init_from(self, matrix: torch.Tensor, bias, init: str, name: str) -> "InRankLinear":
-        """Factors from the out×in `matrix` (init="svd") or kept random; the bias copied."""
-        if init == "svd":
+        """Factors of the out×in `matrix` by `init` (see `from_weight`); the bias copied."""
+        if init not in INITS:
+            raise ValueError(f"{name}: init must be one of {INITS}, got {init!r}")
+        if init != "iid":
             if matrix.is_meta:
                 raise ValueError(
-                    f"{name}: the weights are on the meta device and have no values to take an SVD "
-                    "of; use init='random', or materialise the model first"
+                    f"{name}: the weights are on the meta device and have no values to "
+                    f"{'take an SVD of' if init == 'svd' else 'take a scale from'}; use "
+                    "init='iid', or materialise the model first"
                 )
-            u, v = _svd_factors(matrix, self.width, name)
+            make = _svd_factors if init == "svd" else _random_factors
+            u, v = make(matrix, self.width, name)
             self.U.copy_(u)
             self.V.copy_(v)
-        elif init != "random":
-            raise ValueError(f"{name}: init must be 'random' or 'svd', got {init!r}")
+            self.U[:, self.rank:] = 0.0  # the buffer starts silent
         if bias is not None:
             self.bias.copy_(bias.detach())
+        self.mark_reference()
         return self
 
     def reset_parameters(self) -> None:
-        """Random factors such that U·Vᵀ has nn.Linear's default weight variance, 1/(3·in).
+        """i.i.d. factors such that U·Vᵀ has nn.Linear's default weight variance, 1/(3·in),
+        over the r active components; the buffer's U columns are zero (silent).
 
-        With independent zero-mean entries, Var[(U·Vᵀ)_ij] = w·σ_u²·σ_v²; the two factors get
+        With independent zero-mean entries, Var[(U·Vᵀ)_ij] = r·σ_u²·σ_v²; the two factors get
         the same scale so that neither dominates the gradient of the other.
         """
         dense_var = 1.0 / (3.0 * self.in_features)
-        std = (dense_var / self.width) ** 0.25
+        std = (dense_var / self.rank) ** 0.25
         with torch.no_grad():
             nn.init.normal_(self.U, 0.0, std)
             nn.init.normal_(self.V, 0.0, std)
+            self.U[:, self.rank:] = 0.0
             if self.bias is not None:
                 bound = 1.0 / math.sqrt(self.in_features)
                 nn.init.uniform_(self.bias, -bound, bound)
+        self.mark_reference()
+
+    @torch.no_grad()
+    def mark_reference(self) -> None:
+        """Take the current weight as W_0, the start of the cumulative update that
+        `update_singular_values` measures. Called at construction; call it again to measure
+        from here (e.g. after loading pretrained factors into a transformed model)."""
+        # Silent (all-zero) trailing U columns add nothing to W_0: keep only the active ones.
+        used = self.U.any(dim=0).nonzero() if not self.U.is_meta else None
+        active = self.width if used is None else (int(used.max()) + 1 if used.numel() else 0)
+        self.U0 = self.U[:, :active].detach().clone()
+        self.V0 = self.V[:, :active].detach().clone()
 
     # -- the map ----------------------------------------------------------------------------
 
@@ -169,6 +211,12 @@ class InRankLinear(nn.Module):
         """Singular values of U·Vᵀ (descending, length `width`), from QR of the factors and an
         SVD of the small width×width core; the dense product is never formed."""
         return factor_singular_values(self.U.detach(), self.V.detach())
+
+    def update_singular_values(self) -> torch.Tensor:
+        """Singular values of the cumulative update U·Vᵀ − U0·V0ᵀ (descending, at most
+        `full_rank` of them), from QR of the stacked factors; never the dense product."""
+        s = update_singular_values(self.U.detach(), self.V.detach(), self.U0, self.V0)
+        return s[: self.full_rank]
 
     # -- resizing (use inrank_fx.set_ranks, which keeps the optimizer in step) ----------------
 
@@ -220,15 +268,19 @@ class InRankLinear(nn.Module):
         self.rank = int(state["rank"])
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        u, v = state_dict.get(prefix + "U"), state_dict.get(prefix + "V")
-        if (
-            u is not None and v is not None and u.dim() == v.dim() == 2
-            and u.shape[0] == self.out_features and v.shape[0] == self.in_features
-            and u.shape[1] == v.shape[1] != self.width
-        ):
-            # A checkpoint taken at another width: take its shape, then load as usual.
-            self.U = nn.Parameter(self.U.new_empty(u.shape))
-            self.V = nn.Parameter(self.V.new_empty(v.shape))
+        # A checkpoint taken at another width (or another reference width): take its shapes,
+        # then load as usual.
+        for name, cls in (("U", nn.Parameter), ("U0", None)):
+            pair = "V" + name[1:]
+            u, v = state_dict.get(prefix + name), state_dict.get(prefix + pair)
+            if (
+                u is not None and v is not None and u.dim() == v.dim() == 2
+                and u.shape[0] == self.out_features and v.shape[0] == self.in_features
+                and u.shape[1] == v.shape[1] != getattr(self, name).shape[1]
+            ):
+                wrap = cls or (lambda t: t)
+                setattr(self, name, wrap(getattr(self, name).new_empty(u.shape)))
+                setattr(self, pair, wrap(getattr(self, pair).new_empty(v.shape)))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- accounting -------------------------------------------------------------------------
@@ -267,16 +319,36 @@ def _random_like(factor: torch.Tensor, columns: int, generator) -> torch.Tensor:
     return (noise * scale).to(device=factor.device, dtype=factor.dtype)
 
 
-def _svd_factors(weight: torch.Tensor, width: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Truncated SVD of weight (out×in) split evenly: U = U_w·√S, V = V_w·√S."""
+def _finite(weight: torch.Tensor, name: str) -> torch.Tensor:
     w = weight.detach()
     if not torch.isfinite(w).all():
         bad = int((~torch.isfinite(w)).sum())
-        raise ValueError(f"{name}: {bad} non-finite (NaN/Inf) entries; refusing to SVD-initialise")
+        raise ValueError(
+            f"{name}: {bad} non-finite (NaN/Inf) entries; refusing to initialise from them"
+        )
+    return w
+
+
+def _svd_factors(weight: torch.Tensor, width: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated SVD of weight (out×in) split evenly: U = U_w·√S, V = V_w·√S."""
+    w = _finite(weight, name)
     # float64 keeps the factors accurate enough that full rank reproduces the layer to float error.
     u, s, vh = torch.linalg.svd(w.to(torch.float64), full_matrices=False)
     root = s[:width].sqrt()
     return (u[:, :width] * root).to(w.dtype), (vh[:width].T * root).to(w.dtype)
+
+
+def _random_factors(
+    weight: torch.Tensor, width: int, name: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random orthonormal directions carrying the top singular values of weight (out×in)."""
+    w = _finite(weight, name)
+    s = torch.linalg.svdvals(w.to(torch.float64))[:width]
+    out_features, in_features = w.shape
+    q_u = torch.linalg.qr(torch.randn(out_features, width, dtype=torch.float64)).Q
+    q_v = torch.linalg.qr(torch.randn(in_features, width, dtype=torch.float64)).Q
+    root = s.sqrt()
+    return (q_u * root).to(w.dtype).to(w.device), (q_v * root).to(w.dtype).to(w.device)
 
 
 class InRankConv2d(InRankLinear):

@@ -5,8 +5,12 @@ new tensor (in the same place of its param group, so that `optimizer.state_dict(
 with checkpoints) and its per-parameter state must follow:
 
 - growth ("pad"): the existing components keep their columns, so per-element state (Adam / AdamW
-  moments, SGD momentum, ...) is copied into the leading columns and is zero for the new ones;
-  step counts are kept.
+  moments, SGD momentum, ...) is copied into the leading columns; step counts are kept. New
+  columns get zero first moments, and their second-moment statistics (Adam's exp_avg_sq,
+  RMSprop's square_avg, Adagrad's sum, ...) start at the mean of the existing columns in the same
+  row: with a zero second moment and a step count whose bias correction is already ≈ 1, Adam's
+  first updates of a new column would be several times the learning rate (measured in
+  benchmarks/bench_growth_state.py).
 - truncation ("reset"): the SVD that truncates rotates the basis, so no column of the new factor
   corresponds to a column of the old one. Per-element state is reset to zero and step counts to 0,
   so that Adam's bias correction restarts with the moments instead of dividing stale counts into
@@ -22,6 +26,10 @@ import numbers
 
 import torch
 from torch import nn
+
+
+# Per-element statistics of the gradient's scale, which a new column should inherit from its row.
+SCALE_STATE = ("exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum", "exp_inf", "acc_delta")
 
 
 class OptimizerStateError(TypeError):
@@ -50,9 +58,10 @@ def check_mappable(optimizer: torch.optim.Optimizer, param: nn.Parameter, name: 
 def replace_param(
     optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter, mode: str
 ) -> None:
-    """Point the optimizer at `new` instead of `old` and carry the state ("pad" or "reset")."""
-    if mode not in ("pad", "reset"):
-        raise ValueError(f"mode must be 'pad' or 'reset', got {mode!r}")
+    """Point the optimizer at `new` instead of `old` and carry the state: "pad" (growth, as
+    above), "pad_zero" (growth with all new state zero, for comparison) or "reset"."""
+    if mode not in ("pad", "reset", "pad_zero"):
+        raise ValueError(f"mode must be 'pad', 'pad_zero' or 'reset', got {mode!r}")
     found = False
     for group in optimizer.param_groups:
         params = group["params"]
@@ -69,8 +78,11 @@ def replace_param(
     for key, value in state.items():
         if torch.is_tensor(value) and value.dim() > 0:
             fresh = torch.zeros_like(new, dtype=value.dtype, memory_format=torch.contiguous_format)
-            if mode == "pad":
-                fresh[..., : value.shape[-1]] = value
+            if mode in ("pad", "pad_zero"):
+                old_columns = value.shape[-1]
+                fresh[..., :old_columns] = value
+                if mode == "pad" and key in SCALE_STATE and old_columns:
+                    fresh[..., old_columns:] = value.mean(dim=-1, keepdim=True)
             carried[key] = fresh
         elif torch.is_tensor(value):  # a count such as Adam's step
             carried[key] = torch.zeros_like(value) if mode == "reset" and key == "step" else value

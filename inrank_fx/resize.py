@@ -18,6 +18,7 @@ from .optim import check_mappable, replace_param
 from .summary import factored_layers
 
 RankArg = Union[int, Mapping[str, int]]
+GROW_STATES = {"seeded": "pad", "zero": "pad_zero"}  # set_ranks' names → optim.replace_param's
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ def set_ranks(
     init: str = "zero",
     generator: torch.Generator | None = None,
     recompile: str = "dynamic",
+    grow_state: str = "seeded",
 ) -> list[RankChange]:
     """Set the rank (and computed width) of factored layers, growing or truncating them.
 
@@ -61,10 +63,15 @@ def set_ranks(
             (widths become symbolic, few recompiles), "reset" (caches cleared every time) or
             "none". See `inrank_fx.compiled`. Either of the first two costs at most one
             recompile per event and never lets dynamo fall back to eager.
+        grow_state: optimizer state of grown components: "seeded" (second moments from the
+            existing columns of the same row, see `inrank_fx.optim`) or "zero" (all zero; new
+            columns then take steps several times the learning rate at first, for comparison).
 
     Returns the changes made (layers whose rank and width were already as asked are left out).
     """
     check_policy(recompile)
+    if grow_state not in GROW_STATES:
+        raise ValueError(f"grow_state must be one of {tuple(GROW_STATES)}, got {grow_state!r}")
     layers = factored_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no factored layers: run inrank_fx.transform first")
@@ -90,7 +97,7 @@ def set_ranks(
         old_rank, old_width, old_u, old_v = layer.rank, layer.width, layer.U, layer.V
         if width > old_width:
             layer.grow(width, init=init, generator=generator)
-            mode = "pad"
+            mode = GROW_STATES[grow_state]
         elif width < old_width:
             layer.truncate(width)
             mode = "reset"

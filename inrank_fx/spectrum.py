@@ -3,13 +3,17 @@
 The layer never forms its dense out×in product to look at its spectrum: with U = Q_u R_u and
 V = Q_v R_v (thin QR), U·Vᵀ = Q_u (R_u R_vᵀ) Q_vᵀ and the orthonormal Q's leave singular values
 unchanged, so the spectrum is that of the small k×k core R_u R_vᵀ. Cost O((in + out)·k²)
-instead of O(in·out·min(in, out)).
+instead of O(in·out·min(in, out)). The cumulative update W_t − W_0 = U_t·V_tᵀ − U_0·V_0ᵀ is the
+product of the stacked factors [U_t, U_0]·[V_t, −V_0]ᵀ, so it is measured the same way.
 """
 from __future__ import annotations
 
 import torch
 
-CRITERIA = ("variance", "energy")
+# "variance": the paper's 1 − var(s − s_k)/var(s) over the measured singular values;
+# "variance_padded": the reference code's exact ratio, s zero-padded to the full rank first;
+# "energy": Σ_{i<k} s_i² / Σ s_i².
+CRITERIA = ("variance", "variance_padded", "energy")
 
 
 @torch.no_grad()
@@ -25,12 +29,33 @@ def factor_singular_values(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     return torch.linalg.svdvals(r_u @ r_v.T)
 
 
-def explained_ratios(s: torch.Tensor, criterion: str = "variance") -> torch.Tensor:
+@torch.no_grad()
+def update_singular_values(
+    U: torch.Tensor, V: torch.Tensor, U0: torch.Tensor, V0: torch.Tensor
+) -> torch.Tensor:
+    """Singular values of the cumulative update U·Vᵀ − U0·V0ᵀ (length k + k0), from factors.
+
+    Computed in float64: the update is a small difference of two large products, and float32
+    round-off would show up as a spectrum of noise. Values below round-off of the products'
+    scale are set to zero, so an unchanged layer has an all-zero update spectrum.
+    """
+    stacked_u = torch.cat([U, U0.to(device=U.device, dtype=U.dtype)], dim=1).to(torch.float64)
+    stacked_v = torch.cat([V, -V0.to(device=V.device, dtype=V.dtype)], dim=1).to(torch.float64)
+    s = factor_singular_values(stacked_u, stacked_v)
+    scale = torch.linalg.matrix_norm(stacked_u) * torch.linalg.matrix_norm(stacked_v)
+    return torch.where(s > 1e-12 * scale, s, torch.zeros_like(s))
+
+
+def explained_ratios(
+    s: torch.Tensor, criterion: str = "variance", full_rank: int | None = None
+) -> torch.Tensor:
     """ratio[k] for k = 0..n: how much of the spectrum s (length n) the top k values explain.
 
     "variance" is the paper's 1 − var(s − s_k)/var(s), where s_k keeps the first k entries of s
-    and zeroes the rest, so s − s_k is the tail. "energy" is Σ_{i<k} s_i² / Σ s_i².
-    ratio[n] is 1 by definition (nothing is left out).
+    and zeroes the rest, so s − s_k is the tail. "variance_padded" is the same ratio after s is
+    zero-padded to `full_rank` entries, as the reference code computes it (its SVD is of the
+    dense weight; the padding changes the variances, see docs/TRAINING.md). "energy" is
+    Σ_{i<k} s_i² / Σ s_i². ratio[n] is 1 by definition (nothing is left out).
     """
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
@@ -45,9 +70,15 @@ def explained_ratios(s: torch.Tensor, criterion: str = "variance") -> torch.Tens
         if total <= 0:
             return torch.ones(n + 1, dtype=torch.float64)
         return 1.0 - tail2 / total
-    # n·var(x) = Σx² − (Σx)²/n for the length-n tail vector (zeros included); the ratio of two
-    # variances of equal length does not depend on the Bessel correction.
-    tail_var = tail2 - tail1 * tail1 / n
+    # m·var(x) = Σx² − (Σx)²/m for the length-m tail vector (zeros included); the ratio of two
+    # variances of equal length does not depend on the Bessel correction. Padding with zeros
+    # changes only m.
+    m = n
+    if criterion == "variance_padded":
+        if full_rank is None or full_rank < n:
+            raise ValueError(f"variance_padded needs full_rank >= {n}, got {full_rank!r}")
+        m = full_rank
+    tail_var = tail2 - tail1 * tail1 / m
     total_var = tail_var[0]
     if total_var <= 1e-30 * max(float(tail2[0]), 1e-300):
         # All singular values equal: no proper truncation explains them.
@@ -64,14 +95,15 @@ def select_rank(
     threshold: float,
     criterion: str = "variance",
     min_rank: int = 1,
+    full_rank: int | None = None,
 ) -> int:
     """The smallest k ≥ min_rank whose explained ratio exceeds `threshold` (at most len(s))."""
     n = s.numel()
     if n == 0:
         return min_rank
     if float(s.detach().abs().max()) == 0.0:
-        return min(max(min_rank, 1), n)  # a zero layer asks for nothing
-    ratios = explained_ratios(s, criterion)
+        return min(max(min_rank, 1), n)  # a zero layer (or no update yet) asks for nothing
+    ratios = explained_ratios(s, criterion, full_rank)
     k = torch.arange(n + 1)
     ok = (ratios > threshold) & (k >= min_rank)
     hits = torch.nonzero(ok).flatten()

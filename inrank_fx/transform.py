@@ -279,7 +279,7 @@ def _initial_rank(matrix: torch.Tensor, name: str, config: InRankConfig) -> tupl
         if not torch.isfinite(matrix).all():
             raise ValueError(f"{name}: non-finite (NaN/Inf) entries; cannot choose a rank from them")
         s = torch.linalg.svdvals(matrix.detach().to(torch.float64))
-        return select_rank(s, config.threshold, config.criterion), None
+        return select_rank(s, config.threshold, config.criterion, full_rank=full_rank), None
     requested = config.rank_for(full_rank)
     if requested > full_rank:
         return full_rank, requested

@@ -30,7 +30,7 @@ def test_non_finite_weights_are_refused_by_name():
     with pytest.raises(ValueError, match="'?2'?: 1 non-finite"):
         transform(model, InRankConfig(init="svd", init_rank=8))
     assert type(model[2]) is nn.Linear  # the input model is untouched
-    out = transform(model, InRankConfig(init="random", init_rank=8))  # nothing to SVD: fine
+    out = transform(model, InRankConfig(init="iid", init_rank=8))  # reads no weight values: fine
     assert ranks(out) == {"0": 8, "2": 8}
 
 
@@ -46,10 +46,11 @@ def test_half_precision():
 def test_meta_device():
     with torch.device("meta"):
         model = small_gpt()
-    out = transform(model, InRankConfig(init="random", init_rank=4))
+    out = transform(model, InRankConfig(init="iid", init_rank=4))
     assert all(p.is_meta for p in out.parameters()) and len(ranks(out)) == 4
-    with pytest.raises(ValueError, match="transformer.h.0.attn.c_attn: the weights are on the meta device"):
-        transform(model, InRankConfig(init="svd", init_rank=4))
+    for init in ("svd", "random"):
+        with pytest.raises(ValueError, match="transformer.h.0.attn.c_attn: the weights are on the meta device"):
+            transform(model, InRankConfig(init=init, init_rank=4))
     with pytest.raises(ValueError, match="meta device have no spectrum"):
         transform(model, InRankConfig(init="svd", init_rank="auto"))
 

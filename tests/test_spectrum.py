@@ -23,6 +23,21 @@ def test_variance_criterion_is_the_papers_formula():
         assert ratios[k].item() == pytest.approx(expected.item(), abs=1e-6)
 
 
+def test_padded_variance_is_the_reference_formula_on_the_full_spectrum():
+    s = torch.tensor([5.0, 3.0, 1.0, 0.5, 0.1])
+    padded = torch.cat([s, torch.zeros(11)])  # the reference's SVD of a 16-wide dense weight
+    ratios = explained_ratios(s, "variance_padded", full_rank=16)
+    for k in range(len(s)):
+        tail = padded.clone()
+        tail[:k] = 0
+        assert ratios[k].item() == pytest.approx((1 - tail.var() / padded.var()).item(), abs=1e-6)
+    # padding changes the answer: the same spectrum explains more once zeros are counted
+    assert select_rank(s, 0.99, "variance_padded", full_rank=64) == 3
+    assert select_rank(s, 0.99, "variance") == 4
+    with pytest.raises(ValueError, match="variance_padded needs full_rank >= 5"):
+        explained_ratios(s, "variance_padded")
+
+
 def test_energy_criterion():
     s = torch.tensor([3.0, 2.0, 1.0])
     assert explained_ratios(s, "energy").tolist() == pytest.approx([0, 9 / 14, 13 / 14, 1])

@@ -6,6 +6,7 @@ from torch import nn
 
 from inrank_fx import InRankConfig, OptimizerStateError, attach, ranks, set_ranks, transform
 from inrank_fx.demo.gpt import GPT, GPTConfig
+from inrank_fx.demo.teachers import low_rank_teacher
 
 
 def teacher_student(model: nn.Module, teacher: torch.Tensor, steps: int, cfg=None):
@@ -21,17 +22,15 @@ def teacher_student(model: nn.Module, teacher: torch.Tensor, steps: int, cfg=Non
     return loss.item(), ctrl
 
 
-def test_teacher_student_rank_grows_and_settles():
+def test_teacher_student_rank_grows_to_the_teachers():
     d, r = 128, 12
-    teacher = torch.randn(d, r) @ torch.randn(r, d) / (r * d) ** 0.5
-    cfg = InRankConfig(init="random", init_rank=2)  # the default rule and schedule
+    teacher = low_rank_teacher(d, d, r, 1.0, torch.Generator().manual_seed(0))
+    cfg = InRankConfig(init_rank=2, buffer=32)  # the default rule; starting width 34
     student = transform(nn.Sequential(nn.Linear(d, d)), cfg)
     assert ranks(student) == {"0": 2}
     loss, ctrl = teacher_student(student, teacher, 500, cfg)
     dense_loss, _ = teacher_student(nn.Sequential(nn.Linear(d, d)), teacher, 500)
-    trajectory = [h["rank"] for h in ctrl.history]
-    assert trajectory == sorted(trajectory) and trajectory[0] > 2  # grew, never shrank
-    assert 8 <= ranks(student)["0"] <= 24
+    assert 0.7 * r <= ranks(student)["0"] <= 1.4 * r
     assert loss <= 2 * dense_loss or (loss < 1e-4 and dense_loss < 1e-4)
     # evaluation forwards are not optimizer steps
     before, step = ranks(student), ctrl.step
@@ -42,7 +41,7 @@ def test_teacher_student_rank_grows_and_settles():
     assert ranks(student) == before and ctrl.step == step
 
 
-def test_growth_keeps_adamw_moments_and_zeroes_new_ones():
+def test_growth_keeps_adamw_moments_and_seeds_new_second_moments():
     model = transform(nn.Sequential(nn.Linear(32, 32)), InRankConfig(init_rank=4, buffer=0))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for _ in range(3):
@@ -59,7 +58,10 @@ def test_growth_keeps_adamw_moments_and_zeroes_new_ones():
     assert layer.U.shape == (32, 9) and layer.U is opt.param_groups[0]["params"][0]
     assert torch.equal(state["exp_avg"][:, :4], old["exp_avg"])
     assert torch.equal(state["exp_avg_sq"][:, :4], old["exp_avg_sq"])
-    assert not state["exp_avg"][:, 4:].any() and not state["exp_avg_sq"][:, 4:].any()
+    assert not state["exp_avg"][:, 4:].any()  # no direction yet for the new components
+    # their gradient scale starts at the row's: Adam's first steps on them are not inflated
+    row_mean = old["exp_avg_sq"].mean(dim=1, keepdim=True).expand(32, 5)
+    assert torch.equal(state["exp_avg_sq"][:, 4:], row_mean) and row_mean.gt(0).all()
     assert state["step"] == old["step"]
     assert torch.allclose(model(x), y_before, atol=1e-6)  # zero-init growth keeps the function
     model(x).pow(2).mean().backward()
@@ -154,7 +156,7 @@ def _gpt_run(model, opt, ctrl, steps, start):
 
 def test_resume_is_bit_exact(tmp_path):
     cfg = InRankConfig(init="random", init_rank=2, buffer=2, warmup_steps=5, check_every=5,
-                       stop_after=50, threshold=0.6)
+                       stop_after=50, threshold=0.99)
     gpt_cfg = GPTConfig(n_layer=2, n_embd=32, n_head=2, block_size=16)
 
     def fresh():

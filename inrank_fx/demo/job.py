@@ -1,8 +1,9 @@
 """The job behind `inrank-fx demo`: dense vs InRank-Efficient on the same data, then ship it.
 
 1. Train the demo GPT twice from the same seed on the same batches, both under torch.compile:
-   dense, and InRank-Efficient (every layer starts at rank 2, ranks grow by the InRank rule on
-   optimizer steps, and freeze at `stop_after`).
+   dense, and InRank-Efficient: every layer starts at rank 2 from a truncated SVD of the GPT's
+   own initialisation (spectral initialisation: both arms start from the same init scheme),
+   ranks are measured by the InRank rule on optimizer steps and freeze at `stop_after`.
 2. Compare validation loss / perplexity, parameters, final ranks, wall-clock and tokens/s.
 3. Freeze the InRank model, export it to ONNX and verify it in ONNX Runtime.
 4. Compare inference of the two models on every available backend (inrank_fx.bench).
@@ -112,7 +113,7 @@ def _run(tmp, out, train_ids, val_ids, source, device, s: DemoSettings, seed, co
         torch.manual_seed(seed)
         model = GPT(s.gpt)
         if name == "inrank":
-            config = inrank_fx.InRankConfig(init="random", init_rank=2, warmup_steps=s.check_every,
+            config = inrank_fx.InRankConfig(init_rank=2, warmup_steps=s.check_every,
                                             check_every=s.check_every, stop_after=s.stop_after)
             model = inrank_fx.transform(model, config)
         model.to(device)
@@ -137,7 +138,7 @@ def _run(tmp, out, train_ids, val_ids, source, device, s: DemoSettings, seed, co
 
     results = {
         "settings": {**asdict(s), "device": str(device), "seed": seed, "compile": compile,
-                     "data": source},
+                     "data": source, "inrank_config": asdict(controller.config)},
         "dense": _public(dense),
         "inrank": {**_public(inrank), "final_ranks": inrank_fx.ranks(inrank["model"]),
                    "rank_events": controller.rank_events,
@@ -158,7 +159,8 @@ def _run(tmp, out, train_ids, val_ids, source, device, s: DemoSettings, seed, co
     (tmp / "summary.txt").write_text(text + "\n")
     (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     _plot_losses(runs, tmp / "loss_curves.png")
-    _plot_ranks(controller.history, s.stop_after, tmp / "rank_trajectories.png")
+    _plot_ranks(controller.history, controller.start_ranks, s.stop_after,
+                tmp / "rank_trajectories.png")
     log("\n" + text)
     return results
 
@@ -254,7 +256,7 @@ def _plot_losses(runs: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _plot_ranks(history: list[dict], stop_after: int, path: Path) -> None:
+def _plot_ranks(history: list[dict], start_ranks: dict, stop_after: int, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -264,7 +266,8 @@ def _plot_ranks(history: list[dict], stop_after: int, path: Path) -> None:
     layers = list(dict.fromkeys(h["layer"] for h in history))
     cmap = plt.get_cmap("viridis", max(len(layers), 2))
     for i, layer in enumerate(layers):
-        points = [(0, 2)] + [(h["step"], h["rank"]) for h in history if h["layer"] == layer]
+        points = [(0, start_ranks[layer])] + [(h["step"], h["rank"]) for h in history
+                                              if h["layer"] == layer]
         steps, ranks = zip(*points)
         ax.step(steps, ranks, where="post", color=cmap(i), lw=1, label=layer if len(layers) <= 8 else None)
     ax.axvline(stop_after, color="#aa3333", ls=":", lw=1)
