@@ -8,7 +8,7 @@ Two problems from inrank_fx.demo.teachers, every layer 64×64 (full rank 64):
           4, 12, 20, 8.
 Each is trained with the default rule (adapting throughout, checks every 20 steps) from
 init_rank ∈ {1, 2, 8} with buffer ∈ {4, 16, 64}, once per measure ("update": W_t − W_0;
-"weight": W_t); --criterion and --threshold change the rule's ratio and α. Prints found / true
+"weight": W_t); --criterion, --threshold and --ranks-only-grow change the rule. Prints found / true
 rank per layer, and the worst found/true ratio over the layers whose true rank is at least
 init_rank (a rank never drops below init_rank).
 """
@@ -47,8 +47,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--criterion", default="variance")
     parser.add_argument("--threshold", type=float, default=None, help="α (default: the config's)")
+    parser.add_argument("--ranks-only-grow", action="store_true",
+                        help="the reference's k >= current rank instead of re-measuring")
     args = parser.parse_args()
-    rule = {"criterion": args.criterion}
+    rule = {"criterion": args.criterion, "ranks_only_grow": args.ranks_only_grow}
     if args.threshold is not None:
         rule["threshold"] = args.threshold
     print(f"{'problem':<7} {'init_rank':>9} {'buffer':>6}   {'true':<16} "

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from .layers import INITS
+
 
 class UsageError(Exception):
     """A bad command-line value; the message names it."""
@@ -78,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         "summary", help="what transform would factor in a model, and at what cost",
         description="Transform a model from a factory and print the summary table.")
     summary.add_argument("--model", required=True, help="'gpt' or an importable factory 'package.module:function'")
-    summary.add_argument("--init", default="svd", choices=("svd", "random"))
+    summary.add_argument("--init", default="svd", choices=INITS)
     summary.add_argument("--init-rank", default="auto", help="an int, a fraction of full rank, or 'auto' (default)")
     summary.set_defaults(run=run_summary_command)
     return parser
