@@ -16,7 +16,8 @@ steps, then freeze); the dense model is trained alongside at its own GPT-2 init.
          the final ranks should not follow any of them
 Prints validation loss (mean ± std over seeds), final ranks (min..max, mean), the factored
 layers' parameters and the whole model's parameters as fractions of dense. `--json FILE` saves
-every run.
+every run; `--plot FILE.png` draws validation loss against mean final rank (the rule sweep's
+curve), also from a saved run with `--replot FILE.json`.
 """
 from __future__ import annotations
 
@@ -87,7 +88,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--json", help="write every run to this file")
+    parser.add_argument("--plot", help="draw validation loss against mean final rank to this PNG")
+    parser.add_argument("--replot", help="only redraw --plot from the runs saved in this JSON")
     args = parser.parse_args()
+    if args.replot:
+        with open(args.replot) as f:
+            plot(json.load(f), args.plot or "rank_rule.png")
+        return
     data = split(stdlib_corpus(1_000_000))
     runs = []
     for variant in [None, *SWEEPS[args.sweep]]:
@@ -109,11 +116,54 @@ def main() -> None:
             ranks = [k for r in rs for k in r["ranks"].values()]
             ranks_text = f"{min(ranks)}..{max(ranks)} ({statistics.mean(ranks):.1f})"
             layer_text = f"{statistics.mean(r['layer_params'] for r in rs):.3f}"
-        print(f"{describe(variant):<50} {statistics.mean(vals):.4f} ± {spread:.4f} {ranks_text:>14} "
-              f"{layer_text:>12} {statistics.mean(r['params'] for r in rs):>12.3f}")
+        print(f"{describe(variant):<50} {statistics.mean(vals):.4f} ± {spread:.4f} "
+              f"{ranks_text:>14} {layer_text:>12} "
+              f"{statistics.mean(r['params'] for r in rs):>12.3f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(runs, f, indent=1)
+    if args.plot:
+        plot(runs, args.plot)
+
+
+def plot(runs: list[dict], path: str) -> None:
+    """Mean validation loss against mean final rank, one line per variant family (the variant
+    less its threshold), points labelled by α; the dense loss in the title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def key(variant):
+        return json.dumps(variant, sort_keys=True)
+
+    variants = {key(r["variant"]): r["variant"] for r in runs}
+    points: dict[str, list] = {}
+    for k, variant in variants.items():
+        rs = [r for r in runs if key(r["variant"]) == k]
+        loss = statistics.mean(r["val"] for r in rs)
+        if variant is None:
+            dense = loss
+            continue
+        rank = statistics.mean(v for r in rs for v in r["ranks"].values())
+        family = describe({n: v for n, v in variant.items() if n != "threshold"}) or "defaults"
+        points.setdefault(family, []).append((rank, loss, variant.get("threshold")))
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for family, pts in points.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=4, lw=1.2, label=family)
+        for rank, loss, alpha in pts:
+            if alpha is not None:
+                ax.annotate(f"α {alpha}", (rank, loss), textcoords="offset points", xytext=(4, 4),
+                            fontsize=7)
+    ax.set_xlabel("mean final rank over layers and seeds")
+    ax.set_ylabel("validation loss (mean over seeds)")
+    ax.set_title(f"demo GPT: the rank rule's threshold and criterion (dense: {dense:.3f})")
+    ax.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"plot written to {path}")
 
 
 if __name__ == "__main__":

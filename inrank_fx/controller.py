@@ -7,12 +7,12 @@
 Steps are counted in optimizer steps, so evaluation passes and gradient-accumulation
 micro-batches never advance the schedule (a step that GradScaler skips is not counted either).
 After `warmup_steps`, every `check_every` steps, each layer's singular values are taken from its
-factors (by default those of the cumulative update W_t − W_0, `InRankConfig.measure`) and its
-rank becomes the smallest k whose explained ratio exceeds the threshold: at least the rank the
-layer started adaptation with (init_rank), at most its current width (a layer grows by at most
-its buffer per check). The rank is re-measured at every check and can fall back when an early
-spectrum was transient, but the width (what the layer computes and stores) only grows while
-adapting: the layer computes at max(width, k + buffer). `ranks_only_grow=True` keeps the
+factors (those of the weight, or of the cumulative update W_t − W_0: `InRankConfig.measure`)
+and its rank becomes the smallest k whose explained ratio exceeds the threshold: at least the
+rank the layer started adaptation with (init_rank), at most its current width (a layer grows by
+at most its buffer per check). The rank is re-measured at every check and can fall back when an
+early spectrum was transient, but the width (what the layer computes and stores) only grows
+while adapting: the layer computes at max(width, k + buffer). `ranks_only_grow=True` keeps the
 reference's k ≥ r instead. With `stop_after=N` (InRank-Efficient), at step N every layer
 is truncated to its rank, the buffer is dropped and ranks stay fixed.
 """

@@ -91,6 +91,8 @@ def test_set_ranks_errors():
         set_ranks(model, {"0": 8}, widths={"0": 4})
     with pytest.raises(ValueError, match="no factored layers"):
         set_ranks(nn.Linear(3, 3), 2)
+    with pytest.raises(ValueError, match="grow_state must be one of \\('seeded', 'zero'\\), got 'mean'"):
+        set_ranks(model, 8, grow_state="mean")
 
     class RowStats(torch.optim.Optimizer):  # keeps a factored (row) statistic, like Adafactor
         def __init__(self, params):
