@@ -25,16 +25,31 @@ def low_rank_teacher(out_features: int, in_features: int, rank: int, scale: floa
     return (q_u * s) @ q_v.T
 
 
-class TeacherHeads(nn.Module):
-    """len(ranks) parallel nn.Linear(dim, dim) heads; `targets(x)` are the teachers' outputs."""
+class _Taught(nn.Module):
+    """len(ranks) nn.Linear(dim, dim) layers in the ModuleList `self.<layers>`, and as a buffer
+    one teacher matrix per layer, of that layer's rank."""
 
-    def __init__(self, dim: int, ranks, *, scale: float = 2.0, seed: int = 0) -> None:
+    layers = ""
+
+    def __init__(self, dim: int, ranks, *, scale: float, seed: int) -> None:
         super().__init__()
         self.ranks = tuple(ranks)
         g = torch.Generator().manual_seed(seed)
-        self.heads = nn.ModuleList(nn.Linear(dim, dim) for _ in self.ranks)
+        setattr(self, self.layers, nn.ModuleList(nn.Linear(dim, dim) for _ in self.ranks))
         self.register_buffer("teachers", torch.stack(
             [low_rank_teacher(dim, dim, r, scale, g) for r in self.ranks]), persistent=False)
+
+    def true_ranks(self) -> dict[str, int]:
+        return {f"{self.layers}.{i}": r for i, r in enumerate(self.ranks)}
+
+
+class TeacherHeads(_Taught):
+    """Parallel heads on one input; `targets(x)` are the teachers' outputs."""
+
+    layers = "heads"
+
+    def __init__(self, dim: int, ranks, *, scale: float = 2.0, seed: int = 0) -> None:
+        super().__init__(dim, ranks, scale=scale, seed=seed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([head(x) for head in self.heads])
@@ -42,20 +57,14 @@ class TeacherHeads(nn.Module):
     def targets(self, x: torch.Tensor) -> torch.Tensor:
         return torch.einsum("hoi,bi->hbo", self.teachers, x)
 
-    def true_ranks(self) -> dict[str, int]:
-        return {f"heads.{i}": r for i, r in enumerate(self.ranks)}
 
-
-class TeacherStack(nn.Module):
+class TeacherStack(_Taught):
     """Residual blocks h ← h + block_i(gelu(h)); `forward` returns every block's output."""
 
+    layers = "blocks"
+
     def __init__(self, dim: int, ranks, *, scale: float = 1.0, seed: int = 0) -> None:
-        super().__init__()
-        self.ranks = tuple(ranks)
-        g = torch.Generator().manual_seed(seed)
-        self.blocks = nn.ModuleList(nn.Linear(dim, dim) for _ in self.ranks)
-        self.register_buffer("teachers", torch.stack(
-            [low_rank_teacher(dim, dim, r, scale, g) for r in self.ranks]), persistent=False)
+        super().__init__(dim, ranks, scale=scale, seed=seed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         outputs = []
@@ -71,9 +80,6 @@ class TeacherStack(nn.Module):
             x = x + F.gelu(x) @ teacher.T
             outputs.append(x)
         return torch.stack(outputs)
-
-    def true_ranks(self) -> dict[str, int]:
-        return {f"blocks.{i}": r for i, r in enumerate(self.ranks)}
 
 
 def fit(model: nn.Module, teacher: nn.Module, steps: int, *, lr: float = 1e-2, batch: int = 256,
