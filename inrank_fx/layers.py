@@ -282,6 +282,13 @@ class InRankLinear(nn.Module):
                 setattr(self, name, wrap(getattr(self, name).new_empty(u.shape)))
                 setattr(self, pair, wrap(getattr(self, pair).new_empty(v.shape)))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "U0" not in state_dict and prefix + "V0" not in state_dict:
+            # A checkpoint from before W_0 was kept: measure updates from the loaded weights.
+            missing_keys = args[2] if len(args) > 2 else kwargs.get("missing_keys")
+            for key in (prefix + "U0", prefix + "V0"):
+                if missing_keys is not None and key in missing_keys:
+                    missing_keys.remove(key)
+            self.mark_reference()
 
     # -- accounting -------------------------------------------------------------------------
 

@@ -203,6 +203,19 @@ def test_load_state_dict_takes_the_checkpoint_width():
     assert torch.equal(fresh(x), model(x))
 
 
+def test_checkpoints_without_a_reference_still_load():
+    model = transform(nn.Sequential(nn.Linear(32, 32)), InRankConfig(init_rank=4, buffer=2))
+    set_ranks(model, 5, widths=8)
+    with torch.no_grad():
+        model[0].U.add_(0.1)
+    old = {k: v for k, v in model.state_dict().items() if not k.endswith(("U0", "V0"))}
+    fresh = transform(nn.Sequential(nn.Linear(32, 32)), InRankConfig(init_rank=4, buffer=2))
+    fresh.load_state_dict(old)  # strict: a checkpoint saved before U0 / V0 existed
+    assert (fresh[0].rank, fresh[0].width) == (5, 8)
+    assert not fresh[0].update_singular_values().any()  # updates measured from the loaded weights
+    assert torch.equal(fresh[0].weight, model[0].weight)
+
+
 def test_steps_are_optimizer_steps_and_widths_follow_rank_multiple():
     cfg = InRankConfig(init_rank=2, buffer=3, warmup_steps=0, check_every=2, rank_multiple=8,
                        criterion="energy", threshold=0.99)
