@@ -31,7 +31,11 @@ class InRankConfig:
             scale and leading directions), on a trained one the best rank-r approximation.
             "random": random directions at the scale of the module's top singular values.
             "iid": i.i.d. factors at nn.Linear's default variance, ignoring the module's init.
-            In every case the buffer starts silent (its U columns zero).
+            In every case the buffer starts silent (its U columns zero) unless
+            `silent_buffer=False`.
+        silent_buffer: True (default): the buffer's U columns start at zero, so a layer starts
+            exactly at its rank. False: random, as in the reference implementation (kept for
+            comparisons; its random components enter the spectrum the rule reads).
         init_rank: int = exact rank; float in (0, 1] = fraction of each layer's full rank;
             "auto" = the smallest rank whose explained ratio exceeds `threshold` (svd only).
         buffer: spare components beyond the rank that the layer computes with while ranks adapt
@@ -68,6 +72,7 @@ class InRankConfig:
     init: str = "svd"
     init_rank: RankSpec = 2
     buffer: Union[int, float] = 0.1
+    silent_buffer: bool = True
     measure: str = "weight"
     threshold: float = 0.99
     criterion: str = "variance"
@@ -102,6 +107,10 @@ class InRankConfig:
         if self.criterion not in CRITERIA:
             raise ValueError(
                 f"InRankConfig.criterion must be one of {CRITERIA}, got {self.criterion!r}"
+            )
+        if not isinstance(self.silent_buffer, bool):
+            raise ValueError(
+                f"InRankConfig.silent_buffer must be a bool, got {self.silent_buffer!r}"
             )
         if not isinstance(self.ranks_only_grow, bool):
             raise ValueError(

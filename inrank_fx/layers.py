@@ -172,6 +172,16 @@ class InRankLinear(nn.Module):
         self.mark_reference()
 
     @torch.no_grad()
+    def randomize_buffer(self, generator: torch.Generator | None = None) -> None:
+        """Give the buffer random U columns at the scale of the active ones, as the reference
+        implementation's buffer is (`InRankConfig(silent_buffer=False)`, for comparison): the
+        layer is then no longer exactly rank r, and its spectrum holds random components."""
+        if self.buffer:
+            active = self.U[:, : self.rank]
+            self.U[:, self.rank:] = _random_like(active, self.buffer, generator)
+        self.mark_reference()
+
+    @torch.no_grad()
     def mark_reference(self) -> None:
         """Take the current weight as W_0, the start of the cumulative update that
         `update_singular_values` measures. Called at construction; call it again to measure

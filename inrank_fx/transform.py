@@ -264,6 +264,10 @@ def _plan(
         layer = InRankLinear.from_weight(
             matrix, None, rank, buffer=width - rank, init=config.init, name=name
         )
+    if not config.silent_buffer:
+        for part in layer.modules():  # a handler may build several (nn.MultiheadAttention)
+            if isinstance(part, InRankLinear):
+                part.randomize_buffer()
     report.factored.append(
         FactoredRecord(name, kind, out_features, in_features, layer.rank, layer.width, requested)
     )

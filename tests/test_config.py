@@ -23,6 +23,7 @@ from inrank_fx import InRankConfig
         ("measure", "gradient"),
         ("measure", None),
         ("ranks_only_grow", "yes"),
+        ("silent_buffer", 0),
         ("warmup_steps", -1),
         ("check_every", 0),
         ("stop_after", -5),

@@ -74,6 +74,17 @@ def test_the_first_check_on_an_untrained_model_grows_nothing(measure, init):
     assert all(h["rank"] == 2 for h in ctrl.history)
 
 
+def test_a_random_buffer_is_read_as_rank_at_the_first_check():
+    # The reference's buffer (random components from the start): with no training at all, the
+    # first check already grows every layer by (nearly) its whole buffer.
+    cfg = InRankConfig(init="iid", init_rank=2, buffer=16, silent_buffer=False)
+    torch.manual_seed(0)
+    model = transform(GPT(GPTConfig(n_layer=2, n_embd=64, n_head=2, block_size=16)), cfg)
+    ctrl = attach(model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+    ctrl.check()
+    assert min(ranks(model).values()) >= 2 + 16 - 2
+
+
 def test_the_buffer_starts_silent():
     lin = nn.Linear(48, 40)
     model = transform(nn.Sequential(lin), InRankConfig(init_rank=3, buffer=5))
