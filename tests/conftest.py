@@ -1,3 +1,5 @@
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,3 +13,12 @@ def _seed():
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
+
+
+def load_example(name: str):
+    """Import examples/<name>.py (scripts, not part of the package) as a module."""
+    path = Path(__file__).resolve().parent.parent / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,16 +1,11 @@
 """examples/gpt_table.py in quick mode: every arm trains, and InRank's ranks are measured."""
-import importlib.util
-from pathlib import Path
+from conftest import load_example
 
 from inrank_fx.demo.gpt import GPTConfig
 
-SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "gpt_table.py"
-
 
 def test_quick_table():
-    spec = importlib.util.spec_from_file_location("gpt_table", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_example("gpt_table")
     gpt = GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=64)
     runs = script.run_table(24, [0], [0.9], gpt, progress=False)
     by_arm = {r["arm"]: r for r in runs}

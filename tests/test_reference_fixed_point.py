@@ -1,18 +1,11 @@
 """examples/reference_fixed_point.py: the reference's rank rule applied to untrained factors."""
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "reference_fixed_point.py"
+from conftest import load_example
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("reference_fixed_point", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("reference_fixed_point")
 
 
 def test_ranks_rise_with_no_training_and_settle(script):

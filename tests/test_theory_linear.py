@@ -1,20 +1,13 @@
 """examples/theory_linear.py: the cumulative update's rank grows incrementally."""
-import importlib.util
-from pathlib import Path
-
 import pytest
+from conftest import load_example
 
 from inrank_fx.demo.gpt import GPTConfig
-
-SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "theory_linear.py"
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("theory_linear", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("theory_linear")
 
 
 @pytest.fixture(scope="module")
