@@ -277,28 +277,32 @@ class InRankLinear(nn.Module):
     def set_extra_state(self, state: dict) -> None:
         self.rank = int(state["rank"])
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A checkpoint taken at another width (or another reference width): take its shapes,
-        # then load as usual.
-        for name, cls in (("U", nn.Parameter), ("U0", None)):
-            pair = "V" + name[1:]
-            u, v = state_dict.get(prefix + name), state_dict.get(prefix + pair)
-            if (
-                u is not None and v is not None and u.dim() == v.dim() == 2
-                and u.shape[0] == self.out_features and v.shape[0] == self.in_features
-                and u.shape[1] == v.shape[1] != getattr(self, name).shape[1]
-            ):
-                wrap = cls or (lambda t: t)
-                setattr(self, name, wrap(getattr(self, name).new_empty(u.shape)))
-                setattr(self, pair, wrap(getattr(self, pair).new_empty(v.shape)))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if prefix + "U0" not in state_dict and prefix + "V0" not in state_dict:
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Factors (or a reference) saved at another width: take the checkpoint's shapes first.
+        u, v = state_dict.get(prefix + "U"), state_dict.get(prefix + "V")
+        if self._factor_pair(u, v) and u.shape[1] != self.width:
+            self.U = nn.Parameter(self.U.new_empty(u.shape))
+            self.V = nn.Parameter(self.V.new_empty(v.shape))
+        u0, v0 = state_dict.get(prefix + "U0"), state_dict.get(prefix + "V0")
+        if self._factor_pair(u0, v0) and u0.shape[1] != self.U0.shape[1]:
+            self.U0, self.V0 = self.U0.new_empty(u0.shape), self.V0.new_empty(v0.shape)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if u0 is None and v0 is None:
             # A checkpoint from before W_0 was kept: measure updates from the loaded weights.
-            missing_keys = args[2] if len(args) > 2 else kwargs.get("missing_keys")
             for key in (prefix + "U0", prefix + "V0"):
-                if missing_keys is not None and key in missing_keys:
+                if key in missing_keys:
                     missing_keys.remove(key)
             self.mark_reference()
+
+    def _factor_pair(self, u, v) -> bool:
+        """Whether u, v are an out×k and in×k pair of factors for this layer."""
+        return (
+            u is not None and v is not None and u.dim() == v.dim() == 2
+            and u.shape[0] == self.out_features and v.shape[0] == self.in_features
+            and u.shape[1] == v.shape[1]
+        )
 
     # -- accounting -------------------------------------------------------------------------
 
