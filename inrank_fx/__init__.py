@@ -1,6 +1,7 @@
 """inrank_fx: InRank (incremental low-rank learning) for any PyTorch model, as a torch.fx pass."""
 from .config import InRankConfig
 from .controller import RankController, attach
+from .distributed import DistributedRankController, InRankDistributedError
 from .export.freeze import freeze
 from .layers import InRankLinear
 from .optim import OptimizerStateError
@@ -12,7 +13,9 @@ from .transform import TransformReport, transform
 __version__ = "0.1.0"
 
 __all__ = [
+    "DistributedRankController",
     "InRankConfig",
+    "InRankDistributedError",
     "InRankLinear",
     "OptimizerStateError",
     "RankChange",

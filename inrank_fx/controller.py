@@ -110,8 +110,23 @@ class RankController:
     @torch.no_grad()
     def check(self) -> list[RankChange]:
         """One application of the InRank rule to every layer."""
+        decisions = self._agree("check", self._measure)
+        return self._act(decisions, "check", "grew")
+
+    @torch.no_grad()
+    def finish_adaptation(self) -> list[RankChange]:
+        """InRank-Efficient: truncate every layer to its rank (buffer dropped); ranks freeze."""
+        decisions = self._agree("truncate", self._truncation)
+        self.frozen = True
+        return self._act(decisions, "truncate", "truncated to their ranks (adaptation stopped)")
+
+    # -- deciding and acting ------------------------------------------------------------------
+    # A decision is {layer name: (rank, width, explained ratio at that rank)} for every layer.
+    # `_agree` is where processes agree on one (see inrank_fx.distributed); alone, it is ours.
+
+    def _measure(self) -> dict[str, tuple[int, int, float]]:
         cfg = self.config
-        ranks, widths = {}, {}
+        decisions = {}
         for name, layer in factored_layers(self.model).items():
             s = self.spectrum(layer)
             floor = layer.rank if cfg.ranks_only_grow else self.start_ranks.get(name, layer.rank)
@@ -119,24 +134,34 @@ class RankController:
                                full_rank=layer.full_rank)
             rank = min(rank, layer.width)  # the buffer bounds growth per check
             width = max(cfg.width_for(rank, layer.full_rank), layer.width)
-            explained = self._explained(layer, s, rank)
-            self._record(name, "check", rank, width, explained)
-            if (rank, width) != (layer.rank, layer.width):
-                ranks[name], widths[name] = rank, width
-        return self._apply(ranks, widths, "grew")
+            decisions[name] = (rank, width, self._explained(layer, s, rank))
+        return decisions
 
-    @torch.no_grad()
-    def finish_adaptation(self) -> list[RankChange]:
-        """InRank-Efficient: truncate every layer to its rank (buffer dropped); ranks freeze."""
-        cfg = self.config
-        ranks, widths = {}, {}
+    def _truncation(self) -> dict[str, tuple[int, int, float]]:
+        multiple = self.config.rank_multiple
+        decisions = {}
         for name, layer in factored_layers(self.model).items():
-            width = min(-(-layer.rank // cfg.rank_multiple) * cfg.rank_multiple, layer.full_rank)
+            width = min(-(-layer.rank // multiple) * multiple, layer.full_rank)
             explained = self._explained(layer, self.spectrum(layer), layer.rank)
-            self._record(name, "truncate", layer.rank, width, explained)
-            ranks[name], widths[name] = layer.rank, width
-        self.frozen = True
-        return self._apply(ranks, widths, "truncated to their ranks (adaptation stopped)")
+            decisions[name] = (layer.rank, width, explained)
+        return decisions
+
+    def _agree(self, event: str, decide) -> dict[str, tuple[int, int, float]]:
+        return decide()
+
+    def _act(self, decisions: dict, event: str, verb: str) -> list[RankChange]:
+        layers = factored_layers(self.model)
+        ranks, widths = {}, {}
+        for name, (rank, width, explained) in decisions.items():
+            self._record(name, event, rank, width, explained)
+            if event == "truncate" or (rank, width) != (layers[name].rank, layers[name].width):
+                ranks[name], widths[name] = rank, width
+        changes = self._apply(ranks, widths, verb)
+        self._after_apply(changes)
+        return changes
+
+    def _after_apply(self, changes: list[RankChange]) -> None:
+        """Hook for what must follow a change (inrank_fx.distributed: sync and rebuild DDP)."""
 
     def _apply(self, ranks: dict, widths: dict, verb: str) -> list[RankChange]:
         if not ranks:
@@ -203,13 +228,51 @@ def attach(
     *,
     seed: int = 0,
     recompile: str = "dynamic",
+    distributed: bool | None = None,
+    process_group=None,
+    timeout_s: float = 300.0,
 ) -> RankController:
     """Follow `optimizer` and adapt the ranks of `model`'s factored layers on its steps.
 
     `config` defaults to the one `transform` used on this model; `seed` seeds the components
     added by growth; `recompile` is the torch.compile policy (see `inrank_fx.compiled`).
+
+    Multi-process training: pass the DistributedDataParallel-wrapped model and ranks are decided
+    on one process and applied on all, with DDP kept in sync through every resize
+    (`inrank_fx.distributed`; every process attaches). `distributed` defaults to whether `model`
+    is DDP; `distributed=True` with a plain module is for callers that sync gradients
+    themselves. `process_group` is the group that must agree (default: DDP's, else the world),
+    and `timeout_s` bounds each of InRank's collectives.
     """
+    from .distributed import DistributedRankController, check_not_sharded, is_ddp
+
+    check_not_sharded(model)
     if config is None:
-        report = getattr(model, REPORT_ATTR, None)
+        base = model.module if is_ddp(model) else model
+        report = getattr(base, REPORT_ATTR, None)
         config = report.config if report is not None else InRankConfig()
+    if distributed is None:
+        distributed = is_ddp(model) or process_group is not None
+        processes = _world_size()
+        if not distributed and processes > 1:
+            raise ValueError(
+                f"torch.distributed is initialised with {processes} processes but attach got a "
+                f"plain {type(model).__name__}: pass the DistributedDataParallel-wrapped model so "
+                "that ranks agree across processes, or distributed=False if every process trains "
+                "a model of its own"
+            )
+    if distributed:
+        return DistributedRankController(model, optimizer, config, process_group=process_group,
+                                         timeout_s=timeout_s, seed=seed, recompile=recompile)
+    if is_ddp(model):
+        raise ValueError(
+            "distributed=False with a DistributedDataParallel model: a resize would leave DDP's "
+            "gradient hooks on the old factors; attach the DDP model with distributed=True"
+        )
     return RankController(model, optimizer, config, seed=seed, recompile=recompile)
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

@@ -1,0 +1,300 @@
+"""InRank under torch.distributed: one decision, applied identically on every process.
+
+    model = DistributedDataParallel(inrank_fx.transform(model))
+    ctrl = inrank_fx.attach(model, optimizer)        # sees DDP: ranks agree across processes
+
+Everything else in the training loop is as with one process. What happens at a rank check
+(every process runs it at the same optimizer step, since optimizer steps are in lockstep):
+
+1. the processes agree on their state: an all-gather of (step, phase, each layer's rank and
+   width); a process that differs is named, with the layer and the values, on every process;
+2. process 0 of the group measures every layer's spectrum and decides, and broadcasts the
+   decision (rank, width, explained ratio: three numbers per layer); nobody relies on SVDs being
+   bit-identical across processes;
+3. every process applies the decision through `set_ranks`, so optimizer state follows in the
+   same way everywhere, and the processes check that they agree again;
+4. if a layer changed width, its factors (and W_0 reference) are broadcast from process 0, since
+   truncation runs an SVD and growth draws new components, and DDP's reducer is rebuilt: DDP
+   registered its gradient hooks and buckets on the parameters it was built with, and without a
+   rebuild the new factors would silently stop being all-reduced.
+
+InRank's own collectives run on a gloo group made at attach, on CPU tensors, with a timeout, so
+a process that died or fell out of step becomes `InRankDistributedError` (naming the step and the
+collective) instead of a hang. Sharded models (FSDP, FSDP2's fully_shard) are refused: a resize
+would have to re-shard parameters that FSDP owns. See docs/DISTRIBUTED.md.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .config import InRankConfig
+from .controller import RankController
+from .resize import RankChange
+from .summary import factored_layers
+
+log = logging.getLogger("inrank_fx")
+
+DEFAULT_TIMEOUT_S = 300.0
+
+
+class InRankDistributedError(RuntimeError):
+    """Processes disagree, or one of them stopped answering InRank's collectives."""
+
+
+class DistributedRankController(RankController):
+    """A RankController whose decisions are made on one process and applied on all.
+
+    `model` is the DistributedDataParallel wrapper (its reducer is rebuilt after resizes) or a
+    plain module whose gradients the caller keeps in sync. `process_group` is the group whose
+    processes must agree (default: DDP's group, else the world). `timeout_s` bounds every one of
+    InRank's collectives. Attaching is itself a collective: every process of the group attaches.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        config: InRankConfig,
+        *,
+        process_group=None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        seed: int = 0,
+        recompile: str = "dynamic",
+    ) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise InRankDistributedError(
+                "attach(..., distributed=True) needs torch.distributed's default process group: "
+                "call torch.distributed.init_process_group() first (torchrun sets the environment "
+                "it reads), then wrap the model in DistributedDataParallel and attach"
+            )
+        check_not_sharded(model)
+        self.ddp = model if isinstance(model, DistributedDataParallel) else None
+        module = model.module if self.ddp is not None else model
+        if process_group is None:
+            process_group = self.ddp.process_group if self.ddp is not None else dist.group.WORLD
+        self.timeout_s = float(timeout_s)
+        self.group = _control_group(process_group, self.timeout_s)
+        self.process = dist.get_rank(self.group)
+        self.processes = dist.get_world_size(self.group)
+        self.source = dist.get_global_rank(self.group, 0)  # process 0 of the group decides
+        self.collectives = 0
+        self.collective_seconds = 0.0  # time in InRank's own collectives (waiting included)
+        super().__init__(module, optimizer, config, seed=seed, recompile=recompile)
+        # The names are the protocol: every process must have the same factored layers, in order.
+        self.layer_names = list(factored_layers(self.model))
+        self._names_crc = zlib.crc32("\n".join(self.layer_names).encode())
+        self._verify_agreement("attach")
+
+    # -- the collectives ----------------------------------------------------------------------
+
+    def _collective(self, what: str, run):
+        start = time.perf_counter()
+        try:
+            return run()
+        except Exception as error:  # gloo raises RuntimeError / DistBackendError subclasses
+            raise InRankDistributedError(
+                f"InRank's {what} at optimizer step {self.step} failed on process "
+                f"{self.process} of {self.processes} (timeout {self.timeout_s:g} s): {error}. "
+                "Every process must run the same optimizer steps and attach the same model; "
+                "another process has probably died or stopped (see its log)"
+            ) from error
+        finally:
+            self.collectives += 1
+            self.collective_seconds += time.perf_counter() - start
+
+    def _state_tensor(self) -> torch.Tensor:
+        layers = factored_layers(self.model)
+        values = [self.step, int(self.frozen), self._names_crc, len(layers)]
+        for layer in layers.values():
+            values += [layer.rank, layer.width]
+        return torch.tensor(values, dtype=torch.int64)
+
+    def _verify_agreement(self, moment: str) -> None:
+        """All-gather every process's state and raise, on every process, if any differ."""
+        mine = self._state_tensor()
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.processes)]
+        self._collective(f"state check ({moment})", lambda: dist.all_gather(
+            sizes, torch.tensor([mine.numel()]), group=self.group))
+        width = max(int(s) for s in sizes)
+        padded = torch.full((width,), -1, dtype=torch.int64)
+        padded[: mine.numel()] = mine
+        states = [torch.empty(width, dtype=torch.int64) for _ in range(self.processes)]
+        self._collective(f"state check ({moment})", lambda: dist.all_gather(
+            states, padded, group=self.group))
+        reference = states[0]
+        for process, state in enumerate(states):
+            if not torch.equal(state, reference):
+                raise InRankDistributedError(
+                    f"InRank {moment} at optimizer step {self.step}: processes disagree: "
+                    f"{self._describe_difference(reference, state, process)}"
+                )
+
+    def _describe_difference(self, first: torch.Tensor, other: torch.Tensor, process: int) -> str:
+        a, b = first.tolist(), other.tolist()
+        if a[0] != b[0] or a[1] != b[1]:
+            return (f"process 0 is at step {a[0]} ({_phase(a[1])}), process {process} at step "
+                    f"{b[0]} ({_phase(b[1])})")
+        if a[2] != b[2] or a[3] != b[3]:
+            return (f"process {process} has different factored layers ({b[3]} against {a[3]} on "
+                    "process 0): every process must transform the same model with the same config")
+        for i, name in enumerate(self.layer_names):
+            ra, wa, rb, wb = a[4 + 2 * i], a[5 + 2 * i], b[4 + 2 * i], b[5 + 2 * i]
+            if (ra, wa) != (rb, wb):
+                return (f"layer '{name}' has rank {ra} (width {wa}) on process 0 and rank {rb} "
+                        f"(width {wb}) on process {process}")
+        return f"process {process}'s state differs from process 0's"
+
+    def _agree(self, event: str, decide) -> dict[str, tuple[int, int, float]]:
+        self._verify_agreement(f"rank {event}")
+        table = torch.zeros(len(self.layer_names), 3, dtype=torch.float64)
+        if self.process == 0:
+            decisions = decide()
+            for i, name in enumerate(self.layer_names):
+                table[i] = torch.tensor(decisions[name], dtype=torch.float64)
+        self._collective(f"rank decision ({event})",
+                         lambda: dist.broadcast(table, self.source, group=self.group))
+        return {name: (int(row[0]), int(row[1]), float(row[2]))
+                for name, row in zip(self.layer_names, table)}
+
+    def _after_apply(self, changes: list[RankChange]) -> None:
+        if not changes:
+            return
+        self._verify_agreement("rank change")
+        resized = [c.name for c in changes if c.resized]
+        if not resized:
+            return
+        layers = factored_layers(self.model)
+        tensors = [t for name in resized for t in _layer_tensors(layers[name])]
+        self._collective("factor broadcast", lambda: _broadcast_tensors(
+            tensors, self.source, self.group))
+        if self.ddp is not None:
+            rebuild_reducer(self.ddp)
+
+    # -- persistence --------------------------------------------------------------------------
+
+    def load_state_dict(self, state: dict) -> None:
+        """Load the controller's state (identical on every process), check that the processes
+        agree, and rebuild DDP's reducer in case the model's shapes changed since DDP was built."""
+        super().load_state_dict(state)
+        self._verify_agreement("resume")
+        if self.ddp is not None:
+            rebuild_reducer(self.ddp)
+
+    def __repr__(self) -> str:
+        return (super().__repr__()[:-1]
+                + f", process={self.process} of {self.processes}, ddp={self.ddp is not None})")
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def _phase(frozen: int) -> str:
+    return "frozen" if frozen else "adapting"
+
+
+def _control_group(process_group, timeout_s: float):
+    """A gloo group over the same processes as `process_group`, for InRank's small collectives
+    on CPU tensors with InRank's own timeout (the training group may be NCCL, with its own)."""
+    timeout = timedelta(seconds=timeout_s)
+    world = dist.group.WORLD
+    if process_group is None or process_group is world:
+        return dist.new_group(backend="gloo", timeout=timeout)
+    if dist.get_backend(process_group) == "gloo":
+        return process_group  # already gloo: used as it is, with the timeout it was made with
+    raise InRankDistributedError(
+        f"process_group uses the {dist.get_backend(process_group)!r} backend and is not the whole "
+        "world; InRank's collectives need a gloo group over the same processes: make one with "
+        "torch.distributed.new_group(ranks, backend='gloo') on every process and pass it as "
+        "process_group"
+    )
+
+
+def _layer_tensors(layer: nn.Module) -> list[torch.Tensor]:
+    return [t for _, t in layer.named_parameters(recurse=False)] + \
+        [t for _, t in layer.named_buffers(recurse=False)]
+
+
+@torch.no_grad()
+def _broadcast_tensors(tensors: list[torch.Tensor], source: int, group) -> None:
+    for tensor in tensors:
+        on_cpu = tensor.detach().to("cpu").contiguous()
+        dist.broadcast(on_cpu, source, group=group)
+        if on_cpu.data_ptr() != tensor.data_ptr():
+            tensor.copy_(on_cpu)
+
+
+def is_ddp(model: nn.Module) -> bool:
+    return isinstance(model, DistributedDataParallel)
+
+
+def check_not_sharded(model: nn.Module) -> None:
+    """Refuse FSDP / FSDP2 models: InRank's resizes would have to re-shard parameters FSDP owns."""
+    sharded = None
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - torch without fsdp
+        return
+    for name, module in model.named_modules():
+        if isinstance(module, (FSDPModule, FullyShardedDataParallel)):
+            sharded = name or type(model).__name__
+            break
+    if sharded is None:
+        from torch.distributed.tensor import DTensor
+
+        sharded = next((n for n, p in model.named_parameters() if isinstance(p, DTensor)), None)
+    if sharded is not None:
+        raise InRankDistributedError(
+            f"'{sharded}' is sharded (FSDP / fully_shard / DTensor parameters). InRank changes the "
+            "shapes of factored layers while ranks adapt, and FSDP cannot re-shard parameters "
+            "that change shape. Adapt ranks under DistributedDataParallel with InRank-Efficient "
+            "(InRankConfig(stop_after=N)); once ranks are frozen, detach the controller and shard "
+            "the fixed-rank model with fully_shard for the rest of training (docs/DISTRIBUTED.md)"
+        )
+
+
+def rebuild_reducer(ddp: DistributedDataParallel) -> None:
+    """Rebuild DDP's reducer on the module's current parameters, as DDP's own __setstate__ does.
+
+    DDP hooks every parameter's gradient accumulation and buckets parameters at construction;
+    after a resize the new factors are not in any bucket. The old reducer's hooks are removed
+    first (they would still fire for unchanged parameters and all-reduce into stale buckets).
+    """
+    needed = ("reducer", "_build_params_for_reducer", "_build_debug_param_to_name_mapping",
+              "_ddp_init_helper", "parameters_to_ignore")
+    missing = [a for a in needed if not hasattr(ddp, a)]
+    if missing:
+        raise InRankDistributedError(
+            f"this torch {torch.__version__} DistributedDataParallel lacks {missing}, which "
+            "inrank_fx uses to rebuild its reducer after a resize"
+        )
+    if (getattr(ddp, "mixed_precision", None) is not None
+            or getattr(ddp, "_delay_all_reduce_params", [])):
+        raise InRankDistributedError(
+            "DistributedDataParallel's mixed_precision and delay_all_reduce_named_params are not "
+            "supported with InRank's resizes; use torch.autocast for mixed precision"
+        )
+    ddp.reducer._remove_autograd_hooks()
+    for handle in getattr(ddp, "_accum_grad_hooks", []):
+        handle.remove()
+    ddp._module_parameters = [p for n, p in ddp.module.named_parameters()
+                              if n not in ddp.parameters_to_ignore]
+    parameters, expect_sparse_gradient = ddp._build_params_for_reducer()
+    mapping = ddp._build_debug_param_to_name_mapping(parameters)
+    ddp._ddp_init_helper(parameters, expect_sparse_gradient, mapping, ddp.static_graph)
+    for hook, state in getattr(ddp, "_comm_hooks", []):
+        dist._register_comm_hook(ddp.reducer, state, hook)
+    if ddp.static_graph:
+        ddp.reducer._set_static_graph()
+        ddp.logger._set_static_graph()
+    ddp._has_rebuilt_buckets = False
+    if getattr(ddp, "_use_python_reducer", False):
+        ddp._accum_grad_hooks = []
+        ddp._register_accum_grad_hook()

@@ -1,0 +1,146 @@
+"""What can go wrong with several processes, staged for tests/test_distributed.py.
+
+    torchrun --standalone --nproc_per_node 2 tests/ddp_worker.py SCENARIO OUT_DIR
+
+Each process writes OUT_DIR/<scenario>-<process>.json with what it saw:
+
+- refusals: a plain module attached in a 2-process world, and an FSDP2 (fully_shard) model,
+  must both be refused with a clear error; then the documented way to FSDP2 (adapt under DDP
+  until ranks freeze, detach, fully_shard) trains;
+- skewed: process 1 has another threshold and another random generator (as if it would
+  decide and draw on its own); ranks and parameters must still agree bit for bit;
+- diverge: process 1 applies a different rank than process 0 decided (simulating a process
+  that decides on its own); both processes must raise InRankDistributedError naming the layer;
+- stall: process 1 stops answering at the first rank check (sleeps); process 0 must raise
+  InRankDistributedError once the timeout (5 s) has passed;
+- die: process 1 exits at the first rank check; process 0 must raise InRankDistributedError
+  within the timeout (20 s) instead of hanging.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import inrank_fx
+from inrank_fx.distributed import InRankDistributedError
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "ddp_train.py"
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location("ddp_train", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def refusals(example, args, process, processes, device) -> dict:
+    model, trained, optimizer, controller, _ = example.build(args, device, processes)
+    seen = {}
+    try:
+        inrank_fx.attach(model, optimizer)  # the plain module, not the DDP wrapper
+    except ValueError as error:
+        seen["plain"] = str(error)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    sharded = copy.deepcopy(model)
+    fully_shard(sharded, mesh=init_device_mesh("cpu", (processes,)))
+    try:
+        inrank_fx.attach(sharded, torch.optim.AdamW(sharded.parameters()))
+    except InRankDistributedError as error:
+        seen["fsdp"] = str(error)
+
+    # The documented way to FSDP2: adapt under DDP until ranks freeze, then shard.
+    example.train(args, process, processes, device, model, trained, optimizer, controller, 0)
+    assert controller.frozen
+    controller.detach()
+    frozen_ranks = inrank_fx.ranks(model)
+    fully_shard(model, mesh=init_device_mesh("cpu", (processes,)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    args.steps += 5
+    losses, _ = example.train(args, process, processes, device, model, model, optimizer,
+                              controller, args.steps - 5)
+    seen["sharded_losses"] = losses
+    seen["sharded_ranks_kept"] = inrank_fx.ranks(model) == frozen_ranks
+    return seen
+
+
+def train_until_error(example, args, process, processes, device, sabotage) -> dict:
+    model, trained, optimizer, controller, start = example.build(args, device, processes)
+    sabotage(controller)
+    began = time.perf_counter()
+    try:
+        example.train(args, process, processes, device, model, trained, optimizer, controller,
+                      start)
+    except InRankDistributedError as error:
+        return {"error": str(error), "seconds": time.perf_counter() - began,
+                "step": controller.step}
+    return {"error": None, "seconds": time.perf_counter() - began, "step": controller.step,
+            "ranks": inrank_fx.ranks(model), "rank_events": controller.rank_events,
+            "checksum": example.checksum(model)}
+
+
+def main() -> None:
+    scenario, out = sys.argv[1], Path(sys.argv[2])
+    example = load_example()
+    args = example.parse_args(["--quick", "--timeout", "20"])
+    process, processes, device = example.start_processes("gloo")
+
+    if scenario == "refusals":
+        seen = refusals(example, args, process, processes, device)
+    elif scenario == "diverge":
+        def sabotage(controller):
+            if process != 1:
+                return
+            agree = controller._agree
+
+            def decide_differently(event, decide):
+                decisions = agree(event, decide)
+                name = next(iter(decisions))
+                rank, width, explained = decisions[name]
+                decisions[name] = (rank + 1, max(width, rank + 1), explained)
+                return decisions
+
+            controller._agree = decide_differently
+        seen = train_until_error(example, args, process, processes, device, sabotage)
+    elif scenario == "skewed":
+        def sabotage(controller):
+            if process == 1:  # would decide other ranks and draw other components, if asked
+                controller.config = dataclasses.replace(controller.config, threshold=0.5)
+                controller.generator.manual_seed(12345)
+        seen = train_until_error(example, args, process, processes, device, sabotage)
+    elif scenario == "stall":
+        def sabotage(controller):
+            if process == 1:
+                controller._agree = lambda event, decide: (time.sleep(args.timeout + 5),
+                                                           os._exit(0))
+        args.timeout = 5.0
+        seen = train_until_error(example, args, process, processes, device, sabotage)
+    elif scenario == "die":
+        def sabotage(controller):
+            if process == 1:
+                controller._agree = lambda event, decide: os._exit(0)
+        seen = train_until_error(example, args, process, processes, device, sabotage)
+    else:
+        raise SystemExit(f"unknown scenario {scenario!r}")
+
+    (out / f"{scenario}-{process}.json").write_text(json.dumps(seen))
+    if scenario == "refusals":
+        dist.destroy_process_group()
+    # after an InRank error the group is broken: exit without further collectives
+    sys.stdout.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
