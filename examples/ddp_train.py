@@ -52,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--resume", type=Path, help="continue from a checkpoint.pt")
     parser.add_argument("--compile", action="store_true",
                         help="train the DDP model under torch.compile")
+    parser.add_argument("--find-unused-parameters", action="store_true",
+                        help="DDP's find_unused_parameters (InRank keeps it in sync as well)")
     parser.add_argument("--backend", choices=("gloo", "nccl"),
                         help="default: nccl where CUDA is available, else gloo")
     parser.add_argument("--timeout", type=float, default=300.0,
@@ -100,7 +102,9 @@ def build(args, device, processes):
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])  # takes the checkpoint's ranks and widths
     model.to(device)
-    trained = DistributedDataParallel(model) if processes > 1 else model
+    trained = model
+    if processes > 1:
+        trained = DistributedDataParallel(model, find_unused_parameters=args.find_unused_parameters)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     controller = inrank_fx.attach(trained, optimizer, seed=args.seed, timeout_s=args.timeout)
     start = 0
@@ -172,6 +176,7 @@ def main(argv=None) -> dict:
         "inrank_seconds": controller.seconds,
         "collective_seconds": getattr(controller, "collective_seconds", 0.0),
         "collectives": getattr(controller, "collectives", 0),
+        "collective_stats": getattr(controller, "collective_stats", {}),
     }
     if args.compile:  # compiled graphs made (recompiles included): bounded, never an eager fallback
         result["compiled_graphs"] = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])

@@ -30,7 +30,7 @@ from torch import nn
 from ._io import atomic_destination, check_destination
 from .compiled import allow_dynamic_parameter_shapes, check_policy
 from .config import InRankConfig
-from .resize import RankChange, set_ranks
+from .resize import RankArg, RankChange, per_layer, set_ranks
 from .spectrum import explained_ratios, select_rank
 from .summary import factored_layers
 from .transform import REPORT_ATTR
@@ -120,6 +120,25 @@ class RankController:
         self.frozen = True
         return self._act(decisions, "truncate", "truncated to their ranks (adaptation stopped)")
 
+    @torch.no_grad()
+    def set_ranks(self, ranks: RankArg, widths: RankArg | None = None) -> list[RankChange]:
+        """Set ranks by hand, as `inrank_fx.set_ranks` with this controller's optimizer, and
+        record them in the history ("manual"). Under DDP this is a collective: call it on every
+        process; process 0's values are applied everywhere and DDP follows the resize."""
+        layers = factored_layers(self.model)
+        wanted = per_layer(ranks, layers, "ranks")
+        wanted_widths = per_layer(widths, layers, "widths") if widths is not None else {}
+
+        def decide():
+            decisions = {}
+            for name, layer in layers.items():
+                rank = wanted.get(name, layer.rank)
+                width = wanted_widths.get(name, rank if name in wanted else layer.width)
+                decisions[name] = (rank, width, self._explained(layer, self.spectrum(layer), rank))
+            return decisions
+
+        return self._act(self._agree("manual", decide), "manual", "set by hand")
+
     # -- deciding and acting ------------------------------------------------------------------
     # A decision is {layer name: (rank, width, explained ratio at that rank)} for every layer.
     # `_agree` is where processes agree on one (see inrank_fx.distributed); alone, it is ours.
@@ -153,8 +172,10 @@ class RankController:
         layers = factored_layers(self.model)
         ranks, widths = {}, {}
         for name, (rank, width, explained) in decisions.items():
-            self._record(name, event, rank, width, explained)
-            if event == "truncate" or (rank, width) != (layers[name].rank, layers[name].width):
+            changed = (rank, width) != (layers[name].rank, layers[name].width)
+            if event != "manual" or changed:
+                self._record(name, event, rank, width, explained)
+            if event == "truncate" or changed:
                 ranks[name], widths[name] = rank, width
         changes = self._apply(ranks, widths, verb)
         self._after_apply(changes)

@@ -85,8 +85,8 @@ class DistributedRankController(RankController):
         self.process = dist.get_rank(self.group)
         self.processes = dist.get_world_size(self.group)
         self.source = dist.get_global_rank(self.group, 0)  # process 0 of the group decides
-        self.collectives = 0
-        self.collective_seconds = 0.0  # time in InRank's own collectives (waiting included)
+        # {kind: [count, seconds]} of InRank's own collectives, waiting for peers included
+        self.collective_stats: dict[str, list] = {}
         super().__init__(module, optimizer, config, seed=seed, recompile=recompile)
         # The names are the protocol: every process must have the same factored layers, in order.
         self.layer_names = list(factored_layers(self.model))
@@ -107,8 +107,17 @@ class DistributedRankController(RankController):
                 "another process has probably died or stopped (see its log)"
             ) from error
         finally:
-            self.collectives += 1
-            self.collective_seconds += time.perf_counter() - start
+            stats = self.collective_stats.setdefault(what.split(" (")[0], [0, 0.0])
+            stats[0] += 1
+            stats[1] += time.perf_counter() - start
+
+    @property
+    def collectives(self) -> int:
+        return sum(count for count, _ in self.collective_stats.values())
+
+    @property
+    def collective_seconds(self) -> float:
+        return sum(seconds for _, seconds in self.collective_stats.values())
 
     def _state_tensor(self) -> torch.Tensor:
         layers = factored_layers(self.model)
@@ -224,11 +233,15 @@ def _layer_tensors(layer: nn.Module) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def _broadcast_tensors(tensors: list[torch.Tensor], source: int, group) -> None:
+    """Broadcast `tensors` from `source` in one collective per dtype (flattened on CPU)."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for tensor in tensors:
-        on_cpu = tensor.detach().to("cpu").contiguous()
-        dist.broadcast(on_cpu, source, group=group)
-        if on_cpu.data_ptr() != tensor.data_ptr():
-            tensor.copy_(on_cpu)
+        by_dtype.setdefault(tensor.dtype, []).append(tensor)
+    for same in by_dtype.values():
+        flat = torch.cat([t.detach().reshape(-1).to("cpu") for t in same])
+        dist.broadcast(flat, source, group=group)
+        for tensor, value in zip(same, flat.split([t.numel() for t in same])):
+            tensor.copy_(value.view_as(tensor))
 
 
 def is_ddp(model: nn.Module) -> bool:

@@ -12,6 +12,7 @@ from typing import Mapping, Union
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .compiled import after_shape_change, check_policy
 from .optim import check_mappable, replace_param
@@ -70,13 +71,20 @@ def set_ranks(
     Returns the changes made (layers whose rank and width were already as asked are left out).
     """
     check_policy(recompile)
+    if isinstance(model, DistributedDataParallel):
+        raise ValueError(
+            "set_ranks got a DistributedDataParallel model: resizing it on one process would "
+            "leave DDP's gradient hooks on the old factors and the processes apart; call "
+            "controller.set_ranks(...) on every process instead (the controller that "
+            "inrank_fx.attach(ddp_model, optimizer) returns)"
+        )
     if grow_state not in GROW_STATES:
         raise ValueError(f"grow_state must be one of {tuple(GROW_STATES)}, got {grow_state!r}")
     layers = factored_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no factored layers: run inrank_fx.transform first")
-    wanted_ranks = _per_layer(ranks, layers, "ranks")
-    wanted_widths = _per_layer(widths, layers, "widths") if widths is not None else {}
+    wanted_ranks = per_layer(ranks, layers, "ranks")
+    wanted_widths = per_layer(widths, layers, "widths") if widths is not None else {}
 
     plan: list[tuple[str, nn.Module, int, int]] = []
     for name, rank in wanted_ranks.items():
@@ -113,7 +121,7 @@ def set_ranks(
     return changes
 
 
-def _per_layer(value: RankArg, layers: dict, what: str) -> dict[str, int]:
+def per_layer(value: RankArg, layers: dict, what: str) -> dict[str, int]:
     if isinstance(value, Mapping):
         unknown = [n for n in value if n not in layers]
         if unknown:

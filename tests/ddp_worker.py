@@ -8,7 +8,8 @@ Each process writes OUT_DIR/<scenario>-<process>.json with what it saw:
   must both be refused with a clear error; then the documented way to FSDP2 (adapt under DDP
   until ranks freeze, detach, fully_shard) trains;
 - skewed: process 1 has another threshold and another random generator (as if it would
-  decide and draw on its own); ranks and parameters must still agree bit for bit;
+  decide and draw on its own), under DDP(find_unused_parameters=True), where a DDP left on the
+  old factors drifts apart silently; ranks and parameters must still agree bit for bit;
 - diverge: process 1 applies a different rank than process 0 decided (simulating a process
   that decides on its own); both processes must raise InRankDistributedError naming the layer;
 - stall: process 1 stops answering at the first rank check (sleeps); process 0 must raise
@@ -85,9 +86,22 @@ def train_until_error(example, args, process, processes, device, sabotage) -> di
     except InRankDistributedError as error:
         return {"error": str(error), "seconds": time.perf_counter() - began,
                 "step": controller.step}
-    return {"error": None, "seconds": time.perf_counter() - began, "step": controller.step,
+    seen = {"error": None, "seconds": time.perf_counter() - began, "step": controller.step,
             "ranks": inrank_fx.ranks(model), "rank_events": controller.rank_events,
             "checksum": example.checksum(model)}
+    # By hand: set_ranks on the DDP model is refused; the controller's is a collective in
+    # which process 0's values win, and DDP keeps training after it.
+    try:
+        inrank_fx.set_ranks(trained, 3)
+    except ValueError as error:
+        seen["set_ranks_ddp"] = str(error)
+    controller.set_ranks(3 + process, widths=5 + process)
+    seen["manual_ranks"] = inrank_fx.ranks(model)
+    args.steps += 3
+    example.train(args, process, processes, device, model, trained, optimizer, controller,
+                  args.steps - 3)
+    seen["manual_checksum"] = example.checksum(model)
+    return seen
 
 
 def main() -> None:
@@ -114,6 +128,7 @@ def main() -> None:
             controller._agree = decide_differently
         seen = train_until_error(example, args, process, processes, device, sabotage)
     elif scenario == "skewed":
+        args.find_unused_parameters = True  # where a stale DDP would drift apart silently
         def sabotage(controller):
             if process == 1:  # would decide other ranks and draw other components, if asked
                 controller.config = dataclasses.replace(controller.config, threshold=0.5)

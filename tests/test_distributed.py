@@ -123,6 +123,10 @@ def test_decisions_and_new_components_come_from_process_0(worker_out):
     assert first["error"] is None and first["rank_events"] >= 3
     assert first["ranks"] == second["ranks"]
     assert first["checksum"] == second["checksum"]
+    assert "controller.set_ranks" in first["set_ranks_ddp"]
+    assert set(first["manual_ranks"].values()) == {3}  # process 0's values, on both
+    assert first["manual_ranks"] == second["manual_ranks"]
+    assert first["manual_checksum"] == second["manual_checksum"]
 
 
 def test_a_process_that_applies_another_rank_is_named(worker_out):

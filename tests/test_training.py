@@ -232,3 +232,24 @@ def test_steps_are_optimizer_steps_and_widths_follow_rank_multiple():
     assert ctrl.step == 6
     assert [h["step"] for h in ctrl.history] == [2, 4, 6]
     assert model[0].rank > 2 and model[0].width % 8 == 0
+
+
+def test_controller_set_ranks_moves_the_optimizer_and_records_history():
+    model = transform(nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16)),
+                      InRankConfig(init_rank=2, buffer=2))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ctrl = attach(model, opt)
+    model(torch.randn(4, 32)).sum().backward()
+    opt.step()
+    changes = ctrl.set_ranks({"0": 6}, widths={"0": 8})
+    assert [str(c) for c in changes] == ["0 rank 2->6 (width 4->8)"]
+    assert ranks(model) == {"0": 6, "2": 2}
+    layer = model.get_submodule("0")
+    assert any(p is layer.U for g in opt.param_groups for p in g["params"])
+    assert opt.state[layer.U]["exp_avg"].shape == layer.U.shape
+    assert [(r["layer"], r["event"], r["rank"], r["width"]) for r in ctrl.history] == [
+        ("0", "manual", 6, 8)]
+    model(torch.randn(4, 32)).sum().backward()
+    opt.step()  # trains on at the new width
+    with pytest.raises(ValueError, match="rank of '0'"):
+        ctrl.set_ranks({"0": 40})
