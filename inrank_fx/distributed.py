@@ -76,6 +76,9 @@ class DistributedRankController(RankController):
                 "it reads), then wrap the model in DistributedDataParallel and attach"
             )
         check_not_sharded(model)
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) \
+                or not timeout_s > 0:
+            raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
         self.ddp = model if isinstance(model, DistributedDataParallel) else None
         module = model.module if self.ddp is not None else model
         if process_group is None:

@@ -51,6 +51,14 @@ def refusals(example, args, process, processes, device) -> dict:
         inrank_fx.attach(model, optimizer)  # the plain module, not the DDP wrapper
     except ValueError as error:
         seen["plain"] = str(error)
+    try:
+        inrank_fx.attach(trained, optimizer, distributed=False)  # DDP, but told not to sync
+    except ValueError as error:
+        seen["ddp_not_distributed"] = str(error)
+    try:
+        inrank_fx.attach(trained, optimizer, timeout_s=0)
+    except ValueError as error:
+        seen["timeout"] = str(error)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
