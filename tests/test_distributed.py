@@ -38,8 +38,8 @@ def torchrun(script: Path, *args, processes: int = 2) -> subprocess.CompletedPro
                           env=env, cwd=ROOT)
 
 
-def results(folder: Path, processes: int = 2, prefix: str = "process") -> list[dict]:
-    return [json.loads((folder / f"{prefix}-{i}.json").read_text()) for i in range(processes)]
+def results(folder: Path, processes: int = 2) -> list[dict]:
+    return [json.loads((folder / f"process-{i}.json").read_text()) for i in range(processes)]
 
 
 def check_ran(run: subprocess.CompletedProcess) -> None:
@@ -108,9 +108,14 @@ def worker_out(tmp_path_factory):
     return tmp_path_factory.mktemp("worker")
 
 
+def scenario(out: Path, name: str) -> list[dict]:
+    """Run one of tests/ddp_worker.py's scenarios on 2 processes; what each process saw."""
+    check_ran(torchrun(WORKER, name, out))
+    return [json.loads(path.read_text()) for path in sorted(out.glob(f"{name}-*.json"))]
+
+
 def test_refusals_and_the_way_to_fsdp2(worker_out):
-    check_ran(torchrun(WORKER, "refusals", worker_out))
-    for seen in results(worker_out, prefix="refusals"):
+    for seen in scenario(worker_out, "refusals"):
         assert "DistributedDataParallel-wrapped model" in seen["plain"]
         assert "distributed=True" in seen["ddp_not_distributed"]
         assert "timeout_s must be a positive number" in seen["timeout"]
@@ -120,8 +125,7 @@ def test_refusals_and_the_way_to_fsdp2(worker_out):
 
 
 def test_decisions_and_new_components_come_from_process_0(worker_out):
-    check_ran(torchrun(WORKER, "skewed", worker_out))
-    first, second = results(worker_out, prefix="skewed")
+    first, second = scenario(worker_out, "skewed")
     assert first["error"] is None and first["rank_events"] >= 3
     assert first["ranks"] == second["ranks"]
     assert first["checksum"] == second["checksum"]
@@ -132,24 +136,21 @@ def test_decisions_and_new_components_come_from_process_0(worker_out):
 
 
 def test_a_process_that_applies_another_rank_is_named(worker_out):
-    check_ran(torchrun(WORKER, "diverge", worker_out))
-    for seen in results(worker_out, prefix="diverge"):
+    for seen in scenario(worker_out, "diverge"):
         assert "processes disagree" in seen["error"]
         assert "layer 'transformer.h.0.attn.c_attn'" in seen["error"]
         assert "on process 1" in seen["error"]
 
 
 def test_a_process_that_dies_is_an_error_not_a_hang(worker_out):
-    check_ran(torchrun(WORKER, "die", worker_out, processes=2))
-    seen = json.loads((worker_out / "die-0.json").read_text())
+    seen = scenario(worker_out, "die")[0]  # process 1 died without a word
     assert seen["error"] is not None and "optimizer step 5" in seen["error"]
     assert "another process has probably died" in seen["error"]
     assert seen["seconds"] < 20 + 10
 
 
 def test_a_process_that_stalls_times_out(worker_out):
-    check_ran(torchrun(WORKER, "stall", worker_out))
-    seen = json.loads((worker_out / "stall-0.json").read_text())
+    seen = scenario(worker_out, "stall")[0]
     assert seen["error"] is not None and "timeout 5 s" in seen["error"]
     assert 5 <= seen["seconds"] < 5 + 10
 
