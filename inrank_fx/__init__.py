@@ -8,6 +8,9 @@ from .optim import OptimizerStateError
 from .passes import register_function_handler, register_module_handler
 from .resize import RankChange, set_ranks
 from .summary import ranks, summary
+from .transformer import (  # noqa: F401  (registers the nn.Transformer substitutes)
+    InRankTransformerEncoderLayer,
+)
 from .transform import TransformReport, transform
 
 __version__ = "0.1.0"

@@ -64,6 +64,15 @@ class InRankMultiheadAttention(nn.Module):
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights: bool = True,
                 attn_mask=None, average_attn_weights: bool = True, is_causal: bool = False):
+        # is_causal is a hint that attn_mask is the causal mask, as in nn.MultiheadAttention:
+        # it needs the mask, and replaces it by a causal kernel only where nothing else is asked.
+        if is_causal and attn_mask is None:
+            raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the "
+                               "Transformer module method `generate_square_subsequent_mask` to "
+                               "create this mask.")
+        causal = bool(is_causal) and key_padding_mask is None and not need_weights
+        if causal:
+            attn_mask = None
         unbatched = query.dim() == 2
         if unbatched:  # (L, E): a batch of one
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
@@ -92,7 +101,8 @@ class InRankMultiheadAttention(nn.Module):
             out = F.dropout(weights, dropout, self.training) @ v
         else:
             weights = None
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                                 is_causal=causal)
         if batch_first:
             out = out.transpose(1, 2).reshape(N, L, E)
         else:

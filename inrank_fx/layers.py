@@ -270,12 +270,19 @@ class InRankLinear(nn.Module):
         self.rank = min(self.rank, width)
 
     # -- checkpoints: the rank is extra state; the width comes with the factors' shapes ------
+    # A tensor, not a dict, so that tensor-only formats (safetensors, save_pretrained) take it.
 
-    def get_extra_state(self) -> dict:
-        return {"rank": self.rank}
+    def get_extra_state(self) -> torch.Tensor:
+        return torch.tensor([self.rank], dtype=torch.int64)
 
-    def set_extra_state(self, state: dict) -> None:
-        self.rank = int(state["rank"])
+    def set_extra_state(self, state) -> None:
+        if torch.is_tensor(state) and state.numel() == 1:
+            self.rank = int(state.item())
+        elif isinstance(state, dict) and "rank" in state:  # checkpoints before the tensor form
+            self.rank = int(state["rank"])
+        else:
+            raise ValueError(f"InRankLinear extra state must hold the rank (a one-element tensor), "
+                             f"got {state!r}")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

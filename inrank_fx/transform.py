@@ -29,6 +29,7 @@ from .passes.rewrite import (
     install_layer,
     replace_module,
 )
+from .passes.substitutes import apply_substitutes, restore_unused
 from .passes.tracing import is_library_module
 from .spectrum import select_rank
 
@@ -119,6 +120,7 @@ def transform(
     if not inplace:
         model = copy.deepcopy(model)
 
+    substituted = apply_substitutes(model)  # e.g. nn.TransformerEncoderLayer: see transformer.py
     captured = _capture_calls(model, example_inputs) if example_inputs is not None else None
     analysis = analyse(model, config, captured)
     report = TransformReport(
@@ -149,6 +151,7 @@ def transform(
         for name in weight.names:
             install_layer(model, name, layer)
     model = _rewrite_forwards(model, analysis, installs, report)
+    restore_unused(substituted, lambda m: isinstance(m, InRankLinear))
 
     _warn_unmatched_patterns(config, report.candidates)
     _announce(model, report)

@@ -47,3 +47,45 @@ class Untraceable(nn.Module):
             x = self.b(x)
         x = x + F.linear(x, self.direct.weight)  # reads a child's weight without calling it
         return self.inner(x)
+
+
+class Tagger(nn.Module):
+    """The PyTorch-tutorial transformer: embeddings, nn.TransformerEncoder with a padding mask,
+    a per-token head."""
+
+    def __init__(self, vocab: int = 100, d_model: int = 32, tags: int = 5) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d_model)
+        layer = nn.TransformerEncoderLayer(d_model, 4, 2 * d_model, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2)
+        self.head = nn.Linear(d_model, tags)
+
+    def forward(self, tokens: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(tokens), src_key_padding_mask=padding))
+
+    @staticmethod
+    def example(batch: int = 2, length: int = 7):
+        lengths = torch.arange(batch) % (length - 2) + 3
+        return (torch.randint(0, 100, (batch, length)),
+                torch.arange(length)[None, :] >= lengths[:, None])
+
+
+class Seq2Seq(nn.Module):
+    """nn.Transformer (encoder + decoder) with a causal target mask."""
+
+    def __init__(self, vocab: int = 100, d_model: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d_model)
+        self.transformer = nn.Transformer(d_model, 4, 2, 2, 2 * d_model, dropout=0.0,
+                                          batch_first=True)
+        self.head = nn.Linear(d_model, vocab)
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        causal = nn.Transformer.generate_square_subsequent_mask(tgt.size(1), device=tgt.device)
+        hidden = self.transformer(self.embed(src), self.embed(tgt), tgt_mask=causal,
+                                  tgt_is_causal=True)
+        return self.head(hidden)
+
+    @staticmethod
+    def example(batch: int = 2):
+        return torch.randint(0, 100, (batch, 7)), torch.randint(0, 100, (batch, 5))

@@ -253,3 +253,20 @@ def test_controller_set_ranks_moves_the_optimizer_and_records_history():
     opt.step()  # trains on at the new width
     with pytest.raises(ValueError, match="rank of '0'"):
         ctrl.set_ranks({"0": 40})
+
+
+def test_checkpoints_in_safetensors_keep_ranks_and_widths(tmp_path):
+    safetensors = pytest.importorskip("safetensors.torch")
+    model = transform(nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32)),
+                      InRankConfig(init_rank=4, buffer=0))
+    set_ranks(model, {"0": 7, "2": 3}, widths={"0": 11, "2": 3})
+    safetensors.save_file(model.state_dict(), tmp_path / "model.safetensors")  # tensors only
+    fresh = transform(nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32)),
+                      InRankConfig(init_rank=4, buffer=0))
+    fresh.load_state_dict(safetensors.load_file(tmp_path / "model.safetensors"))
+    assert ranks(fresh) == {"0": 7, "2": 3} and fresh.get_submodule("0").width == 11
+    x = torch.randn(5, 32)
+    assert torch.equal(fresh(x), model(x))
+    old = dict(model.state_dict(), **{"0._extra_state": {"rank": 6}})  # the former dict form
+    fresh.load_state_dict(old)
+    assert ranks(fresh)["0"] == 6

@@ -6,6 +6,7 @@ from .matchers import (
     register_module_handler,
 )
 from .rewrite import factor_matmul_sites
+from .substitutes import register_substitute
 
 __all__ = [
     "MatmulSite",
@@ -13,4 +14,5 @@ __all__ = [
     "factor_matmul_sites",
     "register_function_handler",
     "register_module_handler",
+    "register_substitute",
 ]

@@ -27,6 +27,7 @@ from .matchers import (
     module_handler,
     view_chain,
 )
+from .substitutes import calls_children_only
 from .tracing import (
     TraceResult,
     export_own_forward,
@@ -118,6 +119,15 @@ def analyse(model: nn.Module, config=None, captured: dict | None = None) -> Anal
             continue  # its reads are the calls of it, found in its callers' traces
         if not has_own_forward(module):
             continue  # a container (ModuleList, ModuleDict): its callers call its children
+        if calls_children_only(module):  # a substitute such as nn.TransformerEncoder's
+            where = f"called by {type(module).__name__} {path!r}"
+            for cname, child in module.named_children():
+                handler = module_handler(child, config)
+                if handler is not None:
+                    for wpath, p in handled_weights(child, handler).items():
+                        read = Read("blind", where, prefix + cname)
+                        add_read(p, f"{prefix}{cname}.{wpath}", read)
+            continue
         if is_library_module(module):
             for pname, p in module.named_parameters():
                 where = f"read inside {type(module).__name__} '{path}'"
