@@ -93,15 +93,13 @@ class BenchResult:
 
     def plot(self, path: str | os.PathLike) -> Path:
         """Grouped bars of throughput per backend, dense beside factored, speedups annotated."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
 
         path = check_destination(path)
         backends = [b for b in dict.fromkeys(r.backend for r in self.records)
                     if all(self.get(m, b).status == "ok" for m in ("dense", "factored"))]
-        fig, ax = plt.subplots(figsize=(1.8 + 1.6 * max(len(backends), 1), 3.6))
+        fig = Figure(figsize=(1.8 + 1.6 * max(len(backends), 1), 3.6))
+        ax = fig.subplots()
         for i, model in enumerate(("dense", "factored")):
             values = [self.get(model, b).throughput for b in backends]
             bars = ax.bar([x + (i - 0.5) * 0.38 for x in range(len(backends))], values, 0.38,
@@ -120,7 +118,6 @@ class BenchResult:
         fig.tight_layout()
         with atomic_destination(path) as tmp:
             fig.savefig(tmp, format="png", dpi=120)
-        plt.close(fig)
         return path
 
 

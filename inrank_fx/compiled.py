@@ -1,20 +1,26 @@
-"""Keeping torch.compile'd callers compiled, and cheap, through rank changes.
+"""Keeping torch.compile'd callers compiled, and cheap, through rank changes, without touching
+what is not InRank's.
 
 Dynamo guards on parameter shapes. By default it treats them as static, so every new width is a
 new compiled graph, and after `recompile_limit` (8) graphs for one function it silently runs
 eager. Three policies for what `set_ranks` does after a shape change:
 
 - "dynamic" (default): let dynamo treat parameter shapes as dynamic
-  (`torch._dynamo.config.force_parameter_static_shapes = False`, a process-wide setting that only
-  matters for parameters whose shapes change). The first change of a layer's width costs one
-  recompile, after which that width is symbolic and later changes cost nothing. Before any
-  compiled function's cache could approach the recompile limit, the caches are cleared instead.
-- "reset": clear torch.compile's caches (`torch.compiler.reset()`) after every change: one full
-  recompile per rank-change event, always.
+  (`torch._dynamo.config.force_parameter_static_shapes = False`; only parameters whose shapes
+  change are affected). The first change of a layer's width costs one recompile, after which
+  that width is symbolic and later changes cost nothing. The setting is held while a controller
+  is attached and restored by `detach()` (`set_ranks` called on its own sets it until
+  `restore_compile_settings()`). Should one of the model's own compiled forwards approach the
+  recompile limit, its cache alone is cleared (`torch._dynamo.reset_code`); a compiled function
+  that is not the model's (a train step that calls it, say) is never cleared: InRank warns,
+  naming it, instead.
+- "reset": clear every torch.compile cache in the process (`torch.compiler.reset()`) after
+  every change: one full recompile per rank-change event, always, for every compiled function,
+  the model's or not; said in a warning the first time.
 - "none": leave compiled code alone (the caller manages it).
 
-Either way a rank-change event costs at most one recompile of each compiled function, and no
-compiled function reaches the limit at which dynamo gives up.
+Either of the first two costs at most one recompile of the model's compiled forwards per event
+and never lets dynamo fall back to eager for them.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ import logging
 
 import torch
 import torch._dynamo
+from torch import nn
 
 log = logging.getLogger("inrank_fx")
 
@@ -29,6 +36,7 @@ POLICIES = ("dynamic", "reset", "none")
 # Cache entries a rank change may leave a compiled function with: room for the next event's
 # recompile in both train and eval mode below dynamo's recompile_limit.
 _HEADROOM = 3
+_RESUME_PREFIX = "torch_dynamo_resume_in_"  # dynamo's name for the code after a graph break
 
 
 def check_policy(policy: str) -> None:
@@ -36,40 +44,119 @@ def check_policy(policy: str) -> None:
         raise ValueError(f"recompile must be one of {POLICIES}, got {policy!r}")
 
 
+# -- the one process-wide setting, held by attached controllers ------------------------------
+
+_holders = 0
+_saved: bool | None = None  # the value before InRank changed it
+
+
 def allow_dynamic_parameter_shapes() -> None:
-    """Let dynamo make changed parameter dimensions symbolic instead of recompiling forever."""
+    """Let dynamo make changed parameter dimensions symbolic instead of recompiling forever
+    (remembering the previous value for `restore_compile_settings`)."""
+    global _saved
     if torch._dynamo.config.force_parameter_static_shapes:
+        _saved = True if _saved is None else _saved
         torch._dynamo.config.force_parameter_static_shapes = False
         log.info("inrank_fx: torch._dynamo.config.force_parameter_static_shapes = False, so that "
                  "compiled code follows rank changes with few recompiles")
 
 
-def after_shape_change(policy: str, layers: int) -> None:
-    """Called by set_ranks once factors have changed shape."""
+def hold_compile_settings() -> None:
+    """A controller attached with recompile="dynamic": the setting stays until it detaches."""
+    global _holders
+    _holders += 1
+    allow_dynamic_parameter_shapes()
+
+
+def release_compile_settings() -> None:
+    """A controller detached: restore torch's setting once no controller holds it."""
+    global _holders
+    _holders = max(0, _holders - 1)
+    if _holders == 0:
+        restore_compile_settings()
+
+
+def restore_compile_settings() -> None:
+    """Put back the dynamo setting InRank changed (what `detach()` does for the last controller)."""
+    global _saved
+    if _saved is not None:
+        torch._dynamo.config.force_parameter_static_shapes = _saved
+        log.info("inrank_fx: torch._dynamo.config.force_parameter_static_shapes restored to %s",
+                 _saved)
+        _saved = None
+
+
+# -- after a shape change ---------------------------------------------------------------------
+
+_warned: set = set()
+
+
+def after_shape_change(policy: str, layers: int, model: nn.Module | None = None) -> None:
+    """Called by set_ranks once factors of `model` have changed shape."""
     if policy == "none":
         return
-    if policy == "dynamic":
-        allow_dynamic_parameter_shapes()
-        fullest = largest_compile_cache()
-        limit = torch._dynamo.config.recompile_limit
-        if fullest is not None and fullest < limit - _HEADROOM:
-            if fullest:
-                log.info("inrank_fx: %d layer(s) changed shape; compiled callers recompile at "
-                         "most once (largest compile cache: %d of %d graphs)", layers, fullest, limit)
-            return
-    torch.compiler.reset()
-    log.info("inrank_fx: %d layer(s) changed shape; torch.compile caches cleared, compiled "
-             "callers recompile once on their next call", layers)
+    if policy == "reset":
+        if "reset" not in _warned:
+            _warned.add("reset")
+            log.warning("inrank_fx: recompile='reset' clears every torch.compile cache in the "
+                        "process after each rank change, other models' compiled code included; "
+                        "recompile='dynamic' clears only this model's")
+        torch.compiler.reset()
+        log.info("inrank_fx: %d layer(s) changed shape; torch.compile caches cleared, compiled "
+                 "callers recompile once on their next call", layers)
+        return
+    allow_dynamic_parameter_shapes()
+    limit = torch._dynamo.config.recompile_limit
+    owned = _owned_codes(model) if model is not None else set()
+    for code, entries in compiled_codes():
+        if entries < limit - _HEADROOM:
+            continue
+        if code in owned:
+            torch._dynamo.reset_code(code)
+            log.info("inrank_fx: %d layer(s) changed shape; the compile cache of %s (%d of %d "
+                     "graphs) was cleared", layers, _describe(code), entries, limit)
+        elif code not in _warned:
+            _warned.add(code)
+            log.warning(
+                "inrank_fx: compiled function %s holds %d of dynamo's %d graphs; if it calls the "
+                "model it recompiles after rank changes and dynamo runs it eagerly at the limit. "
+                "InRank clears only the model's own compiled code: call "
+                "torch._dynamo.reset_code(fn.__code__) for it, or attach with recompile='reset'",
+                _describe(code), entries, limit)
 
 
-def largest_compile_cache() -> int | None:
-    """The most cached graphs any compiled function holds (None where dynamo does not say)."""
+def compiled_codes() -> list[tuple[object, int]]:
+    """(code object, cached graphs) for every function dynamo has compiled (empty where this
+    torch does not say)."""
     try:
         from torch._dynamo import convert_frame
         from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
-        sizes = [len(_debug_get_cache_entry_list(code))
-                 for ref in list(convert_frame.input_codes.seen) if (code := ref()) is not None]
+        codes = [code for ref in list(convert_frame.input_codes.seen) if (code := ref()) is not None]
+        return [(code, len(_debug_get_cache_entry_list(code))) for code in codes]
     except (ImportError, AttributeError, RuntimeError):
-        return None
-    return max(sizes, default=0)
+        return []
+
+
+def largest_compile_cache() -> int | None:
+    """The most cached graphs any compiled function holds (None where dynamo does not say)."""
+    sizes = compiled_codes()
+    return max((entries for _, entries in sizes), default=0) if sizes else None
+
+
+def _owned_codes(model: nn.Module) -> set:
+    """The code of the model's own forwards, and dynamo's resume functions made from them."""
+    forwards = {type(m).forward.__code__ for m in model.modules()
+                if hasattr(type(m).forward, "__code__")}
+    forwards.discard(nn.Module.forward.__code__)
+    owned = set(forwards)
+    origins = {(c.co_filename, f"{_RESUME_PREFIX}{c.co_name}_at_") for c in forwards}
+    for code, _ in compiled_codes():
+        if code.co_name.startswith(_RESUME_PREFIX) and any(
+                code.co_filename == f and code.co_name.startswith(p) for f, p in origins):
+            owned.add(code)
+    return owned
+
+
+def _describe(code) -> str:
+    return f"'{code.co_name}' ({code.co_filename}:{code.co_firstlineno})"

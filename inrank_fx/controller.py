@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ._io import atomic_destination, check_destination
-from .compiled import allow_dynamic_parameter_shapes, check_policy
+from .compiled import check_policy, hold_compile_settings, release_compile_settings
 from .config import InRankConfig
 from .resize import RankArg, RankChange, per_layer, set_ranks
 from .spectrum import explained_ratios, select_rank
@@ -62,8 +62,9 @@ class RankController:
                 f"{type(model).__name__} has no factored layers: run inrank_fx.transform first"
             )
         check_policy(recompile)
-        if recompile == "dynamic":
-            allow_dynamic_parameter_shapes()  # before the user's first compile, ideally
+        self._holds_compile_settings = recompile == "dynamic"
+        if self._holds_compile_settings:
+            hold_compile_settings()  # before the user's first compile, ideally; detach restores
         self.model = model
         self.optimizer = optimizer
         self.config = config
@@ -233,8 +234,12 @@ class RankController:
         self.start_ranks = dict(state.get("start_ranks", self.start_ranks))
 
     def detach(self) -> None:
-        """Stop following the optimizer."""
+        """Stop following the optimizer, and give back the compile setting the controller held
+        (restored once no attached controller needs it; see inrank_fx.compiled)."""
         self._hook.remove()
+        if self._holds_compile_settings:
+            self._holds_compile_settings = False
+            release_compile_settings()
 
     def __repr__(self) -> str:
         phase = "frozen" if self.frozen else "adapting"

@@ -117,7 +117,7 @@ def set_ranks(
 
     resized = sum(c.resized for c in changes)
     if resized:
-        after_shape_change(recompile, resized)
+        after_shape_change(recompile, resized, model)
     return changes
 
 

@@ -69,3 +69,87 @@ def test_without_a_policy_dynamo_would_give_up(caplog):
     # cached graph, until the recompile limit, then eager.
     with pytest.raises(Exception, match="recompile_limit|cache_size_limit"):
         _run_events("aot_eager", 12, caplog, "none")
+
+
+def _cache_entries(fn) -> int:
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    return len(_debug_get_cache_entry_list(fn.__code__))
+
+
+def test_attach_and_detach_restore_dynamos_setting():
+    from inrank_fx import attach
+
+    before = torch._dynamo.config.force_parameter_static_shapes
+    with torch._dynamo.config.patch(force_parameter_static_shapes=True):
+        model = _model()
+        opt = torch.optim.AdamW(model.parameters())
+        first, second = attach(model, opt), attach(model, opt)
+        assert torch._dynamo.config.force_parameter_static_shapes is False  # held while attached
+        first.detach()
+        assert torch._dynamo.config.force_parameter_static_shapes is False  # still held
+        second.detach()
+        assert torch._dynamo.config.force_parameter_static_shapes is True  # as it was
+        attach(model, opt, recompile="none").detach()
+        assert torch._dynamo.config.force_parameter_static_shapes is True  # never touched
+    assert torch._dynamo.config.force_parameter_static_shapes == before
+
+
+def unrelated(x):
+    return x.sin() * 2
+
+
+class Net(nn.Module):
+    """User code: torch.compile(Net()) compiles Net.forward, which InRank knows is the model's.
+    (A bare torch.nn container is compiled through a wrapper that dynamo shares between all of
+    them, which InRank therefore never clears.)"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 16))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_a_resize_clears_only_the_models_compiled_code(caplog):
+    torch._dynamo.reset()
+    other = CompileCounterWithBackend("eager")
+    unrelated_fn = torch.compile(unrelated, backend=other)
+    unrelated_fn(torch.randn(3))
+    model = transform(Net(), InRankConfig(init_rank=2, buffer=0))
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randn(4, 32)
+    compiled(x)
+    forward = Net.forward
+    assert _cache_entries(unrelated) == 1 and _cache_entries(forward) == 1
+    # A limit low enough that both caches count as near it: the model's is cleared, the
+    # unrelated function's is not, and the warning names it.
+    with torch._dynamo.config.patch(recompile_limit=4), \
+            caplog.at_level(logging.INFO, "inrank_fx"):
+        set_ranks(model, 3, widths=5)
+    assert _cache_entries(forward) == 0
+    assert _cache_entries(unrelated) == 1
+    assert any("'unrelated'" in r.getMessage() and r.levelno == logging.WARNING
+               for r in caplog.records)
+    frames = other.frame_count
+    unrelated_fn(torch.randn(3))
+    assert other.frame_count == frames  # still compiled, no recompile
+    torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_plotting_leaves_the_matplotlib_backend_alone(tmp_path):
+    matplotlib = pytest.importorskip("matplotlib")
+    from inrank_fx import bench
+
+    original = matplotlib.get_backend()
+    matplotlib.use("svg")  # a backend the user chose (not the Agg the library used to force)
+    try:
+        dense = nn.Linear(64, 64)
+        result = bench.compare(dense, transform(dense, InRankConfig(init_rank=8)),
+                               (torch.randn(4, 64),), backends=("eager",), iters=2, warmup=1)
+        result.plot(tmp_path / "bench.png")
+        assert (tmp_path / "bench.png").stat().st_size > 0
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(original)

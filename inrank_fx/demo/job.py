@@ -234,12 +234,10 @@ def comparison_table(results: dict) -> str:
 
 
 def _plot_losses(runs: dict, path: Path) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    fig = Figure(figsize=(6.4, 3.8))
+    ax = fig.subplots()
     for name, color in (("dense", "#8a8a8a"), ("inrank", "#2a7ab9")):
         losses = runs[name]["train_losses"]
         window = max(1, len(losses) // 30)
@@ -253,18 +251,16 @@ def _plot_losses(runs: dict, path: Path) -> None:
     ax.legend(frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _plot_ranks(history: list[dict], start_ranks: dict, stop_after: int, path: Path) -> None:
     import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    fig = Figure(figsize=(6.4, 3.8))
+    ax = fig.subplots()
     layers = list(dict.fromkeys(h["layer"] for h in history))
-    cmap = plt.get_cmap("viridis", max(len(layers), 2))
+    cmap = matplotlib.colormaps["viridis"].resampled(max(len(layers), 2))
     for i, layer in enumerate(layers):
         points = [(0, start_ranks[layer])] + [(h["step"], h["rank"]) for h in history
                                               if h["layer"] == layer]
@@ -279,7 +275,6 @@ def _plot_ranks(history: list[dict], start_ranks: dict, stop_after: int, path: P
         ax.legend(frameon=False, fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _publish(tmp: Path, out: Path) -> None:
