@@ -132,7 +132,8 @@ def compiled_codes() -> list[tuple[object, int]]:
         from torch._dynamo import convert_frame
         from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
-        codes = [code for ref in list(convert_frame.input_codes.seen) if (code := ref()) is not None]
+        codes = [code for ref in list(convert_frame.input_codes.seen)
+                 if (code := ref()) is not None]
         return [(code, len(_debug_get_cache_entry_list(code))) for code in codes]
     except (ImportError, AttributeError, RuntimeError):
         return []
