@@ -25,6 +25,7 @@ and never lets dynamo fall back to eager for them.
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 import torch._dynamo
@@ -46,7 +47,7 @@ def check_policy(policy: str) -> None:
 
 # -- the one process-wide setting, held by attached controllers ------------------------------
 
-_holders = 0
+_holders: "weakref.WeakSet" = weakref.WeakSet()  # attached controllers that need the setting
 _saved: bool | None = None  # the value before InRank changed it
 
 
@@ -61,18 +62,17 @@ def allow_dynamic_parameter_shapes() -> None:
                  "compiled code follows rank changes with few recompiles")
 
 
-def hold_compile_settings() -> None:
-    """A controller attached with recompile="dynamic": the setting stays until it detaches."""
-    global _holders
-    _holders += 1
+def hold_compile_settings(holder: object) -> None:
+    """A controller attached with recompile="dynamic": the setting stays until it detaches (or
+    is garbage-collected with its optimizer)."""
+    _holders.add(holder)
     allow_dynamic_parameter_shapes()
 
 
-def release_compile_settings() -> None:
-    """A controller detached: restore torch's setting once no controller holds it."""
-    global _holders
-    _holders = max(0, _holders - 1)
-    if _holders == 0:
+def release_compile_settings(holder: object) -> None:
+    """A controller detached: restore torch's setting once no live controller holds it."""
+    _holders.discard(holder)
+    if not _holders:
         restore_compile_settings()
 
 

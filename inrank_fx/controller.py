@@ -64,7 +64,7 @@ class RankController:
         check_policy(recompile)
         self._holds_compile_settings = recompile == "dynamic"
         if self._holds_compile_settings:
-            hold_compile_settings()  # before the user's first compile, ideally; detach restores
+            hold_compile_settings(self)  # before the first compile, ideally; detach restores
         self.model = model
         self.optimizer = optimizer
         self.config = config
@@ -239,7 +239,7 @@ class RankController:
         self._hook.remove()
         if self._holds_compile_settings:
             self._holds_compile_settings = False
-            release_compile_settings()
+            release_compile_settings(self)
 
     def __repr__(self) -> str:
         phase = "frozen" if self.frozen else "adapting"

@@ -78,8 +78,11 @@ def _cache_entries(fn) -> int:
 
 
 def test_attach_and_detach_restore_dynamos_setting():
+    import gc
+
     from inrank_fx import attach
 
+    gc.collect()  # controllers of earlier tests, attached to optimizers that are gone
     before = torch._dynamo.config.force_parameter_static_shapes
     with torch._dynamo.config.patch(force_parameter_static_shapes=True):
         model = _model()
