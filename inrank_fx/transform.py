@@ -197,7 +197,8 @@ def _plan(
     if not calls and not sites:
         if owner_module is not None and module_handler(owner_module, config) is not None:
             # A Linear that no traced forward calls: used inside a library module, or dead.
-            reason = opaque[0].where if opaque else "its module is never called by a traced forward"
+            reason = (opaque[0].where + _leaf_hint(opaque[0], report) if opaque
+                      else "its module is never called by a traced forward")
             report.dense.append(DenseRecord(weight.name, reason))
         elif weight.param.dim() == 2 and any(r.untraced for r in opaque):
             # Possibly a matmul weight that no frontend could see.
@@ -211,7 +212,7 @@ def _plan(
 
     if opaque:
         tied = f" (tied: {', '.join(weight.names)})" if len(weight.names) > 1 else ""
-        return dense(f"also {opaque[0].where}{tied}")
+        return dense(f"also {opaque[0].where}{tied}{_leaf_hint(opaque[0], report)}")
     if calls and sites:
         return dense(
             f"read both by a call of '{calls[0].owner}' and by {sites[0].where}; "
@@ -275,6 +276,16 @@ def _plan(
         FactoredRecord(name, kind, out_features, in_features, layer.rank, layer.width, requested)
     )
     return module, layer
+
+
+def _leaf_hint(read, report: TransformReport) -> str:
+    """What to do about a weight handed to a function fx keeps as a leaf."""
+    if not read.leaf_call:
+        return ""
+    if report.captured:
+        return "; torch.export could not capture that forward either (see not traced)"
+    return ("; pass example_inputs to transform to capture that forward with torch.export, "
+            "which sees inside the function")
 
 
 def _initial_rank(matrix: torch.Tensor, name: str, config: InRankConfig) -> tuple[int, int | None]:

@@ -119,3 +119,37 @@ def test_users_register_their_own_module_types():
     assert ranks(out) == {"0": 32, "2": 16}
     assert rel_err(out(x), model(x)) < 1e-5
     assert {r.kind for r in out._inrank_report.factored} == {"RowProjection"}
+
+
+def gated_linear(x, weight, bias):
+    """A user function fx keeps as a leaf (torch.fx.wrap below): the matmul inside is hidden
+    from symbolic tracing."""
+    return torch.sigmoid(F.linear(x, weight, bias)) * x
+
+
+torch.fx.wrap("gated_linear")
+
+
+class Gated(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(32, 32)
+        self.out = nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.out(gated_linear(x, self.gate.weight, self.gate.bias))
+
+
+def test_weights_handed_to_a_wrapped_function_need_example_inputs():
+    model = Gated()
+    plain = transform(model, InRankConfig(init_rank=1.0, min_features=1))
+    assert set(ranks(plain)) == {"out"}
+    reason = {d.name: d.reason for d in plain._inrank_report.dense}["gate.weight"]
+    assert "gated_linear(), a function fx keeps as a leaf" in reason
+    assert "pass example_inputs" in reason
+
+    x = torch.randn(1, 32)  # a batch of one: the captured graph must still take other batches
+    captured = transform(model, InRankConfig(init_rank=1.0, min_features=1), example_inputs=(x,))
+    assert set(ranks(captured)) == {"gate.weight", "out.weight"}  # the exported subtree's names
+    x4 = torch.randn(4, 32)
+    torch.testing.assert_close(captured(x4), model(x4), rtol=1e-5, atol=1e-5)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import rel_err
 
-from inrank_fx import InRankConfig, attach, ranks, summary, transform
+from inrank_fx import InRankConfig, attach, ranks, set_ranks, summary, transform
 from inrank_fx.export import to_onnx
 
 pytestmark = pytest.mark.slow
@@ -45,11 +45,23 @@ ZOO = {
     "resnet18": (lambda: _torchvision("resnet18", 64), 4, None),  # 3x3 convs: opt-in (convs="all")
     "mobilenet_v3_small": (lambda: _torchvision("mobilenet_v3_small", 64), 42, None),
     "vit_b_16": (lambda: _torchvision("vit_b_16", 224), 49, 0.9),
+    # swin hands qkv / proj weights to shifted_window_attention, a torch.fx.wrap'd function:
+    # factored through torch.export at the example (CAPTURE)
+    "swin_t": (lambda: _torchvision("swin_t", 64), 52, 0.9),
     "vit_tiny_patch16_224": (lambda: _timm("vit_tiny_patch16_224", 224), 49, 0.9),
     "convnext_atto": (lambda: _timm("convnext_atto", 64), 25, None),
     "gpt2": (_gpt2, 8, 0.9),
     "bert": (_bert, 13, 0.9),
 }
+
+
+CAPTURE = {"swin_t"}  # transformed with example_inputs
+
+
+def _transform(name, model, config, inputs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transform(model, config, example_inputs=inputs if name in CAPTURE else None)
 
 
 def _first_tensor(output):
@@ -66,9 +78,8 @@ def test_zoo_parity_and_flop_share(name):
     build, expected, goal = ZOO[name]
     model, inputs = build()
     model.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        out = transform(model, InRankConfig(init="svd", init_rank=1.0, min_features=1)).eval()
+    out = _transform(name, model, InRankConfig(init="svd", init_rank=1.0, min_features=1),
+                     inputs).eval()
     assert len(ranks(out)) == expected
     with torch.no_grad():
         reference = _first_tensor(model(*inputs))
@@ -86,9 +97,7 @@ def test_zoo_training_step_changes_ranks(name):
     # update is nearly flat: at α 0.999 it asks for the whole width (growth at the first check).
     config = InRankConfig(init="svd", init_rank=2, buffer=4, warmup_steps=0, check_every=1,
                           measure="update", threshold=0.999)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        out = transform(model, config)
+    out = _transform(name, model, config, inputs)
     before = ranks(out)
     opt = torch.optim.AdamW(out.parameters(), lr=1e-4)
     ctrl = attach(out, opt)
@@ -105,9 +114,7 @@ def test_zoo_freeze_and_onnx(name, tmp_path):
     build, _, _ = ZOO[name]
     model, inputs = build()
     model.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        out = transform(model, InRankConfig(init="svd", init_rank=0.25, buffer=0))
+    out = _transform(name, model, InRankConfig(init="svd", init_rank=0.25, buffer=0), inputs)
     try:
         report = to_onnx(out, inputs, tmp_path / f"{name}.onnx")
     except Exception as factored_error:
@@ -118,3 +125,19 @@ def test_zoo_freeze_and_onnx(name, tmp_path):
         raise factored_error
     assert report.max_rel_error <= 1e-4 and report.batch_sizes == [1, 3]
     assert report.ranks
+
+
+@pytest.mark.parametrize("name", sorted(CAPTURE))
+def test_captured_zoo_trains_after_halving_ranks(name):
+    build, _, _ = ZOO[name]
+    model, inputs = build()
+    out = _transform(name, model, InRankConfig(init="svd", init_rank=0.25, buffer=0), inputs)
+    halved = {n: max(1, r // 2) for n, r in ranks(out).items()}
+    set_ranks(out, halved)
+    opt = torch.optim.AdamW(out.parameters(), lr=1e-4)
+    attach(out, opt)
+    batch = tuple(torch.cat([x, x]) for x in inputs)  # another batch size than the capture's
+    loss = _first_tensor(out(*batch)).float().pow(2).mean()
+    loss.backward()
+    opt.step()
+    assert ranks(out) == halved and torch.isfinite(loss)

@@ -52,6 +52,7 @@ class Read:
     owner: str = ""
     site: MatmulSite | None = None
     untraced: bool = False  # read by a forward that could not be traced
+    leaf_call: bool = False  # handed to a function fx keeps as a leaf (torch.export sees in)
 
 
 @dataclass
@@ -135,14 +136,18 @@ def analyse(model: nn.Module, config=None, captured: dict | None = None) -> Anal
             continue
         trace = trace_own_forward(module, path)
         # torch.export only where fx loses something: weights read by this very forward (its
-        # nn.Linear children are swapped as leaves and its other children traced on their own).
+        # nn.Linear children are swapped as leaves and its other children traced on their own),
+        # or weights it hands to a function fx keeps as a leaf (torch.fx.wrap), whose matmuls
+        # only torch.export sees.
         own_weights = any(p.dim() >= 2 for p in module.parameters(recurse=False))
-        if not trace.ok and captured and path in captured and own_weights:
+        lost = ((not trace.ok and own_weights)
+                or (trace.ok and _weights_into_leaves(trace.graph, module)))
+        if captured and path in captured and lost:
             export_trace = export_own_forward(module, path, *captured[path])
             if export_trace.ok:
                 trace = export_trace
                 exported.append(path)
-            else:
+            elif not trace.ok:
                 trace.error += f"; torch.export: {export_trace.error}"
         traces[path] = trace
         if trace.ok:
@@ -200,10 +205,28 @@ def _reads_in_graph(graph: fx.Graph, module: nn.Module, path: str, add_read, con
             add_read(param, name, _read_at(user, pnode, candidates, path, where_mod))
 
 
+def _weights_into_leaves(graph: fx.Graph, module: nn.Module) -> bool:
+    """Does this forward pass a 2-D parameter straight into a function that is not a matmul
+    (one that fx kept as a leaf, such as torchvision's shifted_window_attention)?"""
+    for node in graph.nodes:
+        if node.op != "call_function" or function_handler(node) is not None:
+            continue
+        for arg in (*node.args, *node.kwargs.values()):
+            if isinstance(arg, fx.Node) and arg.op == "get_attr":
+                value = _resolve(module, arg.target)
+                if isinstance(value, nn.Parameter) and value.dim() == 2:
+                    return True
+    return False
+
+
 def _read_at(user: fx.Node, pnode: fx.Node, candidates: set, path: str, where_mod: str) -> Read:
     where = f"node '{user.name}' ({_describe(user)}) in {where_mod}"
     handler = function_handler(user)
     if handler is None:
+        if user.op == "call_function" and pnode in (*user.args, *user.kwargs.values()):
+            where = (f"passed to {_describe(user)}(), a function fx keeps as a leaf "
+                     f"(torch.fx.wrap), in {where_mod}")
+            return Read("opaque", where, path, leaf_call=True)
         return Read("opaque", where, path)
     try:
         site = handler(user, candidates)

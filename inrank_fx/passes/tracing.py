@@ -70,11 +70,26 @@ def export_own_forward(module: nn.Module, path: str, args: tuple, kwargs: dict) 
     model) into an aten-level graph, with every submodule inlined, and hands it back as a plain
     (trainable, train()/eval()-able) GraphModule whose parameters are the module's own tensors.
     The graph is specialised to the example call: Python branches take the path they took then.
+    The leading (batch) dimension of every tensor argument is left to torch.export to keep
+    dynamic where the code allows (Dim.AUTO), so the graph runs at other batch sizes.
     """
+    import inspect
+
     import torch
+    from torch.utils import _pytree
+
+    def batch_dynamic(value):
+        if isinstance(value, torch.Tensor) and value.dim() >= 1:
+            return {0: torch.export.Dim.AUTO}
+        return None
 
     try:
-        program = torch.export.export(module, tuple(args), dict(kwargs), strict=False)
+        bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
+        dynamic = {name: _pytree.tree_map(batch_dynamic, value) for name, value in bound.items()}
+        # An example batch of 1 would otherwise be specialised to 1 (0/1 specialisation).
+        with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+            program = torch.export.export(module, tuple(args), dict(kwargs),
+                                          dynamic_shapes=dynamic, strict=False)
         unlifted = program.module()
         graph_module = fx.GraphModule(unlifted, unlifted.graph, class_name=type(module).__name__)
     except Exception as err:  # exporting user code can fail in any way: report it
