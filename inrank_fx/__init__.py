@@ -5,7 +5,14 @@ from .distributed import DistributedRankController, InRankDistributedError
 from .export.freeze import freeze
 from .layers import InRankLinear
 from .optim import OptimizerStateError
-from .passes import register_function_handler, register_module_handler
+from .passes import (
+    handlers_restored,
+    register_function_handler,
+    register_module_handler,
+    register_substitute,
+    unregister_function_handler,
+    unregister_module_handler,
+)
 from .resize import RankChange, set_ranks
 from .summary import ranks, summary
 from .transformer import (  # noqa: F401  (registers the nn.Transformer substitutes)
@@ -26,10 +33,14 @@ __all__ = [
     "TransformReport",
     "attach",
     "freeze",
+    "handlers_restored",
     "ranks",
     "register_function_handler",
     "register_module_handler",
+    "register_substitute",
     "set_ranks",
     "summary",
     "transform",
+    "unregister_function_handler",
+    "unregister_module_handler",
 ]

@@ -11,6 +11,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _registries():
+    """A handler a test registers is gone for the next test."""
+    from inrank_fx import handlers_restored
+
+    with handlers_restored():
+        yield
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 

@@ -121,6 +121,20 @@ def test_users_register_their_own_module_types():
     assert {r.kind for r in out._inrank_report.factored} == {"RowProjection"}
 
 
+def test_registries_can_be_restored():
+    from inrank_fx import handlers_restored, register_module_handler, unregister_module_handler
+
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16))
+    with handlers_restored():
+        unregister_module_handler(nn.Linear)
+        with pytest.warns(UserWarning, match="no matmul"):
+            assert not ranks(transform(model, FULL_SVD))
+        register_module_handler("my.package.Layer", lambda *a, **k: None)
+    assert ranks(transform(model, FULL_SVD)) == {"0": 32, "2": 16}  # the built-ins are back
+    with pytest.raises(KeyError, match="my.package.Layer"):
+        unregister_module_handler("my.package.Layer")  # and the experiment's handler is gone
+
+
 def gated_linear(x, weight, bias):
     """A user function fx keeps as a leaf (torch.fx.wrap below): the matmul inside is hidden
     from symbolic tracing."""

@@ -2,8 +2,11 @@
 from .matchers import (
     MatmulSite,
     NotFactorable,
+    handlers_restored,
     register_function_handler,
     register_module_handler,
+    unregister_function_handler,
+    unregister_module_handler,
 )
 from .rewrite import factor_matmul_sites
 from .substitutes import register_substitute
@@ -12,7 +15,10 @@ __all__ = [
     "MatmulSite",
     "NotFactorable",
     "factor_matmul_sites",
+    "handlers_restored",
     "register_function_handler",
     "register_module_handler",
     "register_substitute",
+    "unregister_function_handler",
+    "unregister_module_handler",
 ]

@@ -12,9 +12,10 @@ editing the core.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import operator
 from dataclasses import dataclass
-from typing import Any, Callable, Union
+from typing import Any, Callable, Iterator, Union
 
 import torch
 import torch.fx as fx
@@ -304,3 +305,36 @@ register_module_handler(nn.MultiheadAttention, InRankMultiheadAttention.from_mha
                         weight_attr="in_proj_weight", extra_weights=("out_proj.weight",),
                         accepts=lambda m, config: InRankMultiheadAttention.supports(m),
                         kind="nn.MultiheadAttention")
+
+
+# -- the registries as a whole -----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def handlers_restored() -> Iterator[None]:
+    """Undo, when the block ends, every handler and substitute registered, replaced or removed
+    inside it: for tests, and for experiments that must not change the process's registries."""
+    from .substitutes import _SUBSTITUTES
+
+    saved = [(registry, dict(registry))
+             for registry in (_FUNCTION_HANDLERS, _MODULE_HANDLERS, _SUBSTITUTES)]
+    try:
+        yield
+    finally:
+        for registry, contents in saved:
+            registry.clear()
+            registry.update(contents)
+
+
+def unregister_module_handler(module_type: Union[type, str]) -> None:
+    """Remove the handler for `module_type` (a KeyError names it if there is none)."""
+    if module_type not in _MODULE_HANDLERS:
+        raise KeyError(f"no module handler is registered for {module_type!r}")
+    del _MODULE_HANDLERS[module_type]
+
+
+def unregister_function_handler(op: str, target) -> None:
+    """Remove the handler for fx nodes with this `op` and `target`."""
+    if (op, target) not in _FUNCTION_HANDLERS:
+        raise KeyError(f"no function handler is registered for {op} {target!r}")
+    del _FUNCTION_HANDLERS[(op, target)]
