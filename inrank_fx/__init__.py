@@ -15,10 +15,10 @@ from .passes import (
 )
 from .resize import RankChange, set_ranks
 from .summary import ranks, summary
+from .transform import TransformReport, transform
 from .transformer import (  # noqa: F401  (registers the nn.Transformer substitutes)
     InRankTransformerEncoderLayer,
 )
-from .transform import TransformReport, transform
 
 __version__ = "0.1.0"
 
