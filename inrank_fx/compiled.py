@@ -111,7 +111,7 @@ def after_shape_change(policy: str, layers: int, model: nn.Module | None = None)
     for code, entries in compiled_codes():
         if entries < limit - _HEADROOM:
             continue
-        if code in owned:
+        if code in owned and hasattr(torch._dynamo, "reset_code"):
             torch._dynamo.reset_code(code)
             log.info("inrank_fx: %d layer(s) changed shape; the compile cache of %s (%d of %d "
                      "graphs) was cleared", layers, _describe(code), entries, limit)

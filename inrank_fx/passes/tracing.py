@@ -87,7 +87,7 @@ def export_own_forward(module: nn.Module, path: str, args: tuple, kwargs: dict) 
         bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
         dynamic = {name: _pytree.tree_map(batch_dynamic, value) for name, value in bound.items()}
         # An example batch of 1 would otherwise be specialised to 1 (0/1 specialisation).
-        with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+        with _size_oblivious():
             program = torch.export.export(module, tuple(args), dict(kwargs),
                                           dynamic_shapes=dynamic, strict=False)
         unlifted = program.module()
@@ -97,3 +97,14 @@ def export_own_forward(module: nn.Module, path: str, args: tuple, kwargs: dict) 
         return TraceResult(path, None, f"{type(err).__name__}: {first_line}", "torch.export")
     graph_module.train(module.training)
     return TraceResult(path, graph_module.graph, None, "torch.export", graph_module)
+
+
+def _size_oblivious():
+    """torch.export without 0/1 specialisation, where this torch has the switch (private)."""
+    import contextlib
+
+    from torch.fx.experimental import _config
+
+    if hasattr(_config, "backed_size_oblivious"):
+        return _config.patch(backed_size_oblivious=True)
+    return contextlib.nullcontext()
