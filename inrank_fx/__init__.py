@@ -1,4 +1,5 @@
 """inrank_fx: InRank (incremental low-rank learning) for any PyTorch model, as a torch.fx pass."""
+from . import transformer as _transformer  # noqa: F401  (registers nn.Transformer's substitutes)
 from .config import InRankConfig
 from .controller import RankController, attach
 from .distributed import DistributedRankController, InRankDistributedError
@@ -16,9 +17,6 @@ from .passes import (
 from .resize import RankChange, set_ranks
 from .summary import ranks, summary
 from .transform import TransformReport, transform
-from .transformer import (  # noqa: F401  (registers the nn.Transformer substitutes)
-    InRankTransformerEncoderLayer,
-)
 
 __version__ = "0.1.0"
 

@@ -107,8 +107,9 @@ def after_shape_change(policy: str, layers: int, model: nn.Module | None = None)
         return
     allow_dynamic_parameter_shapes()
     limit = torch._dynamo.config.recompile_limit
-    owned = _owned_codes(model) if model is not None else set()
-    for code, entries in compiled_codes():
+    compiled = compiled_codes()
+    owned = _owned_codes(model, compiled) if model is not None else set()
+    for code, entries in compiled:
         if entries < limit - _HEADROOM:
             continue
         if code in owned and hasattr(torch._dynamo, "reset_code"):
@@ -139,20 +140,15 @@ def compiled_codes() -> list[tuple[object, int]]:
         return []
 
 
-def largest_compile_cache() -> int | None:
-    """The most cached graphs any compiled function holds (None where dynamo does not say)."""
-    sizes = compiled_codes()
-    return max((entries for _, entries in sizes), default=0) if sizes else None
-
-
-def _owned_codes(model: nn.Module) -> set:
-    """The code of the model's own forwards, and dynamo's resume functions made from them."""
+def _owned_codes(model: nn.Module, compiled: list[tuple[object, int]]) -> set:
+    """The code of the model's own forwards, and dynamo's resume functions made from them
+    among the `compiled` code objects."""
     forwards = {type(m).forward.__code__ for m in model.modules()
                 if hasattr(type(m).forward, "__code__")}
     forwards.discard(nn.Module.forward.__code__)
     owned = set(forwards)
     origins = {(c.co_filename, f"{_RESUME_PREFIX}{c.co_name}_at_") for c in forwards}
-    for code, _ in compiled_codes():
+    for code, _ in compiled:
         if code.co_name.startswith(_RESUME_PREFIX) and any(
                 code.co_filename == f and code.co_name.startswith(p) for f, p in origins):
             owned.add(code)
