@@ -94,7 +94,11 @@ class DistributedRankController(RankController):
         # The names are the protocol: every process must have the same factored layers, in order.
         self.layer_names = list(factored_layers(self.model))
         self._names_crc = zlib.crc32("\n".join(self.layer_names).encode())
-        self._verify_agreement("attach")
+        try:
+            self._verify_agreement("attach")
+        except InRankDistributedError:
+            self.detach()  # a refused controller must not stay on the optimizer's step hooks
+            raise
 
     # -- the collectives ----------------------------------------------------------------------
 
@@ -177,8 +181,8 @@ class DistributedRankController(RankController):
                 for name, row in zip(self.layer_names, table)}
 
     def _after_apply(self, changes: list[RankChange]) -> None:
-        if not changes:
-            return
+        # Every process checks, changed or not: a process that alone changed something must not
+        # be left waiting in a collective the others skip.
         self._verify_agreement("rank change")
         resized = [c.name for c in changes if c.resized]
         if not resized:
