@@ -37,13 +37,23 @@ class Tokens(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def trainer(model, out, callback):
+class Recorder(transformers.TrainerCallback):
+    """A reporting callback listed after InRankCallback: what it receives in on_log."""
+
+    def __init__(self) -> None:
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs or {}))
+
+
+def trainer(model, out, *callbacks):
     args = transformers.TrainingArguments(
         output_dir=str(out), max_steps=40, per_device_train_batch_size=8, learning_rate=3e-3,
         logging_steps=10, save_strategy="steps", save_steps=20, report_to="none", use_cpu=True,
         seed=0, data_seed=0, disable_tqdm=True, dataloader_num_workers=0)
     return transformers.Trainer(model=model, args=args, train_dataset=Tokens(),
-                                callbacks=[callback])
+                                callbacks=list(callbacks))
 
 
 def final_loss(run) -> float:
@@ -51,15 +61,24 @@ def final_loss(run) -> float:
 
 
 def test_trainer_checkpoint_and_resume_continue_with_the_same_ranks(tmp_path):
-    model, callback = gpt2(), InRankCallback()
+    model, callback, recorder = gpt2(), InRankCallback(), Recorder()
     start = ranks(model)
-    run = trainer(model, tmp_path, callback)
+    run = trainer(model, tmp_path, callback, recorder)
     run.train()
     final = ranks(model)
     assert final != start and len(set(final.values())) > 1  # ranks moved, per layer
     assert callback.controller.frozen and callback.controller.step == 40
     logged = [h for h in run.state.log_history if "inrank/mean_rank" in h]
     assert logged and logged[-1]["inrank/rank_events"] == callback.controller.rank_events
+    assert any("inrank/mean_rank" in logs for logs in recorder.logs)  # reporters after it see them
+    # every step with a rank change is logged, though logging_steps is 10
+    last, changed = {}, set()
+    for record in callback.controller.history:
+        shape = (record["rank"], record["width"])
+        if last.get(record["layer"], shape) != shape:
+            changed.add(record["step"])
+        last[record["layer"]] = shape
+    assert changed - {10, 20, 30, 40} and changed <= {h["step"] for h in logged}
     checkpoint = tmp_path / "checkpoint-20"
     assert (checkpoint / "inrank_controller.pt").is_file()
     assert (checkpoint / "inrank_config.json").is_file()
