@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import inrank_fx
 from inrank_fx._io import atomic_destination
-from inrank_fx.demo.corpus import split, stdlib_corpus
+from inrank_fx.demo.corpus import batches, split, stdlib_corpus
 from inrank_fx.demo.gpt import GPT, GPTConfig, lm_loss
 
 QUICK = dict(n_layer=2, n_embd=32, n_head=2, block_size=32, steps=40, warmup=5, check_every=5,
@@ -83,10 +83,7 @@ def start_processes(backend: str | None) -> tuple[int, int, torch.device]:
 
 def global_batch(ids: torch.Tensor, block: int, batch: int, seed: int, step: int):
     """The same (input, target) batch for `step` on every process and in every run."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    starts = torch.randint(0, len(ids) - block - 1, (batch,), generator=generator)
-    window = torch.stack([ids[s : s + block + 1] for s in starts])
-    return window[:, :-1], window[:, 1:]
+    return next(batches(ids, block, batch, torch.Generator().manual_seed(seed * 1_000_003 + step)))
 
 
 def build(args, device, processes):

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib.util
 import json
 import os
 import sys
@@ -30,18 +29,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from conftest import load_example  # tests/ is this script's folder, so on sys.path
 
 import inrank_fx
 from inrank_fx.distributed import InRankDistributedError
-
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "ddp_train.py"
-
-
-def load_example():
-    spec = importlib.util.spec_from_file_location("ddp_train", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def refusals(example, args, process, processes, device) -> dict:
@@ -114,7 +105,7 @@ def train_until_error(example, args, process, processes, device, sabotage) -> di
 
 def main() -> None:
     scenario, out = sys.argv[1], Path(sys.argv[2])
-    example = load_example()
+    example = load_example("ddp_train")
     args = example.parse_args(["--quick", "--timeout", "20"])
     process, processes, device = example.start_processes("gloo")
 
