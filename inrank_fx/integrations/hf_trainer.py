@@ -86,7 +86,7 @@ class InRankCallback(TrainerCallback):
                 continue
             if (Path(folder) / CONTROLLER_FILE).is_file():
                 saved = torch.load(Path(folder) / CONTROLLER_FILE, map_location="cpu",
-                                   weights_only=False)
+                                   weights_only=True)  # tensors and plain data only
                 self.controller.load_state_dict(saved)
                 return
         raise FileNotFoundError(
