@@ -120,3 +120,40 @@ def test_update_spectrum_measures_the_change_since_the_start():
     s = layer.update_singular_values()
     assert torch.allclose(s[:4], expected[:4], atol=1e-5)
     assert (s[:2] > 1e-3).all() and s[2:].abs().max() < 1e-5
+
+
+def _rising_teacher(stop_after):
+    """Two heads learn rank-4 teachers; at step 300 head 1's teacher gains 12 components."""
+    torch.manual_seed(0)
+    teacher = TeacherHeads(64, (4, 4))
+    cfg = InRankConfig(init_rank=2, buffer=4, warmup_steps=20, check_every=20,
+                       stop_after=stop_after)
+    model = transform(teacher, cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    ctrl = attach(model, opt)
+    seen = {}
+
+    def on_step(step, loss):
+        if step == 300:
+            seen["before"] = ranks(model)
+            teacher.raise_rank(1, 16)
+
+    losses = fit(model, teacher, 800, optimizer=opt, on_step=on_step)
+    return seen["before"], ranks(model), losses, ctrl
+
+
+def test_a_rank_that_rises_midway_is_followed():
+    # Adapting throughout (the default): a layer settled at rank 4 for 300 steps still grows to
+    # its teacher's new rank, and the other layer stays where it was.
+    before, after, losses, _ = _rising_teacher(stop_after=None)
+    assert before == {"heads.0": 4, "heads.1": 4}
+    assert after["heads.0"] == 4
+    assert 0.85 * 16 <= after["heads.1"] <= 1.25 * 16, after
+    assert losses[-1] < 1e-2 * losses[300]  # and it learned the new teacher
+
+
+def test_a_rank_frozen_early_misses_the_rise():
+    # The contrast: stopping adaptation at step 150 freezes head 1 below its new teacher.
+    _, after, losses, ctrl = _rising_teacher(stop_after=150)
+    assert ctrl.frozen and after["heads.1"] <= 6
+    assert losses[-1] > 0.1 * losses[300]

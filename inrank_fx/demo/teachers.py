@@ -42,6 +42,31 @@ class _Taught(nn.Module):
     def true_ranks(self) -> dict[str, int]:
         return {f"{self.layers}.{i}": r for i, r in enumerate(self.ranks)}
 
+    @torch.no_grad()
+    def raise_rank(self, index: int, rank: int, *, scale: float | None = None,
+                   seed: int = 1) -> None:
+        """Give layer `index` a teacher of higher rank mid-training: its teacher gains
+        rank − (old rank) new components, orthogonal to the ones it has, at `scale` (default:
+        the old teacher's top singular value)."""
+        old = self.teachers[index]
+        extra = rank - self.ranks[index]
+        if extra <= 0:
+            raise ValueError(f"raise_rank: {rank} must exceed the teacher's rank {self.ranks[index]}")
+        s = torch.linalg.svdvals(old)
+        scale = float(s[0]) if scale is None else scale
+        g = torch.Generator().manual_seed(seed)
+        dim_out, dim_in = old.shape
+        u, _, vh = torch.linalg.svd(old)
+        # new directions outside the old teacher's row and column spaces
+        q_u = u[:, self.ranks[index]:] @ torch.linalg.qr(
+            torch.randn(dim_out - self.ranks[index], extra, generator=g)).Q
+        q_v = vh[self.ranks[index]:].T @ torch.linalg.qr(
+            torch.randn(dim_in - self.ranks[index], extra, generator=g)).Q
+        self.teachers[index] = old + (q_u * torch.linspace(scale, scale / 2, extra)) @ q_v.T
+        ranks = list(self.ranks)
+        ranks[index] = rank
+        self.ranks = tuple(ranks)
+
 
 class TeacherHeads(_Taught):
     """Parallel heads on one input; `targets(x)` are the teachers' outputs."""

@@ -1,7 +1,12 @@
 """The plain training loop the examples and benchmarks share: nothing InRank-specific in it
-(an attached RankController runs inside optimizer.step())."""
+(an attached RankController runs inside optimizer.step()).
+
+`warmup_cosine` is the usual language-model recipe (linear warm-up, cosine decay to a floor),
+built from torch's own schedulers; `train_steps` takes it with gradient clipping.
+"""
 from __future__ import annotations
 
+import math
 import statistics
 import time
 
@@ -10,13 +15,32 @@ import torch
 from inrank_fx.demo.corpus import batches
 
 
+def warmup_cosine(optimizer, steps: int, warmup: int, floor: float = 0.1):
+    """Linear warm-up over `warmup` steps from 1% of each group's lr, then cosine decay to
+    `floor` × lr at `steps` (a LambdaLR: it writes each group's "lr", so it keeps working when
+    `set_ranks` swaps a group's parameters)."""
+    if not 0 <= warmup < steps:
+        raise ValueError(f"warmup must be in [0, steps={steps}), got {warmup}")
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return 0.01 + 0.99 * step / warmup
+        progress = min(1.0, (step - warmup) / (steps - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def train_steps(
-    model, optimizer, stream, steps: int, *, loss_of=None, on_step=None
+    model, optimizer, stream, steps: int, *, loss_of=None, on_step=None, scheduler=None,
+    clip_norm: float | None = None,
 ) -> tuple[list[float], list[float]]:
     """Run `steps` optimizer steps on batches from `stream`; (losses, seconds of each step).
 
     `loss_of(x, y)` computes the loss (default: model.loss, e.g. a compiled model's forward can
     be put there); `on_step(step, loss)` is called after each step (progress bars, evaluation).
+    `scheduler.step()` follows every optimizer step; `clip_norm` clips the gradient norm of
+    `model.parameters()` (read each step: a resize replaces factor tensors).
     """
     loss_of = loss_of or model.loss
     losses, seconds = [], []
@@ -27,7 +51,11 @@ def train_steps(
         loss = loss_of(x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         seconds.append(time.perf_counter() - start)
         losses.append(loss.item())
         if on_step is not None:
