@@ -60,8 +60,13 @@ class InRankConfig:
             spectrum does not fix the final rank (the width, i.e. memory, only grows while
             adapting). True: the reference's rule, the smallest k ≥ the current rank.
         warmup_steps, check_every: optimizer steps before the first check, and between checks.
-        stop_after: InRank-Efficient: after this many optimizer steps, truncate to the rank and
-            train at a fixed rank. None adapts for the whole run.
+        stop_after: when adaptation stops (InRank-Efficient: every layer is truncated to its
+            rank, the buffer dropped, and training goes on at fixed ranks). An int: after this
+            many optimizer steps. "settled": once the ranks have settled, i.e. over the last
+            `settle_checks` checks the layers' ranks moved (max − min, summed over layers) by
+            at most `settle_tolerance` of their sum
+            (default: benchmarks/bench_convergence.py measured it against adapting throughout,
+            a fixed stop and fixed ranks; docs/TRAINING.md). None adapts for the whole run.
         rank_multiple: round each layer's computed width up to a multiple of this (e.g. 8 for
             tensor cores).
         grow_init: how components added by growth start: "zero" (new U columns zero, new V
@@ -79,7 +84,9 @@ class InRankConfig:
     ranks_only_grow: bool = False
     warmup_steps: int = 25
     check_every: int = 25
-    stop_after: int | None = None
+    stop_after: int | str | None = "settled"
+    settle_checks: int = 4
+    settle_tolerance: float = 0.05
     rank_multiple: int = 1
     grow_init: str = "zero"
     min_features: int = 16
@@ -122,8 +129,18 @@ class InRankConfig:
             )
         _check_int("warmup_steps", self.warmup_steps, minimum=0)
         _check_int("check_every", self.check_every, minimum=1)
-        if self.stop_after is not None:
+        if self.stop_after is not None and self.stop_after != "settled":
+            if isinstance(self.stop_after, str):
+                raise ValueError("InRankConfig.stop_after must be an int, 'settled' or None, "
+                                 f"got {self.stop_after!r}")
             _check_int("stop_after", self.stop_after, minimum=0)
+        _check_int("settle_checks", self.settle_checks, minimum=1)
+        if (isinstance(self.settle_tolerance, bool)
+                or not isinstance(self.settle_tolerance, (int, float))
+                or not 0.0 <= self.settle_tolerance < 1.0):
+            raise ValueError(
+                f"InRankConfig.settle_tolerance must be in [0, 1), got {self.settle_tolerance!r}"
+            )
         _check_int("rank_multiple", self.rank_multiple, minimum=1)
         _check_int("min_features", self.min_features, minimum=1)
         if self.convs not in CONVS:

@@ -14,7 +14,8 @@ at most its buffer per check). The rank is re-measured at every check and can fa
 early spectrum was transient, but the width (what the layer computes and stores) only grows
 while adapting: the layer computes at max(width, k + buffer). `ranks_only_grow=True` keeps the
 reference's k ≥ r instead. With `stop_after=N` (InRank-Efficient), at step N every layer
-is truncated to its rank, the buffer is dropped and ranks stay fixed.
+is truncated to its rank, the buffer is dropped and ranks stay fixed; `stop_after="settled"`
+does the same at the first check after which the ranks have stopped growing.
 """
 from __future__ import annotations
 
@@ -92,11 +93,32 @@ class RankController:
         cfg = self.config
         if self.frozen:
             return []
-        if cfg.stop_after is not None and self.step >= cfg.stop_after:
+        if isinstance(cfg.stop_after, int) and self.step >= cfg.stop_after:
             return self.finish_adaptation()
         if self.step < cfg.warmup_steps or self.step % cfg.check_every:
             return []
-        return self.check()
+        changes = self.check()
+        if cfg.stop_after == "settled" and self.settled():
+            changes += self.finish_adaptation()
+        return changes
+
+    def settled(self) -> bool:
+        """Whether the ranks have stopped moving: over the last `settle_checks` checks, the
+        layers' rank ranges (max − min of each layer's rank over those checks and the one
+        before) add up to at most `settle_tolerance` of the ranks' sum. Per-layer ranges, not
+        the sum, so that layers still moving in opposite directions do not look settled. Read
+        from the history, which every process of a distributed run holds alike."""
+        window = self.config.settle_checks + 1
+        by_step: dict[int, dict[str, int]] = {}
+        for h in self.history:
+            if h["event"] == "check":
+                by_step.setdefault(h["step"], {})[h["layer"]] = h["rank"]
+        if len(by_step) < window:
+            return False
+        checks = [by_step[step] for step in sorted(by_step)[-window:]]
+        moved = sum(max(c.get(name, 0) for c in checks) - min(c.get(name, 0) for c in checks)
+                    for name in checks[-1])
+        return moved <= self.config.settle_tolerance * sum(checks[-1].values())
 
     def spectrum(self, layer) -> torch.Tensor:
         """The singular values the rule reads for `layer` (`InRankConfig.measure`)."""

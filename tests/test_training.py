@@ -128,6 +128,24 @@ def test_inrank_efficient_truncates_and_freezes():
     assert {s for s, e in events if e == "check"} == {2, 4}
 
 
+def test_settled_stop_waits_for_the_ranks_to_stop_growing():
+    d, r = 64, 12
+    teacher = low_rank_teacher(d, d, r, 1.0, torch.Generator().manual_seed(0))
+    cfg = InRankConfig(init_rank=2, buffer=3, warmup_steps=10, check_every=10,
+                       stop_after="settled", settle_checks=3)
+    student = transform(nn.Sequential(nn.Linear(d, d)), cfg)
+    loss, ctrl = teacher_student(student, teacher, 400, cfg)
+    assert ctrl.frozen and 0.7 * r <= ranks(student)["0"] <= 1.4 * r and loss < 1e-3
+    checks = [(h["step"], h["rank"]) for h in ctrl.history if h["event"] == "check"]
+    stop = next(h["step"] for h in ctrl.history if h["event"] == "truncate")
+    assert stop == checks[-1][0]  # it stopped at a check ...
+    # ... only once the last three checks added no rank, after growing through several
+    assert len({rank for _, rank in checks[-4:]}) == 1
+    assert len({rank for _, rank in checks}) >= 4 and checks[0][1] < r // 2
+    layer = student[0]
+    assert layer.width == layer.rank
+
+
 def test_history_csv(tmp_path):
     cfg = InRankConfig(init_rank=2, warmup_steps=0, check_every=1)
     model = transform(nn.Sequential(nn.Linear(32, 32)), cfg)
