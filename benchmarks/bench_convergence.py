@@ -1,0 +1,429 @@
+"""Dense against InRank on a protocol a sceptical reviewer accepts, with the fixed-rank frontier.
+
+    python benchmarks/bench_convergence.py [--steps 2000] [--seeds 0 1] [--arms ...]
+                                           [--json FILE] [--plot FILE.png] [--quick]
+
+The protocol:
+- the demo GPT (4 layers, n_embd 128, context 64, batch 16, byte-level) on the Python standard
+  library's top-level modules (4.7 MB; 2000 steps read 2 M tokens, under half an epoch);
+- the usual recipe for every arm: AdamW (β 0.9/0.95, weight decay 0.1), linear warm-up over 5%
+  of the steps, cosine decay to 10% of the peak, gradient norm clipped at 1;
+- every arm's peak learning rate chosen by its own sweep (three values, extended by ×2 past an
+  edge that wins) on the first seed; the other seeds run at the chosen rate;
+- arms: dense; fixed ranks at 1/16 .. 1/2 of full from the start (spectral init): the fixed-rank
+  frontier of loss against parameters; InRank adapting throughout and InRank-Efficient with the
+  library's defaults and with the variants under test.
+Prints the sweep, the table (validation loss per seed, parameters, training FLOPs, wall-clock,
+each adaptive arm's distance to the frontier at its parameter count) and whether the order of
+the arms changed over the second half of training. `--json` keeps every run and is read back
+on the next call, so an interrupted run resumes; `--plot` draws loss against parameters,
+against training FLOPs, and the validation curves.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import inrank_fx
+from inrank_fx.demo.corpus import batches, split, stdlib_corpus
+from inrank_fx.demo.gpt import GPT, GPTConfig
+from inrank_fx.demo.training import evaluate, train_steps, warmup_cosine
+
+
+@dataclass(frozen=True)
+class Protocol:
+    gpt: GPTConfig = field(default_factory=lambda: GPTConfig(block_size=64, n_layer=4, n_head=4,
+                                                             n_embd=128))
+    batch: int = 16
+    steps: int = 2000
+    warmup_fraction: float = 0.05
+    floor: float = 0.1  # cosine decays to this fraction of the peak learning rate
+    clip_norm: float = 1.0
+    weight_decay: float = 0.1
+    betas: tuple = (0.9, 0.95)
+    corpus_bytes: int = 5_000_000
+    evals: int = 10  # validation points over the run (the last at the final step)
+    eval_batches: int = 16
+
+
+QUICK = Protocol(gpt=GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=64), batch=8, steps=60,
+                 corpus_bytes=300_000, evals=3, eval_batches=4)
+
+DENSE_LRS = (5e-4, 1e-3, 2e-3)
+FACTORED_LRS = (1e-3, 2e-3, 4e-3)
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One way of training the GPT. kind: "dense", "fixed" (rank fraction `fixed`, no
+    controller) or "inrank" (transform with `config`, controller attached)."""
+
+    name: str
+    kind: str
+    config: dict = field(default_factory=dict)
+    fixed: float | None = None
+    lrs: tuple = FACTORED_LRS
+
+
+ARMS = {arm.name: arm for arm in [
+    Arm("dense", "dense", lrs=DENSE_LRS),
+    *[Arm(f"fixed-1/{d}", "fixed", fixed=1 / d) for d in (16, 8, 4, 2)],
+    Arm("inrank", "inrank", dict(stop_after=None)),            # adapting throughout
+    Arm("efficient-150", "inrank", dict(stop_after=150)),      # frozen at step 150 (the old demo)
+    Arm("settled", "inrank", dict(stop_after="settled")),      # frozen once the ranks settle
+    Arm("settled-α0.999", "inrank", dict(stop_after="settled", threshold=0.999)),
+]}
+DEFAULT_ARMS = tuple(ARMS)
+
+
+# -- one run ----------------------------------------------------------------------------------
+
+def build(arm: Arm, protocol: Protocol, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = GPT(protocol.gpt)
+    if arm.kind == "fixed":
+        model = inrank_fx.transform(model, inrank_fx.InRankConfig(init_rank=arm.fixed, buffer=0))
+    elif arm.kind == "inrank":
+        model = inrank_fx.transform(model, inrank_fx.InRankConfig(**arm.config))
+    return model
+
+
+def factored(model) -> list:
+    return [m for m in model.modules() if isinstance(m, inrank_fx.InRankLinear)]
+
+
+def step_flops(model, protocol: Protocol) -> tuple[int, int]:
+    """(FLOPs of one training step counted by torch, FLOPs of its factored layers' matmuls)."""
+    x = torch.zeros(protocol.batch, protocol.gpt.block_size, dtype=torch.long)
+    with FlopCounterMode(display=False) as counter:
+        model.loss(x, x).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops(), _factored_flops(model, protocol)
+
+
+def _factored_flops(model, protocol: Protocol) -> int:
+    tokens = protocol.batch * protocol.gpt.block_size
+    return 3 * tokens * sum(m.flops_per_row() for m in factored(model))  # forward + backward
+
+
+def run(arm: Arm, lr: float, seed: int, protocol: Protocol, data) -> dict:
+    """Train one arm at one peak learning rate and seed; the measurements of the run."""
+    train_ids, val_ids = data
+    model = build(arm, protocol, seed)
+    total, layer_part = step_flops(model, protocol)
+    rest = total - layer_part  # attention, norms, embeddings, the tied head: the same in every arm
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=protocol.betas,
+                            weight_decay=protocol.weight_decay)
+    ctrl = inrank_fx.attach(model, opt, seed=seed) if arm.kind == "inrank" else None
+    steps = protocol.steps
+    sched = warmup_cosine(opt, steps, max(1, int(protocol.warmup_fraction * steps)),
+                          protocol.floor)
+    stream = batches(train_ids, protocol.gpt.block_size, protocol.batch,
+                     torch.Generator().manual_seed(seed))
+    every = max(1, steps // protocol.evals)
+    curve, flops = [], [0]
+
+    def on_step(step, loss):
+        flops[0] += rest + _factored_flops(model, protocol)  # widths as they are at this step
+        if step % every == 0 or step == steps:
+            val = evaluate(model, val_ids, protocol.gpt.block_size, 10_000 + seed,
+                           protocol.eval_batches)
+            curve.append((step, val))
+
+    losses, seconds = train_steps(model, opt, stream, steps, on_step=on_step, scheduler=sched,
+                                  clip_norm=protocol.clip_norm)
+    layers = factored(model)
+    params = sum(p.numel() for p in model.parameters())
+    # What ships: the model frozen at its final ranks (the buffer truncated away by SVD).
+    shipped = inrank_fx.freeze(model) if layers else model
+    return {
+        "arm": arm.name, "lr": lr, "seed": seed, "val": curve[-1][1], "curve": curve,
+        "val_frozen": evaluate(shipped, val_ids, protocol.gpt.block_size, 10_000 + seed,
+                               protocol.eval_batches) if layers else curve[-1][1],
+        "train": statistics.mean(losses[-max(1, steps // 20):]),
+        "finite": all(map(math.isfinite, losses)),
+        "params": params,  # as trained at the end, buffer included
+        "params_frozen": sum(p.numel() for p in shipped.parameters()),
+        "rank_fraction": statistics.mean(m.rank / m.full_rank for m in layers) if layers else 1.0,
+        "ranks": inrank_fx.ranks(model) if layers else {},
+        "rank_events": ctrl.rank_events if ctrl else 0,
+        "trajectory": _trajectory(ctrl) if ctrl else [],
+        "flops": flops[0], "seconds": sum(seconds),
+    }
+
+
+def _trajectory(ctrl) -> list[tuple[int, float, float]]:
+    """(step, mean rank, mean width) over the layers at every check of the run."""
+    by_step: dict[int, list] = {}
+    for h in ctrl.history:
+        by_step.setdefault(h["step"], []).append((h["rank"], h["width"]))
+    return [(step, statistics.mean(r for r, _ in v), statistics.mean(w for _, w in v))
+            for step, v in sorted(by_step.items())]
+
+
+# -- the protocol -----------------------------------------------------------------------------
+
+def tune(arm: Arm, lr_loss, max_extensions: int = 2) -> tuple[float, dict]:
+    """The peak learning rate with the lowest validation loss over `arm.lrs`, extending the grid
+    by ×2 past an edge that wins (at most `max_extensions` times). `lr_loss(lr)` trains and
+    returns the validation loss (NaN or inf for a diverged run). Returns (best lr, {lr: loss})."""
+    losses = {lr: lr_loss(lr) for lr in arm.lrs}
+    for _ in range(max_extensions):
+        best = min(losses, key=lambda lr: _finite_or_inf(losses[lr]))
+        grid = sorted(losses)
+        if best == grid[0]:
+            new = grid[0] / 2
+        elif best == grid[-1]:
+            new = grid[-1] * 2
+        else:
+            break
+        losses[new] = lr_loss(new)
+    best = min(losses, key=lambda lr: _finite_or_inf(losses[lr]))
+    if not math.isfinite(losses[best]):
+        raise RuntimeError(f"{arm.name}: every learning rate diverged: {losses}")
+    return best, dict(sorted(losses.items()))
+
+
+def _finite_or_inf(x: float) -> float:
+    return x if math.isfinite(x) else math.inf
+
+
+class Runs:
+    """Every run so far, keyed by (arm, lr, seed), saved after each run when `path` is set and
+    read back from it, so that an interrupted benchmark resumes where it stopped."""
+
+    def __init__(self, protocol: Protocol, data, path: str | None = None, log=print) -> None:
+        self.protocol, self.data, self.path, self.log = protocol, data, path, log
+        self.runs: dict[tuple, dict] = {}
+        if path and os.path.exists(path):
+            with open(path) as f:
+                saved = json.load(f)
+            if saved.get("protocol") == _jsonable(asdict(protocol)):
+                self.runs = {(r["arm"], r["lr"], r["seed"]): r for r in saved["runs"]}
+                log(f"resuming: {len(self.runs)} runs read from {path}")
+
+    def get(self, arm: Arm, lr: float, seed: int) -> dict:
+        key = (arm.name, lr, seed)
+        if key not in self.runs:
+            start = time.perf_counter()
+            self.runs[key] = run(arm, lr, seed, self.protocol, self.data)
+            r = self.runs[key]
+            self.log(f"  {arm.name:<16} lr {lr:<8.2g} seed {seed}  val {r['val']:.4f}  "
+                     f"params {r['params']:>9,}  {time.perf_counter() - start:5.0f} s")
+            self.save()
+        return self.runs[key]
+
+    def save(self, extra: dict | None = None) -> None:
+        if not self.path:
+            return
+        payload = {"protocol": _jsonable(asdict(self.protocol)), "runs": list(self.runs.values()),
+                   **(extra or {})}
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(payload, f, indent=1)
+        os.replace(tmp, self.path)  # never a half-written file
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value))
+
+
+def run_protocol(arms, seeds, runs: Runs) -> dict:
+    """Tune every arm on the first seed, run the others at the chosen rate. Returns
+    {"chosen": {arm: lr}, "sweeps": {arm: {lr: loss}}, "runs": [final runs]}."""
+    chosen, sweeps, final = {}, {}, []
+    for arm in arms:
+        lr, sweep = tune(arm, lambda lr, arm=arm: _loss(runs.get(arm, lr, seeds[0])))
+        chosen[arm.name], sweeps[arm.name] = lr, sweep
+    for arm in arms:
+        final.extend(runs.get(arm, chosen[arm.name], seed) for seed in seeds)
+    return {"chosen": chosen, "sweeps": sweeps, "runs": final}
+
+
+def _loss(r: dict) -> float:
+    return r["val"] if r["finite"] and math.isfinite(r["val"]) else math.inf
+
+
+# -- reading the results ----------------------------------------------------------------------
+
+def frontier_loss(points: list[tuple[float, float]], params: float) -> float | None:
+    """The fixed-rank frontier's loss at `params`, interpolated linearly in log(parameters)
+    between the fixed arms' (params, loss) points; None outside their range."""
+    points = sorted(points)
+    for (p0, l0), (p1, l1) in zip(points, points[1:]):
+        if p0 <= params <= p1:
+            t = (math.log(params) - math.log(p0)) / (math.log(p1) - math.log(p0))
+            return l0 + t * (l1 - l0)
+    return None
+
+
+def frontier_gaps(result: dict, shipped: bool = False) -> dict:
+    """{(arm, seed): loss − the fixed-rank frontier's loss at the arm's parameter count} for
+    every arm that is neither dense nor fixed, the frontier drawn from the fixed arms of the
+    same seed. As trained (parameters with the buffer, the trained model's loss) or, with
+    `shipped`, as frozen at the final ranks (the buffer truncated away)."""
+    params, val = ("params_frozen", "val_frozen") if shipped else ("params", "val")
+    gaps = {}
+    for seed in sorted({r["seed"] for r in result["runs"]}):
+        rs = [r for r in result["runs"] if r["seed"] == seed]
+        points = [(r[params], r[val]) for r in rs if kind(r["arm"]) == "fixed"]
+        for r in rs:
+            if kind(r["arm"]) == "inrank":
+                f = frontier_loss(points, r[params])
+                gaps[(r["arm"], seed)] = None if f is None else r[val] - f
+    return gaps
+
+
+def kind(name: str) -> str:
+    return ARMS[name].kind if name in ARMS else "inrank"
+
+
+def order_changes(result: dict) -> list[str]:
+    """Pairs of arms whose order by mean validation loss changed over the second half of
+    training (compared at every evaluation there)."""
+    names = list(result["chosen"])
+    curves = {}
+    for name in names:
+        rs = [r for r in result["runs"] if r["arm"] == name]
+        steps = [s for s, _ in rs[0]["curve"]]
+        curves[name] = {s: statistics.mean(dict(r["curve"])[s] for r in rs) for s in steps}
+    last = max(next(iter(curves.values())))
+    late = [s for s in next(iter(curves.values())) if s >= last / 2]
+    changes = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            signs = {curves[a][s] < curves[b][s] for s in late}
+            if len(signs) > 1:
+                changes.append(f"{a} / {b}")
+    return changes
+
+
+def report(result: dict) -> str:
+    runs = result["runs"]
+    dense = [r for r in runs if r["arm"] == "dense"]
+    base = {k: statistics.mean(r[k] for r in dense) if dense else math.nan
+            for k in ("params", "flops", "seconds")}
+    seeds = sorted({r["seed"] for r in runs})
+    gaps, shipped_gaps = frontier_gaps(result), frontier_gaps(result, shipped=True)
+    lines = ["learning-rate sweep (validation loss, seed %d; * = chosen)" % seeds[0]]
+    for name, sweep in result["sweeps"].items():
+        cells = "  ".join(f"{lr:.2g}: {loss:.4f}{'*' if lr == result['chosen'][name] else ' '}"
+                          for lr, loss in sweep.items())
+        lines.append(f"  {name:<16} {cells}")
+    lines += ["", f"{'arm':<16} {'lr':>7} {'val loss':>16} "
+              + " ".join(f"{'seed ' + str(s):>7}" for s in seeds)
+              + f" {'params':>6} {'rank/full':>9} {'FLOPs':>6} {'time':>5} {'vs frontier':>13}"
+              f" {'shipped':>7} {'params':>6} {'vs frontier':>13}"]
+
+    def gap_text(table, name, rs):
+        if (name, rs[0]["seed"]) not in table:
+            return ""
+        return " ".join("out" if table[(name, r["seed"])] is None
+                        else f"{table[(name, r['seed'])]:+.3f}" for r in rs)
+
+    for name in result["chosen"]:
+        rs = sorted((r for r in runs if r["arm"] == name), key=lambda r: r["seed"])
+        vals = [r["val"] for r in rs]
+
+        def mean(key):
+            return statistics.mean(r[key] for r in rs)
+
+        lines.append(
+            f"{name:<16} {result['chosen'][name]:>7.2g} {statistics.mean(vals):.4f} ± "
+            f"{statistics.stdev(vals) if len(vals) > 1 else 0.0:.4f} "
+            + " ".join(f"{v:>7.4f}" for v in vals)
+            + f" {mean('params') / base['params']:>6.3f} {mean('rank_fraction'):>9.3f}"
+              f" {mean('flops') / base['flops']:>6.3f} {mean('seconds') / base['seconds']:>5.2f}"
+              f" {gap_text(gaps, name, rs):>13} {mean('val_frozen'):>7.4f}"
+              f" {mean('params_frozen') / base['params']:>6.3f} {gap_text(shipped_gaps, name, rs):>13}")
+    lines.append("")
+    lines.append("params, FLOPs (training), time (training steps) and shipped params are relative to "
+                 "dense; vs frontier: loss minus the fixed-rank frontier's at the same parameters, "
+                 "per seed (out: outside the fixed arms' range); shipped: frozen at the final ranks")
+    changes = order_changes(result)
+    lines.append("order over the second half of training: " + (
+        "unchanged" if not changes else "changed for " + ", ".join(changes)))
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str) -> None:
+    from matplotlib.figure import Figure
+
+    runs = result["runs"]
+    fig = Figure(figsize=(13, 4))
+    ax_p, ax_f, ax_c = fig.subplots(1, 3)
+    means = {}
+    for name in result["chosen"]:
+        rs = [r for r in runs if r["arm"] == name]
+        means[name] = {k: statistics.mean(r[k] for r in rs) for k in ("params", "flops", "val")}
+    fixed = sorted((m["params"], m["val"], m["flops"]) for n, m in means.items()
+                   if kind(n) == "fixed")
+    for ax, key, label in ((ax_p, "params", "parameters (as trained)"),
+                           (ax_f, "flops", "training FLOPs")):
+        if fixed:
+            xs = [p[0] if key == "params" else p[2] for p in fixed]
+            ax.plot(xs, [p[1] for p in fixed], "-", color="#999999", lw=1, zorder=0,
+                    label="fixed-rank frontier")
+        for name, m in means.items():
+            marker = {"dense": "s", "fixed": "o"}.get(kind(name), "*")
+            ax.plot([m[key]], [m["val"]], marker, ms=9 if marker == "*" else 6, label=name)
+        ax.set_xscale("log")
+        ax.set_xlabel(label + " (log)")
+        ax.set_ylabel("validation loss (mean over seeds)")
+    ax_p.legend(frameon=False, fontsize=7)
+    for name in result["chosen"]:
+        rs = [r for r in runs if r["arm"] == name]
+        steps = [s for s, _ in rs[0]["curve"]]
+        ax_c.plot(steps, [statistics.mean(dict(r["curve"])[s] for r in rs) for s in steps],
+                  lw=1.2, label=name)
+    ax_c.set_xlabel("optimizer step")
+    ax_c.set_ylabel("validation loss")
+    ax_c.set_title("each arm at its own tuned learning rate", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, help="optimizer steps per run (default 2000)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="default 0 1 (quick: 0)")
+    parser.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=list(DEFAULT_ARMS))
+    parser.add_argument("--quick", action="store_true", help="a tiny GPT, 60 steps, one seed")
+    parser.add_argument("--json", help="keep every run in this file (read back to resume)")
+    parser.add_argument("--plot", help="write the figure to this PNG")
+    args = parser.parse_args(argv)
+    protocol = QUICK if args.quick else Protocol()
+    if args.steps:
+        protocol = replace(protocol, steps=args.steps)
+    arms = [ARMS[a] for a in args.arms]
+    if protocol.steps < 4 * 150:  # a short run: a fixed stop at the same share of the run
+        arms = [replace(a, config={**a.config, "stop_after": protocol.steps // 4})
+                if isinstance(a.config.get("stop_after"), int) else a for a in arms]
+    if args.seeds is None:
+        args.seeds = [0] if args.quick else [0, 1]
+    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
+    data = split(stdlib_corpus(protocol.corpus_bytes))
+    tokens = protocol.steps * protocol.batch * protocol.gpt.block_size
+    print(f"{protocol.steps} steps × {protocol.batch} × {protocol.gpt.block_size} = {tokens:,} "
+          f"tokens per run; {len(data[0]):,} training bytes: {tokens / len(data[0]):.2f} epochs")
+    runs = Runs(protocol, data, args.json)
+    result = run_protocol(arms, args.seeds, runs)
+    runs.save({"chosen": result["chosen"], "sweeps": {a: {str(k): v for k, v in s.items()}
+                                                      for a, s in result["sweeps"].items()}})
+    print(report(result))
+    if args.plot:
+        plot(result, args.plot)
+        print(f"plot written to {args.plot}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
