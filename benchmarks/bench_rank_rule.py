@@ -7,7 +7,9 @@
 
 Every run trains the same GPT (4 layers, n_embd 128, context 64, batch 16, AdamW 3e-3) from the
 same seed on the same batches, InRank-Efficient style (ranks adapt for the first half of the
-steps, then freeze); the dense model is trained alongside at its own GPT-2 init. Sweeps:
+steps, then freeze); the dense model is trained alongside at its own GPT-2 init, at the same
+learning rate and length: a reference point for the variants, not a tuned comparison with dense
+(benchmarks/bench_convergence.py is that). Sweeps:
   rule - criterion (variance / energy) × α ∈ {0.8, 0.9, 0.95, 0.99} on the whole weight, and
          the cumulative update at α 0.9 and 0.99 for contrast
   init - init "svd" (spectral) / "random" (random directions, the module's scale) / "iid"
@@ -78,7 +80,7 @@ def run(variant: dict | None, seed: int, steps: int, data) -> dict:
 
 def describe(variant: dict | None) -> str:
     if variant is None:
-        return "dense"
+        return "dense (same lr, not tuned)"
     return " ".join(f"{k}={v}" for k, v in variant.items())
 
 

@@ -14,6 +14,10 @@ context 64, batch 16, AdamW 3e-3) trained as:
                 the whole-weight spectrum, the zero-padded ratio, k ≥ r (efficient schedule).
 Prints validation loss and perplexity (mean ± std over seeds), final ranks as a fraction of full,
 parameters and wall-clock time relative to dense, per α.
+
+This is a short run at one learning rate shared by every arm: it compares rank rules with each
+other, not InRank with dense (a shared rate and a run inside the early transient favour the
+small models). benchmarks/bench_convergence.py is the comparison with a tuned dense model.
 """
 from __future__ import annotations
 
@@ -43,7 +47,7 @@ def train_arm(arm: str, alpha: float, seed: int, steps: int, gpt: GPTConfig, dat
     torch.manual_seed(seed)
     model = GPT(gpt)
     check = max(1, steps // 12)
-    schedule = dict(threshold=alpha, warmup_steps=check, check_every=check)
+    schedule = dict(threshold=alpha, warmup_steps=check, check_every=check, stop_after=None)
     if arm in ("efficient", "reference"):
         schedule["stop_after"] = max(1, steps // 4)
     if arm in ("inrank", "efficient"):
@@ -102,6 +106,8 @@ def table(runs: list[dict]) -> str:
             f"{statistics.mean(r['rank_fraction'] for r in rs):>9.3f} "
             f"{statistics.mean(r['params'] for r in rs) / dense_params:>7.3f} "
             f"{statistics.mean(r['seconds'] for r in rs) / dense_seconds:>6.2f}")
+    rows.append("(one shared lr, a short run: compares the rules; not a comparison with a tuned "
+                "dense model, for which see benchmarks/bench_convergence.py)")
     return "\n".join(rows)
 
 

@@ -16,4 +16,5 @@ def test_quick_table():
     assert by_arm["fixed"]["ranks"] == by_arm["efficient"]["ranks"]  # same parameters
     assert by_arm["fixed"]["params"] == by_arm["efficient"]["params"]
     text = script.table(runs)
-    assert text.splitlines()[1].startswith("dense") and len(text.splitlines()) == 1 + len(runs)
+    assert text.splitlines()[1].startswith("dense") and len(text.splitlines()) == 2 + len(runs)
+    assert "not a comparison with a tuned dense model" in text.splitlines()[-1]
