@@ -288,3 +288,39 @@ def test_checkpoints_in_safetensors_keep_ranks_and_widths(tmp_path):
     old = dict(model.state_dict(), **{"0._extra_state": {"rank": 6}})  # the former dict form
     fresh.load_state_dict(old)
     assert ranks(fresh)["0"] == 6
+
+
+def test_warmup_cosine_follows_the_recipe_through_a_resize():
+    from inrank_fx.demo.training import warmup_cosine
+
+    model = transform(nn.Sequential(nn.Linear(32, 32)), InRankConfig(init_rank=4, buffer=0))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = warmup_cosine(opt, steps=110, warmup=10, floor=0.1)
+    lrs = []
+    for step in range(110):
+        lrs.append(opt.param_groups[0]["lr"])
+        if step == 50:
+            set_ranks(model, {"0": 8}, opt)  # the group's parameters are swapped
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(1e-4) and lrs[5] == pytest.approx(1e-4 + 0.99e-2 * 0.5)
+    assert lrs[10] == pytest.approx(1e-2)  # the peak, then a cosine down to 10%
+    assert lrs[60] == pytest.approx(1e-3 + 0.9e-2 * 0.5)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_train_steps_clips_the_gradient_norm():
+    from inrank_fx.demo.training import train_steps
+
+    def run(clip):
+        torch.manual_seed(0)
+        model = nn.Linear(8, 8)
+        start = model.weight.detach().clone()
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        stream = iter(lambda: (torch.randn(4, 8), torch.randn(4, 8)), None)
+        train_steps(model, opt, stream, 1, loss_of=lambda x, y: 1e3 * (model(x) - y).pow(2).sum(),
+                    clip_norm=clip)
+        return (model.weight.detach() - start).norm().item()
+
+    assert run(0.5) <= 0.5 + 1e-6 < run(None)
