@@ -355,40 +355,58 @@ def report(result: dict) -> str:
 
 
 def plot(result: dict, path: str) -> None:
-    from matplotlib.figure import Figure
+    """Validation loss against parameters, training FLOPs and wall-clock (the fixed-rank
+    frontier drawn through the fixed arms), and the validation curves."""
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
 
     runs = result["runs"]
-    fig = Figure(figsize=(13, 4))
-    ax_p, ax_f, ax_c = fig.subplots(1, 3)
+    fig = Figure(figsize=(16, 4))
+    axes = fig.subplots(1, 4)
     means = {}
     for name in result["chosen"]:
         rs = [r for r in runs if r["arm"] == name]
-        means[name] = {k: statistics.mean(r[k] for r in rs) for k in ("params", "flops", "val")}
-    fixed = sorted((m["params"], m["val"], m["flops"]) for n, m in means.items()
-                   if kind(n) == "fixed")
-    for ax, key, label in ((ax_p, "params", "parameters (as trained)"),
-                           (ax_f, "flops", "training FLOPs")):
+        means[name] = {k: statistics.mean(r[k] for r in rs)
+                       for k in ("params", "flops", "seconds", "val")}
+    axis = (("params", "parameters as trained"), ("flops", "training FLOPs"),
+            ("seconds", "training wall-clock (s)"))
+    for ax, (key, label) in zip(axes, axis):
+        fixed = sorted((m[key], m["val"]) for n, m in means.items() if kind(n) == "fixed")
         if fixed:
-            xs = [p[0] if key == "params" else p[2] for p in fixed]
-            ax.plot(xs, [p[1] for p in fixed], "-", color="#999999", lw=1, zorder=0,
+            ax.plot(*zip(*fixed), "-", color="#999999", lw=1, zorder=0,
                     label="fixed-rank frontier")
         for name, m in means.items():
             marker = {"dense": "s", "fixed": "o"}.get(kind(name), "*")
-            ax.plot([m[key]], [m["val"]], marker, ms=9 if marker == "*" else 6, label=name)
+            ax.plot([m[key]], [m["val"]], marker, ms=10 if marker == "*" else 6, label=name)
         ax.set_xscale("log")
         ax.set_xlabel(label + " (log)")
         ax.set_ylabel("validation loss (mean over seeds)")
-    ax_p.legend(frameon=False, fontsize=7)
+    axes[0].legend(frameon=False, fontsize=7)
+    ax_c = axes[3]
     for name in result["chosen"]:
         rs = [r for r in runs if r["arm"] == name]
         steps = [s for s, _ in rs[0]["curve"]]
         ax_c.plot(steps, [statistics.mean(dict(r["curve"])[s] for r in rs) for s in steps],
                   lw=1.2, label=name)
     ax_c.set_xlabel("optimizer step")
-    ax_c.set_ylabel("validation loss")
+    ax_c.set_ylabel("validation loss (mean over seeds)")
     ax_c.set_title("each arm at its own tuned learning rate", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def load_result(path: str) -> dict:
+    """The result of a finished benchmark from its --json file (for --replot)."""
+    with open(path) as f:
+        saved = json.load(f)
+    if "chosen" not in saved:
+        raise SystemExit(f"{path}: no finished benchmark in it (run it to the end first)")
+    chosen = {a: float(lr) for a, lr in saved["chosen"].items()}
+    seeds = sorted({r["seed"] for r in saved["runs"]})
+    runs = [r for r in saved["runs"] if chosen.get(r["arm"]) == r["lr"] and r["seed"] in seeds]
+    for r in runs:
+        r["curve"] = [tuple(p) for p in r["curve"]]
+    sweeps = {a: {float(lr): v for lr, v in s.items()} for a, s in saved["sweeps"].items()}
+    return {"chosen": chosen, "sweeps": sweeps, "runs": runs}
 
 
 def main(argv=None) -> dict:
@@ -399,7 +417,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="a tiny GPT, 60 steps, one seed")
     parser.add_argument("--json", help="keep every run in this file (read back to resume)")
     parser.add_argument("--plot", help="write the figure to this PNG")
+    parser.add_argument("--replot", metavar="JSON",
+                        help="only print the table and draw --plot from a finished --json file")
     args = parser.parse_args(argv)
+    if args.replot:
+        result = load_result(args.replot)
+        print(report(result))
+        if args.plot:
+            plot(result, args.plot)
+        return result
     protocol = QUICK if args.quick else Protocol()
     if args.steps:
         protocol = replace(protocol, steps=args.steps)
@@ -416,8 +442,9 @@ def main(argv=None) -> dict:
           f"tokens per run; {len(data[0]):,} training bytes: {tokens / len(data[0]):.2f} epochs")
     runs = Runs(protocol, data, args.json)
     result = run_protocol(arms, args.seeds, runs)
-    runs.save({"chosen": result["chosen"], "sweeps": {a: {str(k): v for k, v in s.items()}
-                                                      for a, s in result["sweeps"].items()}})
+    runs.save({"chosen": result["chosen"],
+               "sweeps": {a: {str(lr): v for lr, v in sweep.items()}
+                          for a, sweep in result["sweeps"].items()}})
     print(report(result))
     if args.plot:
         plot(result, args.plot)

@@ -70,3 +70,9 @@ def test_quick_protocol_tunes_each_arm_on_its_own(tmp_path):
     # resuming reads every run back instead of training again
     again = bench.Runs(protocol, data, str(path), log=lambda *_: None)
     assert set(again.runs) == set(runs.runs)
+    # a finished run's file redraws the same table and the figure
+    runs.save({"chosen": result["chosen"],
+               "sweeps": {a: {str(lr): v for lr, v in s.items()} for a, s in result["sweeps"].items()}})
+    assert bench.report(bench.load_result(str(path))) == text
+    bench.plot(result, str(tmp_path / "fig.png"))
+    assert (tmp_path / "fig.png").read_bytes()[:4] == b"\x89PNG"
