@@ -11,8 +11,9 @@ The protocol:
 - every arm's peak learning rate chosen by its own sweep (three values, extended by ×2 past an
   edge that wins) on the first seed; the other seeds run at the chosen rate;
 - arms: dense; fixed ranks at 1/16 .. 1/2 of full from the start (spectral init): the fixed-rank
-  frontier of loss against parameters; InRank adapting throughout and InRank-Efficient with the
-  library's defaults and with the variants under test.
+  frontier of loss against parameters; InRank adapting throughout, stopped at step 150 (the old
+  demo), stopped once its ranks settle (the defaults), at α 0.999, and with a SiLU between the
+  factors (CoLA's form).
 Prints the sweep, the table (validation loss per seed, parameters, training FLOPs, wall-clock,
 each adaptive arm's distance to the frontier at its parameter count) and whether the order of
 the arms changed over the second half of training. `--json` keeps every run and is read back
@@ -80,6 +81,7 @@ ARMS = {arm.name: arm for arm in [
     Arm("efficient-150", "inrank", dict(stop_after=150)),      # frozen at step 150 (the old demo)
     Arm("settled", "inrank", dict(stop_after="settled")),      # frozen once the ranks settle
     Arm("settled-α0.999", "inrank", dict(stop_after="settled", threshold=0.999)),
+    Arm("settled-silu", "inrank", dict(stop_after="settled", activation="silu")),  # CoLA's form
 ]}
 DEFAULT_ARMS = tuple(ARMS)
 

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Sequence, Union
 
-from .layers import INITS
+from .layers import ACTIVATIONS, INITS
 from .spectrum import CRITERIA
 
 MEASURES = ("update", "weight")
@@ -40,6 +40,11 @@ class InRankConfig:
             "auto" = the smallest rank whose explained ratio exceeds `threshold` (svd only).
         buffer: spare components beyond the rank that the layer computes with while ranks adapt
             (InRank's buffer). int = count, float in (0, 1] = fraction of the full rank.
+        activation: None (default): the factored layer is the linear map U·Vᵀ. "silu", "gelu"
+            or "relu": a nonlinearity between the factors, x → σ(x·V) → ·Uᵀ (CoLA, Liu et al.,
+            EMNLP 2025), for training from scratch: it is a different model, never the function
+            it was built from, so not for compressing a trained one. Ranks adapt on the
+            component magnitudes ‖u_i‖·‖v_i‖ (measure="weight" only). nn.Conv2d stays linear.
         min_features: layers with min(in, out) below this stay dense.
         convs: which nn.Conv2d to factor (groups=1 only): "1x1" (channel matmuls, the default),
             "all" (k×k too, as a k×k conv to r channels then a 1×1 conv), or "none".
@@ -89,6 +94,7 @@ class InRankConfig:
     settle_tolerance: float = 0.05
     rank_multiple: int = 1
     grow_init: str = "zero"
+    activation: str | None = None
     min_features: int = 16
     convs: str = "1x1"
     targets: Union[Sequence[str], str, None] = None
@@ -115,6 +121,13 @@ class InRankConfig:
             raise ValueError(
                 f"InRankConfig.criterion must be one of {CRITERIA}, got {self.criterion!r}"
             )
+        if self.activation is not None:
+            if self.activation not in ACTIVATIONS:
+                raise ValueError(f"InRankConfig.activation must be one of {tuple(ACTIVATIONS)} or "
+                                 f"None, got {self.activation!r}")
+            if self.measure != "weight":
+                raise ValueError("InRankConfig.activation needs measure='weight': with a "
+                                 "nonlinearity between the factors the update is not a matrix")
         if not isinstance(self.silent_buffer, bool):
             raise ValueError(
                 f"InRankConfig.silent_buffer must be a bool, got {self.silent_buffer!r}"

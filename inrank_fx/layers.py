@@ -29,6 +29,9 @@ from torch.nn.modules.utils import _pair
 from .spectrum import factor_singular_values, update_singular_values
 
 INITS = ("svd", "random", "iid")
+# Opt-in nonlinearity between the factors, x → σ(x·V) → ·Uᵀ (CoLA, Liu et al., EMNLP 2025): a
+# different model, for training from scratch; never the dense function it was built from.
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 
 
 class InRankLinear(nn.Module):
@@ -44,6 +47,12 @@ class InRankLinear(nn.Module):
     The constructor draws i.i.d. factors whose product has nn.Linear's default variance ("iid").
     Use `from_linear` / `from_weight` to start from a module's own weights: "svd" (spectral
     initialisation on a fresh model, compression on a trained one) or "random".
+
+    `activation` ("silu", "gelu", "relu"; default None) puts a nonlinearity between the factors,
+    y = σ(x·V)·Uᵀ + b, as CoLA does for training from scratch. Its components are then no longer
+    interchangeable by rotation, so its "spectrum" is the component magnitudes ‖u_i‖·‖v_i‖ and
+    truncation keeps the largest components instead of rotating by SVD; a silent component
+    (U column zero) still leaves the function unchanged, so growth works as without it.
     """
 
     def __init__(
@@ -54,10 +63,15 @@ class InRankLinear(nn.Module):
         *,
         buffer: int = 0,
         bias: bool = True,
+        activation: str | None = None,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
+        if activation is not None and activation not in ACTIVATIONS:
+            raise ValueError(f"InRankLinear activation must be one of {tuple(ACTIVATIONS)} or None, "
+                             f"got {activation!r}")
+        self.activation = activation
         if in_features < 1 or out_features < 1:
             raise ValueError(
                 f"InRankLinear needs positive sizes, got in={in_features}, out={out_features}"
@@ -195,7 +209,10 @@ class InRankLinear(nn.Module):
     # -- the map ----------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x @ self.V, self.U, self.bias)
+        h = x @ self.V
+        if self.activation is not None:
+            h = ACTIVATIONS[self.activation](h)
+        return F.linear(h, self.U, self.bias)
 
     @property
     def width(self) -> int:
@@ -214,17 +231,29 @@ class InRankLinear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The dense out×in product U·Vᵀ (differentiable), for code that reads `.weight` of
-        what used to be an nn.Linear. It costs a dense matmul: the forward never forms it."""
+        what used to be an nn.Linear. It costs a dense matmul: the forward never forms it.
+        (With an `activation` the layer is not this linear map; shape, dtype and device are
+        still the linear layer's.)"""
         return self.U @ self.V.T
 
     def singular_values(self) -> torch.Tensor:
         """Singular values of U·Vᵀ (descending, length `width`), from QR of the factors and an
-        SVD of the small width×width core; the dense product is never formed."""
+        SVD of the small width×width core; the dense product is never formed. With an
+        `activation`: the component magnitudes ‖u_i‖·‖v_i‖, descending."""
+        if self.activation is not None:
+            return self._component_norms().sort(descending=True).values
         return factor_singular_values(self.U.detach(), self.V.detach())
+
+    def _component_norms(self) -> torch.Tensor:
+        u, v = self.U.detach().float(), self.V.detach().float()
+        return torch.linalg.vector_norm(u, dim=0) * torch.linalg.vector_norm(v, dim=0)
 
     def update_singular_values(self) -> torch.Tensor:
         """Singular values of the cumulative update U·Vᵀ − U0·V0ᵀ (descending, at most
         `full_rank` of them), from QR of the stacked factors; never the dense product."""
+        if self.activation is not None:
+            raise ValueError("the cumulative update of a layer with an activation between its "
+                             "factors is not a linear map with a spectrum; use measure='weight'")
         s = update_singular_values(self.U.detach(), self.V.detach(), self.U0, self.V0)
         return s[: self.full_rank]
 
@@ -260,6 +289,13 @@ class InRankLinear(nn.Module):
         (thin QR of each, SVD of the core), split evenly as U√S, V√S. This rotates the basis."""
         if not 1 <= width <= self.width:
             raise ValueError(f"truncate: width {width} must be in [1, {self.width}]")
+        if self.activation is not None:
+            # No rotation is a symmetry of σ(x·V): keep the largest components, largest first.
+            keep = self._component_norms().argsort(descending=True)[:width].to(self.U.device)
+            self.U = nn.Parameter(self.U[:, keep].detach().clone())
+            self.V = nn.Parameter(self.V[:, keep].detach().clone())
+            self.rank = min(self.rank, width)
+            return
         dtype = self.U.dtype
         q_u, r_u = torch.linalg.qr(self.U.to(torch.float64))
         q_v, r_v = torch.linalg.qr(self.V.to(torch.float64))
@@ -331,10 +367,11 @@ class InRankLinear(nn.Module):
 
     def extra_repr(self) -> str:
         ratio = self.factored_params() / self.dense_params()
+        act = f", activation={self.activation}" if self.activation is not None else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"rank={self.rank}, buffer={self.buffer}, full_rank={self.full_rank}, "
-            f"bias={self.bias is not None}, params={ratio:.1%} of dense"
+            f"bias={self.bias is not None}{act}, params={ratio:.1%} of dense"
         )
 
 

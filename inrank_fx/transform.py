@@ -268,10 +268,11 @@ def _plan(
         layer = InRankLinear.from_weight(
             matrix, None, rank, buffer=width - rank, init=config.init, name=name
         )
-    if not config.silent_buffer:
-        for part in layer.modules():  # a handler may build several (nn.MultiheadAttention)
-            if isinstance(part, InRankLinear):
-                part.randomize_buffer()
+    for part in layer.modules():  # a handler may build several (nn.MultiheadAttention)
+        if config.activation is not None and type(part) is InRankLinear:
+            part.activation = config.activation  # convolutions stay linear
+        if not config.silent_buffer and isinstance(part, InRankLinear):
+            part.randomize_buffer()
     report.factored.append(
         FactoredRecord(name, kind, out_features, in_features, layer.rank, layer.width, requested)
     )

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..layers import InRankConv2d, InRankLinear
+from ..layers import ACTIVATIONS, InRankConv2d, InRankLinear
 from ..passes.rewrite import carry_hooks, replace_module
 from ..summary import factored_layers
 from ..transform import REPORT_ATTR
@@ -22,20 +22,24 @@ FROZEN_ATTR = "_inrank_frozen"
 
 
 class FactoredLinear(nn.Module):
-    """y = up(down(x)): two plain matmuls through an inner dimension `rank`."""
+    """y = up(down(x)): two plain matmuls through an inner dimension `rank` (with
+    `activation`, y = up(σ(down(x))): one standard elementwise op between them)."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
-                 device=None, dtype=None) -> None:
+                 device=None, dtype=None, activation: str | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.activation = activation
         self.down = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
         self.up = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
 
     @classmethod
     @torch.no_grad()
-    def from_factors(cls, U: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None) -> "FactoredLinear":
-        """The layer x ↦ x·V·Uᵀ (+ bias), U: out×r, V: in×r."""
-        layer = cls(V.shape[0], U.shape[0], U.shape[1], bias is not None, U.device, U.dtype)
+    def from_factors(cls, U: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None,
+                     activation: str | None = None) -> "FactoredLinear":
+        """The layer x ↦ σ(x·V)·Uᵀ (+ bias), U: out×r, V: in×r (σ the identity by default)."""
+        layer = cls(V.shape[0], U.shape[0], U.shape[1], bias is not None, U.device, U.dtype,
+                    activation)
         layer.down.weight.copy_(V.T)
         layer.up.weight.copy_(U)
         if bias is not None:
@@ -43,10 +47,15 @@ class FactoredLinear(nn.Module):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.down(x))
+        h = self.down(x)
+        if self.activation is not None:
+            h = ACTIVATIONS[self.activation](h)
+        return self.up(h)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+        act = f", activation={self.activation}" if self.activation is not None else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"rank={self.rank}{act}")
 
 
 class FactoredConv2d(nn.Sequential):
@@ -109,6 +118,12 @@ def freeze(model: nn.Module, *, merge: bool | str = "auto") -> nn.Module:
     for name, layer in factored_layers(frozen).items():
         r, n_in, n_out = layer.rank, layer.in_features, layer.out_features
         merged = merge is True or (merge == "auto" and r * (n_in + n_out) >= n_in * n_out)
+        activation = getattr(layer, "activation", None)
+        if merged and activation is not None:
+            if merge is True:
+                raise ValueError(f"freeze(merge=True): '{name}' has a {activation} between its "
+                                 "factors and is no single matrix; use merge='auto' or False")
+            merged = False  # a nonlinear layer has no dense form
         if merged:
             plain = _merged(layer)
         else:
@@ -117,7 +132,8 @@ def freeze(model: nn.Module, *, merge: bool | str = "auto") -> nn.Module:
             if isinstance(layer, InRankConv2d):
                 plain = FactoredConv2d(layer)
             else:
-                plain = FactoredLinear.from_factors(layer.U.detach(), layer.V.detach(), layer.bias)
+                plain = FactoredLinear.from_factors(layer.U.detach(), layer.V.detach(), layer.bias,
+                                                    activation)
         carry_hooks(layer, plain)
         frozen = replace_module(frozen, layer, plain)
         records.append(FrozenLayer(name, n_out, n_in, min(n_in, n_out) if merged else r, merged))
