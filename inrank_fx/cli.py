@@ -41,13 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
 
     demo = commands.add_parser(
-        "demo", help="train a GPT dense and with InRank-Efficient, export and compare (the main job)",
-        description="Train the demo GPT twice from the same seed (dense, and InRank-Efficient), both "
+        "demo", help="train a GPT dense and with InRank, export and compare (the main job)",
+        description="Train the demo GPT twice from the same seed (dense, and InRank with its "
+                    "defaults: ranks adapt until they settle, then stay fixed), each at its own "
+                    "tuned learning rate with warm-up and cosine decay, both "
                     "under torch.compile, compare them, export the InRank model to ONNX (verified "
                     "in ONNX Runtime), compare inference on every backend, and write a report "
                     "folder: results.json, ranks.csv, summary.txt, model.onnx and PNG plots.")
-    demo.add_argument("--quick", action="store_true", help="a smaller model and run (under 2 minutes on 2 CPU cores)")
-    demo.add_argument("--steps", type=int, help="optimizer steps per model (default 600, quick 120)")
+    demo.add_argument("--quick", action="store_true", help="a smaller model and run (about a minute on 2 CPU cores)")
+    demo.add_argument("--steps", type=int, help="optimizer steps per model (default 2000, quick 200)")
     demo.add_argument("--data", type=Path, help="train on this text file instead of the Python stdlib sources")
     demo.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     demo.add_argument("--out", type=Path, default=Path("inrank-demo"), help="report folder (replaced if it exists; default ./inrank-demo)")

@@ -16,7 +16,8 @@ pytest.importorskip("onnxruntime")
 
 TINY = job.DemoSettings(
     gpt=GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32), batch_size=4, steps=12,
-    stop_after=6, check_every=3, eval_every=6, eval_batches=2, lr=3e-3, corpus_bytes=100_000,
+    warmup=2, stop_after=6, check_every=3, eval_every=6, eval_batches=2, dense_lr=3e-3,
+    inrank_lr=3e-3, corpus_bytes=100_000,
 )
 REPORT_FILES = {"results.json", "ranks.csv", "summary.txt", "model.onnx", "loss_curves.png",
                 "rank_trajectories.png", "inference.png"}

@@ -1,2 +1,2 @@
 """The demo: a nanoGPT-style model, a corpus every Python install has, a plain training loop, and
-the job behind `inrank-fx demo` (dense vs InRank-Efficient, export, inference comparison)."""
+the job behind `inrank-fx demo` (dense vs InRank, export, inference comparison)."""

@@ -1,9 +1,12 @@
-"""The job behind `inrank-fx demo`: dense vs InRank-Efficient on the same data, then ship it.
+"""The job behind `inrank-fx demo`: dense vs InRank on the same data, then ship it.
 
-1. Train the demo GPT twice from the same seed on the same batches, both under torch.compile:
-   dense, and InRank-Efficient: every layer starts at rank 2 from a truncated SVD of the GPT's
-   own initialisation (spectral initialisation: both arms start from the same init scheme),
-   ranks are measured by the InRank rule on optimizer steps and freeze at `stop_after`.
+1. Train the demo GPT twice from the same seed on the same batches, both under torch.compile,
+   each at the peak learning rate its own sweep chose (benchmarks/bench_convergence.py), with
+   the same recipe (warm-up, cosine decay, clipping): dense, and InRank with the library's
+   defaults: every layer starts at rank 2 from a truncated SVD of the GPT's own initialisation
+   (spectral initialisation: both arms start from the same init scheme), ranks are measured by
+   the InRank rule on optimizer steps and, once they have settled, frozen (the buffer dropped)
+   for the rest of the run.
 2. Compare validation loss / perplexity, parameters, final ranks, wall-clock and tokens/s.
 3. Freeze the InRank model, export it to ONNX and verify it in ONNX Runtime.
 4. Compare inference of the two models on every available backend (inrank_fx.bench).
@@ -29,32 +32,40 @@ import inrank_fx
 from inrank_fx import bench
 from inrank_fx.demo.corpus import batches, file_corpus, split, stdlib_corpus
 from inrank_fx.demo.gpt import GPT, GPTConfig, lm_loss
-from inrank_fx.demo.training import evaluate, train_steps
+from inrank_fx.demo.training import evaluate, train_steps, warmup_cosine
 from inrank_fx.export import to_onnx
 
 
 @dataclass(frozen=True)
 class DemoSettings:
+    """The demo's run. Both arms train with the same recipe (AdamW, linear warm-up over
+    `warmup` steps, cosine decay to 10%, gradient norm clipped at 1), each at the peak learning
+    rate that benchmarks/bench_convergence.py's sweep chose for it at this size."""
+
     gpt: GPTConfig
     batch_size: int
     steps: int
-    stop_after: int  # InRank-Efficient: ranks freeze after this many optimizer steps
+    warmup: int
+    stop_after: int | str | None  # when InRank's ranks freeze (InRankConfig.stop_after)
     check_every: int
     eval_every: int
     eval_batches: int
-    lr: float
+    dense_lr: float
+    inrank_lr: float
     corpus_bytes: int
+    clip_norm: float = 1.0
+    weight_decay: float = 0.1
 
 
 DEFAULT = DemoSettings(
-    gpt=GPTConfig(block_size=128, n_layer=4, n_head=4, n_embd=256),
-    batch_size=16, steps=600, stop_after=150, check_every=25, eval_every=100, eval_batches=12,
-    lr=2e-3, corpus_bytes=3_000_000,
+    gpt=GPTConfig(block_size=64, n_layer=4, n_head=4, n_embd=128),
+    batch_size=16, steps=2000, warmup=100, stop_after="settled", check_every=25, eval_every=200,
+    eval_batches=16, dense_lr=2e-3, inrank_lr=4e-3, corpus_bytes=5_000_000,
 )
 QUICK = DemoSettings(
-    gpt=GPTConfig(block_size=64, n_layer=2, n_head=4, n_embd=128),
-    batch_size=8, steps=120, stop_after=50, check_every=10, eval_every=40, eval_batches=6,
-    lr=3e-3, corpus_bytes=600_000,
+    gpt=GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=64),
+    batch_size=8, steps=200, warmup=10, stop_after="settled", check_every=10, eval_every=50,
+    eval_batches=6, dense_lr=4e-3, inrank_lr=8e-3, corpus_bytes=600_000,
 )
 
 
@@ -63,7 +74,11 @@ def settings_for(quick: bool = False, steps: int | None = None) -> DemoSettings:
     if steps is not None:
         if steps < 2:
             raise ValueError(f"--steps must be at least 2, got {steps}")
-        chosen = replace(chosen, steps=steps, stop_after=min(chosen.stop_after, max(1, steps // 2)),
+        stop = chosen.stop_after
+        if isinstance(stop, int):
+            stop = min(stop, max(1, steps // 2))
+        chosen = replace(chosen, steps=steps, stop_after=stop,
+                         warmup=min(chosen.warmup, steps // 10),
                          eval_every=min(chosen.eval_every, steps))
     return chosen
 
@@ -113,11 +128,13 @@ def _run(tmp, out, train_ids, val_ids, source, device, s: DemoSettings, seed, co
         torch.manual_seed(seed)
         model = GPT(s.gpt)
         if name == "inrank":
-            config = inrank_fx.InRankConfig(init_rank=2, warmup_steps=s.check_every,
+            config = inrank_fx.InRankConfig(warmup_steps=s.check_every,
                                             check_every=s.check_every, stop_after=s.stop_after)
             model = inrank_fx.transform(model, config)
         model.to(device)
-        opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=0.01)
+        lr = s.inrank_lr if name == "inrank" else s.dense_lr
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95),
+                                weight_decay=s.weight_decay)
         if name == "inrank":
             controller = inrank_fx.attach(model, opt, seed=seed)
         runs[name] = _train(name, model, opt, train_ids, val_ids, device, s, seed, compile, progress)
@@ -142,6 +159,8 @@ def _run(tmp, out, train_ids, val_ids, source, device, s: DemoSettings, seed, co
         "dense": _public(dense),
         "inrank": {**_public(inrank), "final_ranks": inrank_fx.ranks(inrank["model"]),
                    "rank_events": controller.rank_events,
+                   "stop_step": next((h["step"] for h in controller.history
+                                      if h["event"] == "truncate"), None),
                    "controller_seconds": controller.seconds},
         "ratios": {
             "train_seconds": inrank["train_seconds"] / dense["train_seconds"],
@@ -159,8 +178,7 @@ def _run(tmp, out, train_ids, val_ids, source, device, s: DemoSettings, seed, co
     (tmp / "summary.txt").write_text(text + "\n")
     (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     _plot_losses(runs, tmp / "loss_curves.png")
-    _plot_ranks(controller.history, controller.start_ranks, s.stop_after,
-                tmp / "rank_trajectories.png")
+    _plot_ranks(controller.history, controller.start_ranks, tmp / "rank_trajectories.png")
     log("\n" + text)
     return results
 
@@ -189,7 +207,9 @@ def _train(name, model, opt, train_ids, val_ids, device, s: DemoSettings, seed, 
                                              s.eval_batches, batch=s.batch_size)))
 
     start = time.perf_counter()
-    losses, seconds = train_steps(model, opt, stream, s.steps, loss_of=loss_of, on_step=on_step)
+    losses, seconds = train_steps(model, opt, stream, s.steps, loss_of=loss_of, on_step=on_step,
+                                  scheduler=warmup_cosine(opt, s.steps, s.warmup),
+                                  clip_norm=s.clip_norm)
     wall = time.perf_counter() - start  # with evaluation; `seconds` holds the steps alone
     bar.close()
     val_loss = val_curve[-1][1]
@@ -214,8 +234,11 @@ def _public(run: dict) -> dict:
 def comparison_table(results: dict) -> str:
     dense, inrank, ratios = results["dense"], results["inrank"], results["ratios"]
     ranks = list(inrank["final_ranks"].values())
+    settings = results["settings"]
+    stop = inrank.get("stop_step")
     rows = [
-        ("", "dense", "InRank-Efficient", "InRank / dense"),
+        ("", "dense", "InRank", "InRank / dense"),
+        ("peak lr (own sweep)", f"{settings['dense_lr']:g}", f"{settings['inrank_lr']:g}", ""),
         ("val loss", f"{dense['val_loss']:.4f}", f"{inrank['val_loss']:.4f}", f"{ratios['val_loss']:.3f}"),
         ("val perplexity", f"{dense['val_ppl']:.3f}", f"{inrank['val_ppl']:.3f}", ""),
         ("parameters", f"{dense['params']:,}", f"{inrank['params']:,}", f"{ratios['params']:.3f}"),
@@ -225,6 +248,7 @@ def comparison_table(results: dict) -> str:
          f"{inrank['median_step_seconds'] * 1e3:.1f}", f"{ratios['steady_step_seconds']:.3f}"),
         ("tokens / s", f"{dense['tokens_per_second']:,.0f}", f"{inrank['tokens_per_second']:,.0f}", ""),
         ("final ranks", "full", f"{min(ranks)}..{max(ranks)} (mean {statistics.mean(ranks):.1f})", ""),
+        ("ranks frozen at step", "", "never" if stop is None else str(stop), ""),
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
@@ -247,13 +271,13 @@ def _plot_losses(runs: dict, path: Path) -> None:
         ax.plot(steps, vals, "o--", color=color, ms=4, label=f"{name} validation")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats / byte)")
-    ax.set_title("demo GPT: dense vs InRank-Efficient")
+    ax.set_title("demo GPT: dense vs InRank, each at its tuned learning rate")
     ax.legend(frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
-def _plot_ranks(history: list[dict], start_ranks: dict, stop_after: int, path: Path) -> None:
+def _plot_ranks(history: list[dict], start_ranks: dict, path: Path) -> None:
     import matplotlib
     from matplotlib.figure import Figure
 
@@ -266,8 +290,11 @@ def _plot_ranks(history: list[dict], start_ranks: dict, stop_after: int, path: P
                                               if h["layer"] == layer]
         steps, ranks = zip(*points)
         ax.step(steps, ranks, where="post", color=cmap(i), lw=1, label=layer if len(layers) <= 8 else None)
-    ax.axvline(stop_after, color="#aa3333", ls=":", lw=1)
-    ax.text(stop_after, ax.get_ylim()[1], " ranks frozen", color="#aa3333", va="top", fontsize=8)
+    stops = [h["step"] for h in history if h["event"] == "truncate"]
+    if stops:  # where adaptation stopped (a fixed step, or where the ranks settled)
+        ax.axvline(stops[0], color="#aa3333", ls=":", lw=1)
+        ax.text(stops[0], ax.get_ylim()[1], " ranks frozen", color="#aa3333", va="top",
+                fontsize=8)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("rank")
     ax.set_title(f"rank trajectories of {len(layers)} factored layers")
