@@ -59,7 +59,7 @@ QUICK = Protocol(gpt=GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=64), b
                  corpus_bytes=300_000, evals=3, eval_batches=4)
 
 DENSE_LRS = (5e-4, 1e-3, 2e-3)
-FACTORED_LRS = (1e-3, 2e-3, 4e-3)
+FACTORED_LRS = (2e-3, 4e-3, 8e-3)
 
 
 @dataclass(frozen=True)
