@@ -277,6 +277,8 @@ def frontier_gaps(result: dict, shipped: bool = False) -> dict:
     for seed in sorted({r["seed"] for r in result["runs"]}):
         rs = [r for r in result["runs"] if r["seed"] == seed]
         points = [(r[params], r[val]) for r in rs if kind(r["arm"]) == "fixed"]
+        if len(points) < 2:
+            continue  # no frontier to compare with
         for r in rs:
             if kind(r["arm"]) == "inrank":
                 f = frontier_loss(points, r[params])

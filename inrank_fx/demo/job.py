@@ -57,15 +57,18 @@ class DemoSettings:
     weight_decay: float = 0.1
 
 
+# Peak learning rates: each arm's own sweep. DEFAULT: `python benchmarks/bench_convergence.py`
+# (dense 4e-3 of 5e-4..8e-3; InRank with the defaults 4e-3 of 2e-3..8e-3); QUICK:
+# `python benchmarks/bench_convergence.py --quick --steps 200 --arms dense settled`.
 DEFAULT = DemoSettings(
     gpt=GPTConfig(block_size=64, n_layer=4, n_head=4, n_embd=128),
     batch_size=16, steps=2000, warmup=100, stop_after="settled", check_every=25, eval_every=200,
-    eval_batches=16, dense_lr=2e-3, inrank_lr=4e-3, corpus_bytes=5_000_000,
+    eval_batches=16, dense_lr=4e-3, inrank_lr=4e-3, corpus_bytes=5_000_000,
 )
 QUICK = DemoSettings(
     gpt=GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=64),
     batch_size=8, steps=200, warmup=10, stop_after="settled", check_every=10, eval_every=50,
-    eval_batches=6, dense_lr=4e-3, inrank_lr=8e-3, corpus_bytes=600_000,
+    eval_batches=6, dense_lr=2e-3, inrank_lr=8e-3, corpus_bytes=600_000,
 )
 
 
