@@ -84,7 +84,7 @@ class InRankConfig:
     buffer: Union[int, float] = 0.1
     silent_buffer: bool = True
     measure: str = "weight"
-    threshold: float = 0.99
+    threshold: float = 0.999
     criterion: str = "variance"
     ranks_only_grow: bool = False
     warmup_steps: int = 25
