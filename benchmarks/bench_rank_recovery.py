@@ -1,12 +1,12 @@
 """Ground truth for the rank rule: do layers end at the ranks their data has?
 
-    python benchmarks/bench_rank_recovery.py [--steps 400] [--seed 0] [--criterion variance]
+    python benchmarks/bench_rank_recovery.py [--steps 500] [--seed 0] [--criterion variance]
 
 Two problems from inrank_fx.demo.teachers, every layer 64×64 (full rank 64):
   heads - three parallel heads regressing teachers of rank 3, 10, 24;
   stack - four residual blocks h ← h + A_i·gelu(h), supervised at every block, A_i of rank
           4, 12, 20, 8.
-Each is trained with the default rule (adapting throughout, checks every 20 steps) from
+Each is trained with the default rule (ranks freeze once settled, checks every 20 steps) from
 init_rank ∈ {1, 2, 8} with buffer ∈ {4, 16, 64}, once per measure ("update": W_t − W_0;
 "weight": W_t); --criterion, --threshold and --ranks-only-grow change the rule. Prints found / true
 rank per layer, and the worst found/true ratio over the layers whose true rank is at least
@@ -43,7 +43,7 @@ def found_ranks(problem: str, measure: str, init_rank: int, buffer: int, steps: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--criterion", default="variance")
     parser.add_argument("--threshold", type=float, default=None, help="α (default: the config's)")

@@ -59,7 +59,7 @@ class DemoSettings:
 
 # Peak learning rates: each arm's own sweep. DEFAULT: `python benchmarks/bench_convergence.py`
 # (dense 4e-3 of 5e-4..8e-3; InRank with the defaults 4e-3 of 2e-3..8e-3); QUICK:
-# `python benchmarks/bench_convergence.py --quick --steps 200 --arms dense settled`.
+# `python benchmarks/bench_convergence.py --quick --steps 200 --arms dense defaults` (2e-3, 8e-3).
 DEFAULT = DemoSettings(
     gpt=GPTConfig(block_size=64, n_layer=4, n_head=4, n_embd=128),
     batch_size=16, steps=2000, warmup=100, stop_after="settled", check_every=25, eval_every=200,
