@@ -69,9 +69,9 @@ class InRankConfig:
             rank, the buffer dropped, and training goes on at fixed ranks). An int: after this
             many optimizer steps. "settled": once the ranks have settled, i.e. over the last
             `settle_checks` checks the layers' ranks moved (max − min, summed over layers) by
-            at most `settle_tolerance` of their sum
-            (default: benchmarks/bench_convergence.py measured it against adapting throughout,
-            a fixed stop and fixed ranks; docs/TRAINING.md). None adapts for the whole run.
+            at most `settle_tolerance` of their sum; the default, chosen on the long runs of
+            benchmarks/bench_convergence.py against adapting throughout and a fixed stop
+            (docs/TRAINING.md). None adapts for the whole run.
         rank_multiple: round each layer's computed width up to a multiple of this (e.g. 8 for
             tensor cores).
         grow_init: how components added by growth start: "zero" (new U columns zero, new V

@@ -15,7 +15,7 @@ early spectrum was transient, but the width (what the layer computes and stores)
 while adapting: the layer computes at max(width, k + buffer). `ranks_only_grow=True` keeps the
 reference's k ≥ r instead. With `stop_after=N` (InRank-Efficient), at step N every layer
 is truncated to its rank, the buffer is dropped and ranks stay fixed; `stop_after="settled"`
-does the same at the first check after which the ranks have stopped growing.
+(the default) does the same at the first check after which the ranks have stopped moving.
 """
 from __future__ import annotations
 
