@@ -36,7 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import inrank_fx
 from inrank_fx.demo.corpus import batches, split, stdlib_corpus
 from inrank_fx.demo.gpt import GPT, GPTConfig
-from inrank_fx.demo.training import evaluate, train_steps, warmup_cosine
+from inrank_fx.demo.training import RECIPE_BETAS, evaluate, train_steps, warmup_cosine
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class Protocol:
     floor: float = 0.1  # cosine decays to this fraction of the peak learning rate
     clip_norm: float = 1.0
     weight_decay: float = 0.1
-    betas: tuple = (0.9, 0.95)
+    betas: tuple = RECIPE_BETAS
     corpus_bytes: int = 5_000_000
     evals: int = 10  # validation points over the run (the last at the final step)
     eval_batches: int = 16

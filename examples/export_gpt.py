@@ -18,7 +18,7 @@ import inrank_fx
 from inrank_fx.demo.corpus import batches, split, stdlib_corpus
 from inrank_fx.demo.gpt import GPT
 from inrank_fx.demo.job import DEFAULT
-from inrank_fx.demo.training import evaluate, train_steps, warmup_cosine
+from inrank_fx.demo.training import evaluate, recipe_optimizer, train_steps, warmup_cosine
 from inrank_fx.export import to_onnx
 
 
@@ -40,8 +40,7 @@ def main() -> None:
             cfg = inrank_fx.InRankConfig(init_rank=2, stop_after=args.stop_after)
             model = inrank_fx.transform(model, cfg)
         lr = recipe.inrank_lr if name == "inrank" else recipe.dense_lr
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95),
-                                weight_decay=recipe.weight_decay)
+        opt = recipe_optimizer(model.parameters(), lr, recipe.weight_decay)
         if name == "inrank":
             inrank_fx.attach(model, opt)
         stream = batches(train_ids, config.block_size, 16, torch.Generator().manual_seed(0))

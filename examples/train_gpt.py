@@ -20,13 +20,12 @@ import inrank_fx
 from inrank_fx.demo.corpus import batches, split, stdlib_corpus
 from inrank_fx.demo.gpt import GPT
 from inrank_fx.demo.job import DEFAULT
-from inrank_fx.demo.training import evaluate, train_steps, warmup_cosine
+from inrank_fx.demo.training import evaluate, recipe_optimizer, train_steps, warmup_cosine
 
 
 def train(model: GPT, train_ids, val_ids, steps: int, lr: float, seed: int, inrank: bool) -> dict:
     s = DEFAULT
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95),
-                            weight_decay=s.weight_decay)
+    opt = recipe_optimizer(model.parameters(), lr, s.weight_decay)
     if inrank:
         inrank_fx.attach(model, opt, seed=seed)
     stream = batches(train_ids, s.gpt.block_size, s.batch_size, torch.Generator().manual_seed(seed))

@@ -120,6 +120,11 @@ class RankController:
                     for name in checks[-1])
         return moved <= self.config.settle_tolerance * sum(checks[-1].values())
 
+    @property
+    def stop_step(self) -> int | None:
+        """The optimizer step at which adaptation stopped (ranks frozen), or None."""
+        return next((h["step"] for h in self.history if h["event"] == "truncate"), None)
+
     def spectrum(self, layer) -> torch.Tensor:
         """The singular values the rule reads for `layer` (`InRankConfig.measure`)."""
         if self.config.measure == "update":

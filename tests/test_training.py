@@ -139,6 +139,7 @@ def test_settled_stop_waits_for_the_ranks_to_stop_growing():
     checks = [(h["step"], h["rank"]) for h in ctrl.history if h["event"] == "check"]
     stop = next(h["step"] for h in ctrl.history if h["event"] == "truncate")
     assert stop == checks[-1][0]  # it stopped at a check ...
+    assert ctrl.stop_step == stop
     # ... only once the last three checks added no rank, after growing through several
     assert len({rank for _, rank in checks[-4:]}) == 1
     assert len({rank for _, rank in checks}) >= 4 and checks[0][1] < r // 2

@@ -32,7 +32,7 @@ import inrank_fx
 from inrank_fx import bench
 from inrank_fx.demo.corpus import batches, file_corpus, split, stdlib_corpus
 from inrank_fx.demo.gpt import GPT, GPTConfig, lm_loss
-from inrank_fx.demo.training import evaluate, train_steps, warmup_cosine
+from inrank_fx.demo.training import evaluate, recipe_optimizer, train_steps, warmup_cosine
 from inrank_fx.export import to_onnx
 
 
@@ -136,8 +136,7 @@ def _run(tmp, out, train_ids, val_ids, source, device, s: DemoSettings, seed, co
             model = inrank_fx.transform(model, config)
         model.to(device)
         lr = s.inrank_lr if name == "inrank" else s.dense_lr
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95),
-                                weight_decay=s.weight_decay)
+        opt = recipe_optimizer(model.parameters(), lr, s.weight_decay)
         if name == "inrank":
             controller = inrank_fx.attach(model, opt, seed=seed)
         runs[name] = _train(name, model, opt, train_ids, val_ids, device, s, seed, compile, progress)
@@ -162,8 +161,7 @@ def _run(tmp, out, train_ids, val_ids, source, device, s: DemoSettings, seed, co
         "dense": _public(dense),
         "inrank": {**_public(inrank), "final_ranks": inrank_fx.ranks(inrank["model"]),
                    "rank_events": controller.rank_events,
-                   "stop_step": next((h["step"] for h in controller.history
-                                      if h["event"] == "truncate"), None),
+                   "stop_step": controller.stop_step,
                    "controller_seconds": controller.seconds},
         "ratios": {
             "train_seconds": inrank["train_seconds"] / dense["train_seconds"],
@@ -181,7 +179,8 @@ def _run(tmp, out, train_ids, val_ids, source, device, s: DemoSettings, seed, co
     (tmp / "summary.txt").write_text(text + "\n")
     (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     _plot_losses(runs, tmp / "loss_curves.png")
-    _plot_ranks(controller.history, controller.start_ranks, tmp / "rank_trajectories.png")
+    _plot_ranks(controller.history, controller.start_ranks, controller.stop_step,
+                tmp / "rank_trajectories.png")
     log("\n" + text)
     return results
 
@@ -280,7 +279,8 @@ def _plot_losses(runs: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def _plot_ranks(history: list[dict], start_ranks: dict, path: Path) -> None:
+def _plot_ranks(history: list[dict], start_ranks: dict, stop_step: int | None,
+                path: Path) -> None:
     import matplotlib
     from matplotlib.figure import Figure
 
@@ -293,10 +293,9 @@ def _plot_ranks(history: list[dict], start_ranks: dict, path: Path) -> None:
                                               if h["layer"] == layer]
         steps, ranks = zip(*points)
         ax.step(steps, ranks, where="post", color=cmap(i), lw=1, label=layer if len(layers) <= 8 else None)
-    stops = [h["step"] for h in history if h["event"] == "truncate"]
-    if stops:  # where adaptation stopped (a fixed step, or where the ranks settled)
-        ax.axvline(stops[0], color="#aa3333", ls=":", lw=1)
-        ax.text(stops[0], ax.get_ylim()[1], " ranks frozen", color="#aa3333", va="top",
+    if stop_step is not None:  # where adaptation stopped (a fixed step, or where ranks settled)
+        ax.axvline(stop_step, color="#aa3333", ls=":", lw=1)
+        ax.text(stop_step, ax.get_ylim()[1], " ranks frozen", color="#aa3333", va="top",
                 fontsize=8)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("rank")

@@ -1,8 +1,9 @@
 """The plain training loop the examples and benchmarks share: nothing InRank-specific in it
 (an attached RankController runs inside optimizer.step()).
 
-`warmup_cosine` is the usual language-model recipe (linear warm-up, cosine decay to a floor),
-built from torch's own schedulers; `train_steps` takes it with gradient clipping.
+The usual language-model recipe: `recipe_optimizer` (AdamW, β 0.9/0.95) and `warmup_cosine`
+(linear warm-up, cosine decay to a floor, a torch LambdaLR); `train_steps` takes it with
+gradient clipping.
 """
 from __future__ import annotations
 
@@ -13,6 +14,14 @@ import time
 import torch
 
 from inrank_fx.demo.corpus import batches
+
+
+RECIPE_BETAS = (0.9, 0.95)  # the usual language-model betas (GPT-2/3, nanoGPT)
+
+
+def recipe_optimizer(params, lr: float, weight_decay: float = 0.1) -> torch.optim.AdamW:
+    """The recipe's optimizer: AdamW with β 0.9/0.95 and decoupled weight decay."""
+    return torch.optim.AdamW(params, lr=lr, betas=RECIPE_BETAS, weight_decay=weight_decay)
 
 
 def warmup_cosine(optimizer, steps: int, warmup: int, floor: float = 0.1):
