@@ -65,13 +65,16 @@ FACTORED_LRS = (2e-3, 4e-3, 8e-3)
 @dataclass(frozen=True)
 class Arm:
     """One way of training the GPT. kind: "dense", "fixed" (rank fraction `fixed`, no
-    controller) or "inrank" (transform with `config`, controller attached)."""
+    controller), "inrank" (transform with `config`, controller attached) or "fixed-at" (no
+    controller, each layer fixed from the start at the final rank that arm `ranks_of` measured
+    on the same seed: InRank's allocation without its growth)."""
 
     name: str
     kind: str
     config: dict = field(default_factory=dict)
     fixed: float | None = None
     lrs: tuple = FACTORED_LRS
+    ranks_of: str | None = None
 
 
 ARMS = {arm.name: arm for arm in [
@@ -82,9 +85,11 @@ ARMS = {arm.name: arm for arm in [
     Arm("settled-α0.99", "inrank", dict(stop_after="settled", threshold=0.99)),
     Arm("defaults", "inrank", {}),  # the library's defaults: settled, α 0.999
     Arm("silu-α0.99", "inrank", dict(stop_after="settled", threshold=0.99, activation="silu")),
+    Arm("fixed-at-defaults", "fixed-at", ranks_of="defaults"),
 ]}
-# CoLA's form grows to nearly full width and costs as much as the rest together: opt-in.
-DEFAULT_ARMS = tuple(name for name in ARMS if name != "silu-α0.99")
+# Opt-in: CoLA's form grows to nearly full width and costs as much as the rest together; the
+# defaults' ranks fixed from the start is a diagnostic (allocation against growth).
+DEFAULT_ARMS = tuple(name for name in ARMS if name not in ("silu-α0.99", "fixed-at-defaults"))
 
 
 # -- one run ----------------------------------------------------------------------------------
@@ -94,6 +99,9 @@ def build(arm: Arm, protocol: Protocol, seed: int) -> torch.nn.Module:
     model = GPT(protocol.gpt)
     if arm.kind == "fixed":
         model = inrank_fx.transform(model, inrank_fx.InRankConfig(init_rank=arm.fixed, buffer=0))
+    elif arm.kind == "fixed-at":  # spectral init at the given ranks: full SVD, truncated
+        model = inrank_fx.transform(model, inrank_fx.InRankConfig(init_rank=1.0, buffer=0))
+        inrank_fx.set_ranks(model, arm.config["ranks"])
     elif arm.kind == "inrank":
         model = inrank_fx.transform(model, inrank_fx.InRankConfig(**arm.config))
     return model
@@ -243,11 +251,22 @@ def run_protocol(arms, seeds, runs: Runs) -> dict:
     """Tune every arm on the first seed, run the others at the chosen rate. Returns
     {"chosen": {arm: lr}, "sweeps": {arm: {lr: loss}}, "runs": [final runs]}."""
     chosen, sweeps, final = {}, {}, []
+    by_name = {arm.name: arm for arm in arms}
+
+    def at_seed(arm: Arm, seed: int) -> Arm:
+        if arm.kind != "fixed-at":
+            return arm
+        if arm.ranks_of not in chosen:
+            raise ValueError(f"arm {arm.name!r} needs arm {arm.ranks_of!r} to run before it")
+        source = runs.get(by_name[arm.ranks_of], chosen[arm.ranks_of], seed)
+        return replace(arm, config={"ranks": source["ranks"]})
+
     for arm in arms:
-        lr, sweep = tune(arm, lambda lr, arm=arm: _loss(runs.get(arm, lr, seeds[0])))
+        lr, sweep = tune(arm, lambda lr, arm=arm: _loss(runs.get(at_seed(arm, seeds[0]), lr,
+                                                                 seeds[0])))
         chosen[arm.name], sweeps[arm.name] = lr, sweep
     for arm in arms:
-        final.extend(runs.get(arm, chosen[arm.name], seed) for seed in seeds)
+        final.extend(runs.get(at_seed(arm, seed), chosen[arm.name], seed) for seed in seeds)
     return {"chosen": chosen, "sweeps": sweeps, "runs": final}
 
 
@@ -281,10 +300,21 @@ def frontier_gaps(result: dict, shipped: bool = False) -> dict:
         if len(points) < 2:
             continue  # no frontier to compare with
         for r in rs:
-            if kind(r["arm"]) == "inrank":
+            if kind(r["arm"]) not in ("dense", "fixed"):
                 f = frontier_loss(points, r[params])
                 gaps[(r["arm"], seed)] = None if f is None else r[val] - f
     return gaps
+
+
+def gap_spread(gaps: dict) -> dict:
+    """{arm: (mean, standard deviation, seeds)} of the distances to the frontier over the seeds
+    where the arm is inside the fixed arms' range."""
+    by_arm: dict[str, list[float]] = {}
+    for (name, _), gap in gaps.items():
+        if gap is not None:
+            by_arm.setdefault(name, []).append(gap)
+    return {name: (statistics.mean(g), statistics.stdev(g) if len(g) > 1 else 0.0, len(g))
+            for name, g in by_arm.items()}
 
 
 def kind(name: str) -> str:
@@ -353,6 +383,10 @@ def report(result: dict) -> str:
     lines.append("params, FLOPs (training), time (training steps) and shipped params are relative to "
                  "dense; vs frontier: loss minus the fixed-rank frontier's at the same parameters, "
                  "per seed (out: outside the fixed arms' range); shipped: frozen at the final ranks")
+    spread = gap_spread(gaps)
+    if spread:
+        lines.append("vs frontier over the seeds (as trained): " + "; ".join(
+            f"{name} {m:+.3f} ± {sd:.3f} (n={n})" for name, (m, sd, n) in spread.items()))
     changes = order_changes(result)
     lines.append("order over the second half of training: " + (
         "unchanged" if not changes else "changed for " + ", ".join(changes)))
@@ -380,7 +414,7 @@ def plot(result: dict, path: str) -> None:
             ax.plot(*zip(*fixed), "-", color="#999999", lw=1, zorder=0,
                     label="fixed-rank frontier")
         for name, m in means.items():
-            marker = {"dense": "s", "fixed": "o"}.get(kind(name), "*")
+            marker = {"dense": "s", "fixed": "o", "fixed-at": "D"}.get(kind(name), "*")
             ax.plot([m[key]], [m["val"]], marker, ms=10 if marker == "*" else 6, label=name)
         ax.set_xscale("log")
         ax.set_xlabel(label + " (log)")
@@ -418,7 +452,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, help="optimizer steps per run (default 2000)")
     parser.add_argument("--seeds", type=int, nargs="+", help="default 0 1 (quick: 0)")
-    parser.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=list(DEFAULT_ARMS))
+    parser.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=list(DEFAULT_ARMS),
+                        help="fixed-at-defaults needs defaults before it")
     parser.add_argument("--quick", action="store_true", help="a tiny GPT, 60 steps, one seed")
     parser.add_argument("--json", help="keep every run in this file (read back to resume)")
     parser.add_argument("--plot", help="write the figure to this PNG")

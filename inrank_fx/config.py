@@ -15,6 +15,7 @@ from .layers import ACTIVATIONS, INITS
 from .spectrum import CRITERIA
 
 MEASURES = ("update", "weight")
+TRUNCATE_STATES = ("rotated", "reset")
 GROW_INITS = ("zero", "random")
 CONVS = ("1x1", "all", "none")
 
@@ -77,6 +78,10 @@ class InRankConfig:
         grow_init: how components added by growth start: "zero" (new U columns zero, new V
             columns random: the function is unchanged at the moment of growth) or "random"
             (both random at the scale of the existing factors). See docs/TRAINING.md.
+        truncate_state: the optimizer state of a layer truncated at the stop: "reset" (zero
+            moments, step 0; the default) or "rotated" (its moments carried into the truncated
+            basis by the truncation's own linear map, step counts kept; measured no better on
+            the long runs, docs/TRAINING.md).
     """
 
     init: str = "svd"
@@ -94,6 +99,7 @@ class InRankConfig:
     settle_tolerance: float = 0.05
     rank_multiple: int = 1
     grow_init: str = "zero"
+    truncate_state: str = "reset"
     activation: str | None = None
     min_features: int = 16
     convs: str = "1x1"
@@ -140,6 +146,9 @@ class InRankConfig:
             raise ValueError(
                 f"InRankConfig.grow_init must be one of {GROW_INITS}, got {self.grow_init!r}"
             )
+        if self.truncate_state not in TRUNCATE_STATES:
+            raise ValueError(f"InRankConfig.truncate_state must be one of {TRUNCATE_STATES}, "
+                             f"got {self.truncate_state!r}")
         _check_int("warmup_steps", self.warmup_steps, minimum=0)
         _check_int("check_every", self.check_every, minimum=1)
         if self.stop_after is not None and self.stop_after != "settled":

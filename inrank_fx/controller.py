@@ -218,6 +218,7 @@ class RankController:
         changes = set_ranks(
             self.model, ranks, self.optimizer, widths=widths,
             init=self.config.grow_init, generator=self.generator, recompile=self.recompile,
+            truncate_state=self.config.truncate_state,
         )
         if changes:
             self.rank_events += 1

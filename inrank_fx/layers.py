@@ -284,26 +284,39 @@ class InRankLinear(nn.Module):
         self.V = nn.Parameter(torch.cat([self.V, new_v], dim=1))
 
     @torch.no_grad()
-    def truncate(self, width: int) -> None:
+    def truncate(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keep the `width` leading singular components of U·Vᵀ, computed from the factors
-        (thin QR of each, SVD of the core), split evenly as U√S, V√S. This rotates the basis."""
+        (thin QR of each, SVD of the core), split evenly as U√S, V√S. This rotates the basis.
+
+        Returns the column maps (A, B) with U_new = U_old·A and V_new = V_old·B, so that the
+        optimizer can carry its state into the new basis: a gradient of U maps by B (∂L/∂U_new =
+        ∂L/∂W·V_new = ∂L/∂U_old·B) and a gradient of V by A."""
         if not 1 <= width <= self.width:
             raise ValueError(f"truncate: width {width} must be in [1, {self.width}]")
         if self.activation is not None:
             # No rotation is a symmetry of σ(x·V): keep the largest components, largest first.
             keep = self._component_norms().argsort(descending=True)[:width].to(self.U.device)
+            select = torch.eye(self.width, dtype=self.U.dtype, device=self.U.device)[:, keep]
             self.U = nn.Parameter(self.U[:, keep].detach().clone())
             self.V = nn.Parameter(self.V[:, keep].detach().clone())
             self.rank = min(self.rank, width)
-            return
+            return select, select
         dtype = self.U.dtype
         q_u, r_u = torch.linalg.qr(self.U.to(torch.float64))
         q_v, r_v = torch.linalg.qr(self.V.to(torch.float64))
         p, s, qh = torch.linalg.svd(r_u @ r_v.T)
         root = s[:width].sqrt()
-        self.U = nn.Parameter((q_u @ p[:, :width] * root).to(dtype))
-        self.V = nn.Parameter((q_v @ qh[:width].T * root).to(dtype))
+        left, right = p[:, :width] * root, qh[:width].T * root
+        self.U = nn.Parameter((q_u @ left).to(dtype))
+        self.V = nn.Parameter((q_v @ right).to(dtype))
         self.rank = min(self.rank, width)
+        # U = Q_u·R_u and R_u·R_vᵀ = P·S·Qᵀ give U_new = U·R_vᵀ·Q_k·S_k^(-1/2) (and V_new likewise)
+        # without inverting R_u, which is singular while silent columns are zero. A zero
+        # component maps from nothing.
+        inv_root = torch.where(s[:width] > s[0] * 1e-12, 1 / root, torch.zeros_like(root))
+        u_map = r_v.T @ qh[:width].T * inv_root
+        v_map = r_u.T @ p[:, :width] * inv_root
+        return u_map.to(dtype), v_map.to(dtype)
 
     # -- checkpoints: the rank is extra state; the width comes with the factors' shapes ------
     # A tensor, not a dict, so that tensor-only formats (safetensors, save_pretrained) take it.

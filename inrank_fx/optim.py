@@ -11,10 +11,16 @@ with checkpoints) and its per-parameter state must follow:
   row: with a zero second moment and a step count whose bias correction is already ≈ 1, Adam's
   first updates of a new column would be several times the learning rate (measured in
   benchmarks/bench_growth_state.py).
-- truncation ("reset"): the SVD that truncates rotates the basis, so no column of the new factor
-  corresponds to a column of the old one. Per-element state is reset to zero and step counts to 0,
-  so that Adam's bias correction restarts with the moments instead of dividing stale counts into
-  fresh moments.
+- truncation ("reset", the default): the SVD that truncates rotates the basis, so no column of
+  the new factor corresponds to a column of the old one. Per-element state is reset to zero and
+  step counts to 0, so that Adam's bias correction restarts with the moments instead of dividing
+  stale counts into fresh moments (the reference implementation keeps the old moments on the
+  rotated columns).
+- truncation ("rotate"): the new factor is a linear map of the old one (`InRankLinear.truncate`
+  returns it), and so is its gradient. First moments (Adam's exp_avg, SGD's momentum) are
+  gradient averages and follow the map exactly; second moments follow it through the squared
+  map (exact for uncorrelated columns, an estimate otherwise); step counts are kept. On the
+  long runs of benchmarks/bench_convergence.py it was no better than "reset" (docs/TRAINING.md).
 
 Per-element state is recognised by having the parameter's shape; scalar tensors and plain numbers
 are counts and flags. Anything else (LBFGS's flat history, factored second moments) cannot be
@@ -30,6 +36,8 @@ from torch import nn
 
 # Per-element statistics of the gradient's scale, which a new column should inherit from its row.
 SCALE_STATE = ("exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum", "exp_inf", "acc_delta")
+# Per-element averages of the gradient itself, which a linear change of basis maps exactly.
+GRADIENT_STATE = ("exp_avg", "momentum_buffer", "prev")
 
 
 class OptimizerStateError(TypeError):
@@ -56,12 +64,18 @@ def check_mappable(optimizer: torch.optim.Optimizer, param: nn.Parameter, name: 
 
 @torch.no_grad()
 def replace_param(
-    optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter, mode: str
+    optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter, mode: str,
+    grad_map: torch.Tensor | None = None,
 ) -> None:
     """Point the optimizer at `new` instead of `old` and carry the state: "pad" (growth, as
-    above), "pad_zero" (growth with all new state zero, for comparison) or "reset"."""
-    if mode not in ("pad", "reset", "pad_zero"):
-        raise ValueError(f"mode must be 'pad', 'pad_zero' or 'reset', got {mode!r}")
+    above), "pad_zero" (growth with all new state zero, for comparison), "rotate" (truncation:
+    `grad_map` maps the old gradient's columns to the new one's, ∂L/∂new = ∂L/∂old·grad_map) or
+    "reset". State that "rotate" cannot map (an optimizer's own per-element statistics other
+    than gradient and squared-gradient averages) falls back to "reset" for that parameter."""
+    if mode not in ("pad", "reset", "pad_zero", "rotate"):
+        raise ValueError(f"mode must be 'pad', 'pad_zero', 'rotate' or 'reset', got {mode!r}")
+    if mode == "rotate" and grad_map is None:
+        raise ValueError("mode 'rotate' needs the gradient's column map (grad_map)")
     found = False
     for group in optimizer.param_groups:
         params = group["params"]
@@ -74,9 +88,19 @@ def replace_param(
     state = optimizer.state.pop(old, None)
     if not state:
         return
+    if mode == "rotate" and any(
+        torch.is_tensor(v) and v.dim() > 0 and k not in GRADIENT_STATE + SCALE_STATE
+        for k, v in state.items()
+    ):
+        mode = "reset"
     carried = {}
     for key, value in state.items():
         if torch.is_tensor(value) and value.dim() > 0:
+            if mode == "rotate":
+                m = grad_map.to(device=value.device, dtype=value.dtype)
+                fresh = value @ (m if key in GRADIENT_STATE else m.square())
+                carried[key] = fresh.contiguous()
+                continue
             fresh = torch.zeros_like(new, dtype=value.dtype, memory_format=torch.contiguous_format)
             if mode in ("pad", "pad_zero"):
                 old_columns = value.shape[-1]

@@ -20,6 +20,7 @@ from .summary import factored_layers
 
 RankArg = Union[int, Mapping[str, int]]
 GROW_STATES = {"seeded": "pad", "zero": "pad_zero"}  # set_ranks' names → optim.replace_param's
+TRUNCATE_STATES = {"rotated": "rotate", "reset": "reset"}
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ def set_ranks(
     generator: torch.Generator | None = None,
     recompile: str = "dynamic",
     grow_state: str = "seeded",
+    truncate_state: str = "reset",
 ) -> list[RankChange]:
     """Set the rank (and computed width) of factored layers, growing or truncating them.
 
@@ -67,6 +69,9 @@ def set_ranks(
         grow_state: optimizer state of grown components: "seeded" (second moments from the
             existing columns of the same row, see `inrank_fx.optim`) or "zero" (all zero; new
             columns then take steps several times the learning rate at first, for comparison).
+        truncate_state: optimizer state of truncated layers: "rotated" (moments carried into the
+            new basis through the truncation's linear map, step counts kept) or "reset" (zero
+            state, step 0). See `inrank_fx.optim`.
 
     Returns the changes made (layers whose rank and width were already as asked are left out).
     """
@@ -80,6 +85,9 @@ def set_ranks(
         )
     if grow_state not in GROW_STATES:
         raise ValueError(f"grow_state must be one of {tuple(GROW_STATES)}, got {grow_state!r}")
+    if truncate_state not in TRUNCATE_STATES:
+        raise ValueError(f"truncate_state must be one of {tuple(TRUNCATE_STATES)}, "
+                         f"got {truncate_state!r}")
     layers = factored_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no factored layers: run inrank_fx.transform first")
@@ -103,15 +111,17 @@ def set_ranks(
     changes = []
     for name, layer, rank, width in plan:
         old_rank, old_width, old_u, old_v = layer.rank, layer.width, layer.U, layer.V
+        u_map = v_map = None
         if width > old_width:
             layer.grow(width, init=init, generator=generator)
             mode = GROW_STATES[grow_state]
         elif width < old_width:
-            layer.truncate(width)
-            mode = "reset"
+            u_map, v_map = layer.truncate(width)
+            mode = TRUNCATE_STATES[truncate_state]
         if width != old_width and optimizer is not None:
-            replace_param(optimizer, old_u, layer.U, mode)
-            replace_param(optimizer, old_v, layer.V, mode)
+            # U's gradient is ∂L/∂W·V, so it follows V's map, and V's follows U's.
+            replace_param(optimizer, old_u, layer.U, mode, grad_map=v_map)
+            replace_param(optimizer, old_v, layer.V, mode, grad_map=u_map)
         layer.rank = rank
         changes.append(RankChange(name, old_rank, rank, old_width, width))
 

@@ -32,6 +32,7 @@ from inrank_fx import InRankConfig
         ("settle_tolerance", 1.0),
         ("settle_tolerance", -0.1),
         ("rank_multiple", 0),
+        ("truncate_state", "rotate"),
         ("min_features", 0),
         ("targets", "(unclosed"),
         ("exclude", [1, 2]),

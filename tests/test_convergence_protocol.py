@@ -48,7 +48,8 @@ def test_quick_protocol_tunes_each_arm_on_its_own(tmp_path):
     path = tmp_path / "runs.json"
     runs = bench.Runs(protocol, data, str(path), log=lambda *_: None)
     arms = [bench.ARMS[a] for a in ("dense", "fixed-1/8", "fixed-1/2")] + [
-        bench.Arm("inrank", "inrank", dict(warmup_steps=4, check_every=4, stop_after=None))]
+        bench.Arm("inrank", "inrank", dict(warmup_steps=4, check_every=4, stop_after=None)),
+        bench.Arm("at-inrank", "fixed-at", ranks_of="inrank")]
     result = bench.run_protocol(arms, [0, 1], runs)
     for arm in arms:
         sweep = result["sweeps"][arm.name]
@@ -65,8 +66,16 @@ def test_quick_protocol_tunes_each_arm_on_its_own(tmp_path):
     assert by_arm["fixed-1/2"]["params"] > by_arm["fixed-1/8"]["params"]
     assert by_arm["dense"]["flops"] > by_arm["fixed-1/2"]["flops"] > by_arm["fixed-1/8"]["flops"]
     assert by_arm["inrank"]["rank_events"] > 0
+    # InRank's allocation without its growth: each seed's final ranks, fixed from the start
+    for seed in (0, 1):
+        source = runs.runs[("inrank", result["chosen"]["inrank"], seed)]
+        fixed_at = runs.runs[("at-inrank", result["chosen"]["at-inrank"], seed)]
+        assert fixed_at["ranks"] == source["ranks"] and fixed_at["rank_events"] == 0
+    assert len({tuple(runs.runs[("inrank", result["chosen"]["inrank"], s)]["ranks"].values())
+                for s in (0, 1)}) == 2  # (the seeds measured different ranks: a real check)
     text = bench.report(result)
     assert "inrank" in text and "order over the second half" in text
+    assert "vs frontier over the seeds" in text
     # resuming reads every run back instead of training again
     again = bench.Runs(protocol, data, str(path), log=lambda *_: None)
     assert set(again.runs) == set(runs.runs)

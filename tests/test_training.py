@@ -68,7 +68,8 @@ def test_growth_keeps_adamw_moments_and_seeds_new_second_moments():
     opt.step()  # and the optimizer keeps working on the new tensors
 
 
-def test_truncation_resets_state_and_keeps_the_best_approximation():
+@pytest.mark.parametrize("truncate_state", ["rotated", "reset"])
+def test_truncation_keeps_the_best_approximation(truncate_state):
     model = transform(nn.Sequential(nn.Linear(32, 32)), InRankConfig(init_rank=10, buffer=0))
     opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
     model(torch.randn(8, 32)).pow(2).mean().backward()
@@ -76,11 +77,47 @@ def test_truncation_resets_state_and_keeps_the_best_approximation():
     layer = model[0]
     dense = layer.weight.detach().clone()
     s = torch.linalg.svdvals(dense)
-    set_ranks(model, {"0": 3}, opt)
+    set_ranks(model, {"0": 3}, opt, truncate_state=truncate_state)
     assert layer.width == 3 and layer.rank == 3
     assert torch.linalg.norm(layer.weight.detach() - dense).item() == pytest.approx(s[3:].norm().item(), rel=1e-4)
-    assert not opt.state[layer.U]["momentum_buffer"].any()
-    assert opt.state[layer.U]["momentum_buffer"].shape == layer.U.shape
+    momentum = opt.state[layer.U]["momentum_buffer"]
+    assert momentum.shape == layer.U.shape
+    assert bool(momentum.any()) == (truncate_state == "rotated")
+
+
+def _gradients(model, x):
+    model.zero_grad()
+    model(x).pow(2).mean().backward()
+    return model[0].U.grad.clone(), model[0].V.grad.clone()
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_truncation_rotates_first_moments_into_the_new_basis(optimizer):
+    """A gradient average is linear in the gradient, and the new factors' gradient is a linear
+    map of the old ones': after a truncation that keeps the function (a buffer that learned a
+    little, dropped by SVD at the width of the layer's numerical rank), the carried first moment
+    is exactly the gradient in the new basis. Adam's step count is kept."""
+    torch.manual_seed(0)
+    model = transform(nn.Sequential(nn.Linear(24, 20)), InRankConfig(init_rank=5, buffer=4))
+    layer, x = model[0], torch.randn(16, 24)
+    with torch.no_grad():  # a buffer that has started to learn: rank 7 over width 9
+        layer.U[:, 5:7] = 0.1 * torch.randn(20, 2)
+    if optimizer == "sgd":
+        opt, key, scale = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9), "momentum_buffer", 1.0
+    else:
+        opt, key, scale = torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.0), "exp_avg", 0.1
+    _gradients(model, x)
+    opt.step()  # lr 0: the weights stay where the gradient was taken
+    y = model(x).detach()
+    set_ranks(model, 7, opt, truncate_state="rotated")
+    assert layer.width == 7 and torch.allclose(model(x), y, atol=1e-5)
+    grad_u, grad_v = _gradients(model, x)
+    assert torch.allclose(opt.state[layer.U][key], scale * grad_u, atol=1e-6)
+    assert torch.allclose(opt.state[layer.V][key], scale * grad_v, atol=1e-6)
+    if optimizer == "adamw":
+        second = opt.state[layer.U]["exp_avg_sq"]
+        assert second.shape == layer.U.shape and second.ge(0).all() and second.gt(0).any()
+        assert opt.state[layer.U]["step"] == 1
 
 
 def test_set_ranks_errors():
@@ -93,6 +130,8 @@ def test_set_ranks_errors():
         set_ranks(nn.Linear(3, 3), 2)
     with pytest.raises(ValueError, match="grow_state must be one of \\('seeded', 'zero'\\), got 'mean'"):
         set_ranks(model, 8, grow_state="mean")
+    with pytest.raises(ValueError, match="truncate_state must be one of \\('rotated', 'reset'\\), got 'keep'"):
+        set_ranks(model, 2, truncate_state="keep")
 
     class RowStats(torch.optim.Optimizer):  # keeps a factored (row) statistic, like Adafactor
         def __init__(self, params):
@@ -110,8 +149,10 @@ def test_set_ranks_errors():
     assert model[0].width == 4  # nothing changed
 
 
-def test_inrank_efficient_truncates_and_freezes():
-    cfg = InRankConfig(init="random", init_rank=2, buffer=6, warmup_steps=2, check_every=2, stop_after=6)
+@pytest.mark.parametrize("truncate_state", ["reset", "rotated"])
+def test_inrank_efficient_truncates_and_freezes(truncate_state):
+    cfg = InRankConfig(init="random", init_rank=2, buffer=6, warmup_steps=2, check_every=2, stop_after=6,
+                       truncate_state=truncate_state)
     model = transform(nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32)), cfg)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     ctrl = attach(model, opt)  # the config comes from transform
@@ -126,6 +167,9 @@ def test_inrank_efficient_truncates_and_freezes():
     events = [(h["step"], h["event"]) for h in ctrl.history]
     assert max(s for s, _ in events) == 6 and events[-1] == (6, "truncate")
     assert {s for s, e in events if e == "check"} == {2, 4}
+    # the optimizer state followed the config: restarted at the stop (6 steps before the
+    # end), or carried on through it
+    assert opt.state[model[0].U]["step"] == (6 if truncate_state == "reset" else 12)
 
 
 def test_settled_stop_waits_for_the_ranks_to_stop_growing():
