@@ -12,7 +12,7 @@ import argparse
 import torch
 from torch.utils import benchmark
 
-from inrank_fx.spectrum import factor_singular_values
+from inrank_fx.nn.spectrum import factor_singular_values
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ import math
 import torch
 from torch.nn import init
 
-from inrank_fx.spectrum import explained_ratios, factor_singular_values
+from inrank_fx.nn.spectrum import explained_ratios, factor_singular_values
 
 GPT2_MLP_SHAPES = {"small": (768, 3072), "medium": (1024, 4096), "large": (1280, 5120)}
 

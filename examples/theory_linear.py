@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 import inrank_fx
 from inrank_fx.demo.corpus import batches, split, stdlib_corpus
 from inrank_fx.demo.gpt import GPT, GPTConfig
-from inrank_fx.spectrum import select_rank
+from inrank_fx.nn.spectrum import select_rank
 
 
 def linear_staircase(dim: int = 24, singular_values=(4.0, 3.0, 2.0, 1.0), *, scale: float = 0.05,

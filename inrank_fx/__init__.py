@@ -1,11 +1,8 @@
 """inrank_fx: InRank (incremental low-rank learning) for any PyTorch model, as a torch.fx pass."""
-from . import transformer as _transformer  # noqa: F401  (registers nn.Transformer's substitutes)
 from .config import InRankConfig
-from .controller import RankController, attach
-from .distributed import DistributedRankController, InRankDistributedError
+from .errors import InRankError
 from .export.freeze import freeze
-from .layers import InRankLinear
-from .optim import OptimizerStateError
+from .nn import InRankLinear
 from .passes import (
     handlers_restored,
     register_function_handler,
@@ -14,9 +11,17 @@ from .passes import (
     unregister_function_handler,
     unregister_module_handler,
 )
-from .resize import RankChange, set_ranks
-from .summary import ranks, summary
-from .transform import TransformReport, transform
+from .passes.transform import TransformReport, transform
+from .tools.summary import ranks, summary
+from .training import (
+    DistributedRankController,
+    InRankDistributedError,
+    OptimizerStateError,
+    RankChange,
+    RankController,
+    attach,
+    set_ranks,
+)
 
 __version__ = "0.1.0"
 
@@ -24,6 +29,7 @@ __all__ = [
     "DistributedRankController",
     "InRankConfig",
     "InRankDistributedError",
+    "InRankError",
     "InRankLinear",
     "OptimizerStateError",
     "RankChange",

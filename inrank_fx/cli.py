@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 
-from .layers import INITS
+from .errors import InRankError
+from .nn.linear import INITS
 
 
-class UsageError(Exception):
+class UsageError(InRankError):
     """A bad command-line value; the message names it."""
 
 
@@ -117,7 +118,7 @@ def run_demo_command(args) -> int:
 
 def run_bench_command(args) -> int:
     from . import InRankConfig, transform
-    from .bench import BACKENDS, compare, tune_cpu_allocator
+    from .tools.bench import BACKENDS, compare, tune_cpu_allocator
 
     backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())
     unknown = [b for b in backends if b not in BACKENDS]

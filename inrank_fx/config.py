@@ -11,10 +11,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Sequence, Union
 
-from .layers import ACTIVATIONS, INITS
-from .spectrum import CRITERIA
+from .nn.linear import ACTIVATIONS, INITS
+from .nn.spectrum import CRITERIA
 
 MEASURES = ("update", "weight")
+# The attribute on which `transform` leaves its report (with the config it used), so that
+# `attach` and `freeze` can read it without depending on the pass.
+REPORT_ATTR = "_inrank_report"
 TRUNCATE_STATES = ("rotated", "reset")
 GROW_INITS = ("zero", "random")
 CONVS = ("1x1", "all", "none")

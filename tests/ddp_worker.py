@@ -32,7 +32,7 @@ import torch.distributed as dist
 from conftest import load_example  # tests/ is this script's folder, so on sys.path
 
 import inrank_fx
-from inrank_fx.distributed import InRankDistributedError
+from inrank_fx import InRankDistributedError
 
 
 def refusals(example, args, process, processes, device) -> dict:
@@ -103,6 +103,17 @@ def train_until_error(example, args, process, processes, device, sabotage) -> di
     return seen
 
 
+class Sabotaged:
+    """A coordinator that does what the process's real one does, except where a scenario
+    overrides it: injected through `controller.coordinator`, the controller's own seam."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
 def main() -> None:
     scenario, out = sys.argv[1], Path(sys.argv[2])
     example = load_example("ddp_train")
@@ -115,16 +126,15 @@ def main() -> None:
         def sabotage(controller):
             if process != 1:
                 return
-            agree = controller._agree
+            class DecidesDifferently(Sabotaged):
+                def agree(self, ctrl, event, decide):
+                    decisions = self.inner.agree(ctrl, event, decide)
+                    name = next(iter(decisions))
+                    rank, width, explained = decisions[name]
+                    decisions[name] = (rank + 1, max(width, rank + 1), explained)
+                    return decisions
 
-            def decide_differently(event, decide):
-                decisions = agree(event, decide)
-                name = next(iter(decisions))
-                rank, width, explained = decisions[name]
-                decisions[name] = (rank + 1, max(width, rank + 1), explained)
-                return decisions
-
-            controller._agree = decide_differently
+            controller.coordinator = DecidesDifferently(controller.coordinator)
         seen = train_until_error(example, args, process, processes, device, sabotage)
     elif scenario == "skewed":
         args.find_unused_parameters = True  # where a stale DDP would drift apart silently
@@ -136,14 +146,22 @@ def main() -> None:
     elif scenario == "stall":
         def sabotage(controller):
             if process == 1:
-                controller._agree = lambda event, decide: (time.sleep(args.timeout + 5),
-                                                           os._exit(0))
+                class Stalls(Sabotaged):
+                    def agree(self, ctrl, event, decide):
+                        time.sleep(args.timeout + 5)
+                        os._exit(0)
+
+                controller.coordinator = Stalls(controller.coordinator)
         args.timeout = 5.0
         seen = train_until_error(example, args, process, processes, device, sabotage)
     elif scenario == "die":
         def sabotage(controller):
             if process == 1:
-                controller._agree = lambda event, decide: os._exit(0)
+                class Dies(Sabotaged):
+                    def agree(self, ctrl, event, decide):
+                        os._exit(0)
+
+                controller.coordinator = Dies(controller.coordinator)
         seen = train_until_error(example, args, process, processes, device, sabotage)
     else:
         raise SystemExit(f"unknown scenario {scenario!r}")

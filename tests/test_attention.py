@@ -5,7 +5,7 @@ import torch
 from conftest import rel_err
 from torch import nn
 
-from inrank_fx.attention import InRankMultiheadAttention
+from inrank_fx.nn import InRankMultiheadAttention
 
 
 def _pair(batch_first, dropout=0.0):

@@ -16,7 +16,7 @@ from conftest import load_example
 
 import inrank_fx
 from inrank_fx.demo.gpt import GPT, GPTConfig
-from inrank_fx.distributed import InRankDistributedError
+from inrank_fx import InRankDistributedError
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "ddp_train.py"

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from inrank_fx.spectrum import explained_ratios, factor_singular_values, select_rank
+from inrank_fx.nn.spectrum import explained_ratios, factor_singular_values, select_rank
 
 
 @pytest.mark.parametrize("out_f, in_f, k", [(64, 48, 8), (30, 200, 30), (128, 16, 16), (10, 10, 1)])

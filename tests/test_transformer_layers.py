@@ -10,7 +10,7 @@ from models import Seq2Seq, Tagger
 from torch import nn
 
 from inrank_fx import InRankConfig, attach, ranks, set_ranks, transform
-from inrank_fx.attention import InRankMultiheadAttention
+from inrank_fx.nn import InRankMultiheadAttention
 from inrank_fx.export import to_onnx
 
 FULL = InRankConfig(init="svd", init_rank=1.0, min_features=1)

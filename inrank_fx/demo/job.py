@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 import inrank_fx
-from inrank_fx import bench
+from inrank_fx.tools import bench
 from inrank_fx.demo.corpus import batches, file_corpus, split, stdlib_corpus
 from inrank_fx.demo.gpt import GPT, GPTConfig, lm_loss
 from inrank_fx.demo.training import evaluate, recipe_optimizer, train_steps, warmup_cosine

@@ -4,7 +4,7 @@ Kept apart from `inrank_fx.passes` because it runs after training on a finished 
 in optional dependencies (onnx, onnxruntime, torch-tensorrt) that training never needs; those are
 imported only when an exporter runs.
 """
-from ._common import ExportError, ExportParityError
+from ._common import ExportError, ExportParityError, check_inputs, flat_outputs
 from .freeze import FactoredConv2d, FactoredLinear, FrozenLayer, freeze, frozen_layers
 from .onnx import RANKS_METADATA_KEY, OnnxExportReport, to_onnx
 from .tensorrt import TensorRTReport, tensorrt_missing, to_tensorrt
@@ -18,6 +18,8 @@ __all__ = [
     "OnnxExportReport",
     "RANKS_METADATA_KEY",
     "TensorRTReport",
+    "check_inputs",
+    "flat_outputs",
     "freeze",
     "frozen_layers",
     "tensorrt_missing",

@@ -8,12 +8,14 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..errors import InRankError
 
-class ExportError(RuntimeError):
+
+class ExportError(InRankError, RuntimeError):
     """The model could not be traced for export; the message names the module and source line."""
 
 
-class ExportParityError(AssertionError):
+class ExportParityError(InRankError, AssertionError):
     """The exported artifact does not compute what the PyTorch model computes."""
 
 

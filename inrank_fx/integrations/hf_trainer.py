@@ -26,9 +26,11 @@ from transformers import TrainerCallback
 
 from .._io import atomic_destination
 from ..config import InRankConfig
-from ..controller import RankController, attach
-from ..summary import ranks
-from ..transform import REPORT_ATTR, transform
+from ..config import REPORT_ATTR
+from ..nn.modules import ranks
+from ..passes.transform import transform
+from ..training.attach import attach
+from ..training.controller import RankController
 
 CONTROLLER_FILE = "inrank_controller.pt"
 CONFIG_FILE = "inrank_config.json"

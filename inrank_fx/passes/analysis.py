@@ -18,7 +18,7 @@ import networkx as nx
 import torch.fx as fx
 from torch import nn
 
-from ..layers import InRankLinear
+from ..nn.linear import InRankLinear
 from .matchers import (
     MatmulSite,
     NotFactorable,

@@ -22,8 +22,10 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import InRankMultiheadAttention
-from ..layers import InRankConv2d, InRankLinear
+from ..errors import InRankError
+from ..nn.attention import InRankMultiheadAttention
+from ..nn.conv import InRankConv2d
+from ..nn.linear import InRankLinear
 
 Argument = Any
 
@@ -45,7 +47,7 @@ class MatmulSite:
     kind: str = ""
 
 
-class NotFactorable(Exception):
+class NotFactorable(InRankError):
     """A node reads a weight in a way the pass does not factor; the message says why."""
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ..nn.modules import carry_hooks
 from .matchers import MatmulSite, view_chain
 
 
@@ -80,34 +81,6 @@ def graph_module_like(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     gm.train(module.training)
     carry_hooks(module, gm)
     return gm
-
-
-_HOOK_DICTS = (
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-)
-
-
-def carry_hooks(old: nn.Module, new: nn.Module) -> None:
-    """Forward hooks registered on the module being replaced keep firing on its replacement."""
-    for attr in _HOOK_DICTS:
-        if hasattr(old, attr) and hasattr(new, attr):
-            getattr(new, attr).update(getattr(old, attr))
-
-
-def replace_module(root: nn.Module, old: nn.Module, new: nn.Module) -> nn.Module:
-    """Put `new` wherever `old` appears in root's tree (shared modules appear more than once);
-    returns the new root, which is `new` itself if `old` was the root."""
-    if old is root:
-        return new
-    for parent in list(root.modules()):
-        for name, child in list(parent._modules.items()):
-            if child is old:
-                setattr(parent, name, new)
-    return root
 
 
 def install_layer(root: nn.Module, param_name: str, layer: nn.Module) -> None:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..nn.transformer import SUBSTITUTES as _TRANSFORMER_SUBSTITUTES
+
 _SUBSTITUTES: dict[type, type] = {}
 
 
@@ -58,3 +60,7 @@ def restore_unused(swapped: list[tuple[nn.Module, type]], is_factored) -> None:
         if hook is not None:
             hook(module)
         module.__class__ = original
+
+
+for _library_type, _substitute in _TRANSFORMER_SUBSTITUTES.items():  # nn.Transformer and its parts
+    register_substitute(_library_type, _substitute)

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch.fx as fx
 from torch import nn
 
-from ..attention import InRankMultiheadAttention
-from ..layers import InRankLinear
+from ..nn.attention import InRankMultiheadAttention
+from ..nn.linear import InRankLinear
 
 
 class ShallowTracer(fx.Tracer):

@@ -5,7 +5,8 @@ inference fast path (eval mode, no grad), and nn.TransformerEncoder converts pad
 nested tensors on the same path. Everywhere else (training, or whenever grad is enabled) both run
 the standard path, which only calls their children: self_attn (nn.MultiheadAttention), linear1,
 linear2, norms and dropouts. The substitutes below always run the standard path, so that the pass
-can swap those children for factored layers (`inrank_fx.passes.substitutes`). Their arithmetic is
+can swap those children for factored layers (`inrank_fx.passes.substitutes`, which
+registers them). Their arithmetic is
 PyTorch's standard path itself; the one difference from the originals is in eval mode without
 grad, where the encoder's padded output positions are computed rather than set by the nested
 tensor conversion (they are padding: no loss or prediction should read them).
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .passes.substitutes import register_substitute
 
 
 class InRankTransformerEncoderLayer(nn.TransformerEncoderLayer):
@@ -68,8 +68,11 @@ class InRankTransformer(_CallsChildren, nn.Transformer):
     """nn.Transformer, taken as calling its encoder and decoder."""
 
 
-register_substitute(nn.TransformerEncoderLayer, InRankTransformerEncoderLayer)
-register_substitute(nn.TransformerDecoderLayer, InRankTransformerDecoderLayer)
-register_substitute(nn.TransformerEncoder, InRankTransformerEncoder)
-register_substitute(nn.TransformerDecoder, InRankTransformerDecoder)
-register_substitute(nn.Transformer, InRankTransformer)
+# library class → its substitute; inrank_fx.passes.substitutes registers them.
+SUBSTITUTES = {
+    nn.TransformerEncoderLayer: InRankTransformerEncoderLayer,
+    nn.TransformerDecoderLayer: InRankTransformerDecoderLayer,
+    nn.TransformerEncoder: InRankTransformerEncoder,
+    nn.TransformerDecoder: InRankTransformerDecoder,
+    nn.Transformer: InRankTransformer,
+}

@@ -2,8 +2,8 @@
 
 The controller decides, `set_ranks` acts, and the optimizer follows in the same call: factors are
 grown (new components) or truncated (SVD of the factors), the optimizer's param groups and state
-are carried over (`inrank_fx.optim`), and torch.compile'd callers are kept compiled at the cost
-of at most one recompile (`inrank_fx.compiled`).
+are carried over (`inrank_fx.training.optim_state`), and torch.compile'd callers are kept
+compiled at the cost of at most one recompile (`inrank_fx.training.compile_policy`).
 """
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .compiled import after_shape_change, check_policy
-from .optim import check_mappable, replace_param
-from .summary import factored_layers
+from ..nn.modules import factored_layers
+from .compile_policy import after_shape_change, check_policy
+from .optim_state import check_mappable, replace_param
 
 RankArg = Union[int, Mapping[str, int]]
 GROW_STATES = {"seeded": "pad", "zero": "pad_zero"}  # set_ranks' names → optim.replace_param's
@@ -64,14 +64,14 @@ def set_ranks(
             `InRankLinear.grow`); generator: the random source for them.
         recompile: what happens to torch.compile'd code after a shape change: "dynamic"
             (widths become symbolic, few recompiles), "reset" (caches cleared every time) or
-            "none". See `inrank_fx.compiled`. Either of the first two costs at most one
+            "none". See `inrank_fx.training.compile_policy`. Either of the first two costs at most one
             recompile per event and never lets dynamo fall back to eager.
         grow_state: optimizer state of grown components: "seeded" (second moments from the
-            existing columns of the same row, see `inrank_fx.optim`) or "zero" (all zero; new
+            existing columns of the same row, see `inrank_fx.training.optim_state`) or "zero" (all zero; new
             columns then take steps several times the learning rate at first, for comparison).
         truncate_state: optimizer state of truncated layers: "rotated" (moments carried into the
             new basis through the truncation's linear map, step counts kept) or "reset" (zero
-            state, step 0). See `inrank_fx.optim`.
+            state, step 0). See `inrank_fx.training.optim_state`.
 
     Returns the changes made (layers whose rank and width were already as asked are left out).
     """

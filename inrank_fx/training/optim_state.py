@@ -33,6 +33,8 @@ import numbers
 import torch
 from torch import nn
 
+from ..errors import InRankError
+
 
 # Per-element statistics of the gradient's scale, which a new column should inherit from its row.
 SCALE_STATE = ("exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum", "exp_inf", "acc_delta")
@@ -40,7 +42,7 @@ SCALE_STATE = ("exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum", "exp_inf", "
 GRADIENT_STATE = ("exp_avg", "momentum_buffer", "prev")
 
 
-class OptimizerStateError(TypeError):
+class OptimizerStateError(InRankError, TypeError):
     """The optimizer keeps per-parameter state that cannot follow a resized factor."""
 
 

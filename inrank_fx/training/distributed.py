@@ -35,52 +35,45 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .config import InRankConfig
+from ..config import InRankConfig
+from ..errors import InRankError
+from ..nn.modules import factored_layers
 from .controller import RankController
 from .resize import RankChange
-from .summary import factored_layers
 
 log = logging.getLogger("inrank_fx")
 
 DEFAULT_TIMEOUT_S = 300.0
 
 
-class InRankDistributedError(RuntimeError):
+class InRankDistributedError(InRankError, RuntimeError):
     """Processes disagree, or one of them stopped answering InRank's collectives."""
 
 
-class DistributedRankController(RankController):
-    """A RankController whose decisions are made on one process and applied on all.
+class ProcessGroupCoordinator:
+    """The processes of a torch.distributed group agree on every decision: process 0 decides,
+    everyone applies, and the state is checked before and after (see the module's docstring).
 
     `model` is the DistributedDataParallel wrapper (its reducer is rebuilt after resizes) or a
     plain module whose gradients the caller keeps in sync. `process_group` is the group whose
     processes must agree (default: DDP's group, else the world). `timeout_s` bounds every one of
-    InRank's collectives. Attaching is itself a collective: every process of the group attaches.
+    InRank's collectives. Made by `attach` (through DistributedRankController), which has
+    already refused sharded models.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        config: InRankConfig,
-        *,
-        process_group=None,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-        seed: int = 0,
-        recompile: str = "dynamic",
-    ) -> None:
+    def __init__(self, model: nn.Module, process_group=None,
+                 timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise InRankDistributedError(
                 "attach(..., distributed=True) needs torch.distributed's default process group: "
                 "call torch.distributed.init_process_group() first (torchrun sets the environment "
                 "it reads), then wrap the model in DistributedDataParallel and attach"
             )
-        check_not_sharded(model)
         if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) \
                 or not timeout_s > 0:
             raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
         self.ddp = model if isinstance(model, DistributedDataParallel) else None
-        module = model.module if self.ddp is not None else model
+        self.module = model.module if self.ddp is not None else model
         if process_group is None:
             process_group = self.ddp.process_group if self.ddp is not None else dist.group.WORLD
         self.timeout_s = float(timeout_s)
@@ -90,15 +83,49 @@ class DistributedRankController(RankController):
         self.source = dist.get_global_rank(self.group, 0)  # process 0 of the group decides
         # {kind: [count, seconds]} of InRank's own collectives, waiting for peers included
         self.collective_stats: dict[str, list] = {}
-        super().__init__(module, optimizer, config, seed=seed, recompile=recompile)
         # The names are the protocol: every process must have the same factored layers, in order.
-        self.layer_names = list(factored_layers(self.model))
+        self.layer_names = list(factored_layers(self.module))
         self._names_crc = zlib.crc32("\n".join(self.layer_names).encode())
-        try:
-            self._verify_agreement("attach")
-        except InRankDistributedError:
-            self.detach()  # a refused controller must not stay on the optimizer's step hooks
-            raise
+        self._step = 0  # the step of the controller being served, for error messages
+
+    # -- the coordinator's part in a controller's life ------------------------------------------
+
+    def agree(self, controller, event: str, decide) -> dict[str, tuple[int, int, float]]:
+        self.verify(controller, f"rank {event}")
+        table = torch.zeros(len(self.layer_names), 3, dtype=torch.float64)
+        if self.process == 0:
+            decisions = decide()
+            for i, name in enumerate(self.layer_names):
+                table[i] = torch.tensor(decisions[name], dtype=torch.float64)
+        self._collective(f"rank decision ({event})",
+                         lambda: dist.broadcast(table, self.source, group=self.group))
+        return {name: (int(row[0]), int(row[1]), float(row[2]))
+                for name, row in zip(self.layer_names, table)}
+
+    def after_apply(self, controller, changes: list[RankChange]) -> None:
+        # Every process checks, changed or not: a process that alone changed something must not
+        # be left waiting in a collective the others skip.
+        self.verify(controller, "rank change")
+        resized = [c.name for c in changes if c.resized]
+        if not resized:
+            return
+        layers = factored_layers(self.module)
+        tensors = [t for name in resized for t in _layer_tensors(layers[name])]
+        self._collective("factor broadcast", lambda: _broadcast_tensors(
+            tensors, self.source, self.group))
+        if self.ddp is not None:
+            rebuild_reducer(self.ddp)
+
+    def after_load(self, controller) -> None:
+        """The controller's state was loaded (identical on every process): check that the
+        processes agree, and rebuild DDP's reducer in case the shapes changed since DDP was
+        built."""
+        self.verify(controller, "resume")
+        if self.ddp is not None:
+            rebuild_reducer(self.ddp)
+
+    def describe(self) -> str:
+        return f", process={self.process} of {self.processes}, ddp={self.ddp is not None}"
 
     # -- the collectives ----------------------------------------------------------------------
 
@@ -108,7 +135,7 @@ class DistributedRankController(RankController):
             return run()
         except Exception as error:  # gloo raises RuntimeError / DistBackendError subclasses
             raise InRankDistributedError(
-                f"InRank's {what} at optimizer step {self.step} failed on process "
+                f"InRank's {what} at optimizer step {self._step} failed on process "
                 f"{self.process} of {self.processes} (timeout {self.timeout_s:g} s): {error}. "
                 "Every process must run the same optimizer steps and attach the same model; "
                 "another process has probably died or stopped (see its log)"
@@ -118,24 +145,17 @@ class DistributedRankController(RankController):
             stats[0] += 1
             stats[1] += time.perf_counter() - start
 
-    @property
-    def collectives(self) -> int:
-        return sum(count for count, _ in self.collective_stats.values())
-
-    @property
-    def collective_seconds(self) -> float:
-        return sum(seconds for _, seconds in self.collective_stats.values())
-
-    def _state_tensor(self) -> torch.Tensor:
-        layers = factored_layers(self.model)
-        values = [self.step, int(self.frozen), self._names_crc, len(layers)]
+    def _state_tensor(self, controller) -> torch.Tensor:
+        layers = factored_layers(self.module)
+        values = [controller.step, int(controller.frozen), self._names_crc, len(layers)]
         for layer in layers.values():
             values += [layer.rank, layer.width]
         return torch.tensor(values, dtype=torch.int64)
 
-    def _verify_agreement(self, moment: str) -> None:
+    def verify(self, controller, moment: str) -> None:
         """All-gather every process's state and raise, on every process, if any differ."""
-        mine = self._state_tensor()
+        self._step = controller.step
+        mine = self._state_tensor(controller)
         sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.processes)]
         self._collective(f"state check ({moment})", lambda: dist.all_gather(
             sizes, torch.tensor([mine.numel()]), group=self.group))
@@ -149,7 +169,7 @@ class DistributedRankController(RankController):
         for process, state in enumerate(states):
             if not torch.equal(state, reference):
                 raise InRankDistributedError(
-                    f"InRank {moment} at optimizer step {self.step}: processes disagree: "
+                    f"InRank {moment} at optimizer step {controller.step}: processes disagree: "
                     f"{self._describe_difference(reference, state, process)}"
                 )
 
@@ -168,45 +188,59 @@ class DistributedRankController(RankController):
                         f"(width {wb}) on process {process}")
         return f"process {process}'s state differs from process 0's"
 
-    def _agree(self, event: str, decide) -> dict[str, tuple[int, int, float]]:
-        self._verify_agreement(f"rank {event}")
-        table = torch.zeros(len(self.layer_names), 3, dtype=torch.float64)
-        if self.process == 0:
-            decisions = decide()
-            for i, name in enumerate(self.layer_names):
-                table[i] = torch.tensor(decisions[name], dtype=torch.float64)
-        self._collective(f"rank decision ({event})",
-                         lambda: dist.broadcast(table, self.source, group=self.group))
-        return {name: (int(row[0]), int(row[1]), float(row[2]))
-                for name, row in zip(self.layer_names, table)}
 
-    def _after_apply(self, changes: list[RankChange]) -> None:
-        # Every process checks, changed or not: a process that alone changed something must not
-        # be left waiting in a collective the others skip.
-        self._verify_agreement("rank change")
-        resized = [c.name for c in changes if c.resized]
-        if not resized:
-            return
-        layers = factored_layers(self.model)
-        tensors = [t for name in resized for t in _layer_tensors(layers[name])]
-        self._collective("factor broadcast", lambda: _broadcast_tensors(
-            tensors, self.source, self.group))
-        if self.ddp is not None:
-            rebuild_reducer(self.ddp)
+class DistributedRankController(RankController):
+    """What `attach` returns for a DDP model: a RankController with a ProcessGroupCoordinator
+    (decisions made on process 0 and applied on all). Attaching is itself a collective: every
+    process of the group attaches. The coordinator's figures are read through it."""
 
-    # -- persistence --------------------------------------------------------------------------
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        config: InRankConfig,
+        *,
+        process_group=None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        seed: int = 0,
+        recompile: str = "dynamic",
+    ) -> None:
+        coordinator = ProcessGroupCoordinator(model, process_group, timeout_s)
+        super().__init__(coordinator.module, optimizer, config, seed=seed, recompile=recompile,
+                         coordinator=coordinator)
+        try:
+            coordinator.verify(self, "attach")
+        except InRankDistributedError:
+            self.detach()  # a refused controller must not stay on the optimizer's step hooks
+            raise
 
-    def load_state_dict(self, state: dict) -> None:
-        """Load the controller's state (identical on every process), check that the processes
-        agree, and rebuild DDP's reducer in case the model's shapes changed since DDP was built."""
-        super().load_state_dict(state)
-        self._verify_agreement("resume")
-        if self.ddp is not None:
-            rebuild_reducer(self.ddp)
+    @property
+    def ddp(self) -> DistributedDataParallel | None:
+        return self.coordinator.ddp
 
-    def __repr__(self) -> str:
-        return (super().__repr__()[:-1]
-                + f", process={self.process} of {self.processes}, ddp={self.ddp is not None})")
+    @property
+    def process(self) -> int:
+        return self.coordinator.process
+
+    @property
+    def processes(self) -> int:
+        return self.coordinator.processes
+
+    @property
+    def timeout_s(self) -> float:
+        return self.coordinator.timeout_s
+
+    @property
+    def collective_stats(self) -> dict[str, list]:
+        return self.coordinator.collective_stats
+
+    @property
+    def collectives(self) -> int:
+        return sum(count for count, _ in self.collective_stats.values())
+
+    @property
+    def collective_seconds(self) -> float:
+        return sum(seconds for _, seconds in self.collective_stats.values())
 
 
 # -- helpers ------------------------------------------------------------------------------------

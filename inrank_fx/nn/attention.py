@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import InRankLinear
+from .linear import InRankLinear
 
 
 class InRankMultiheadAttention(nn.Module):

@@ -1,4 +1,4 @@
-"""`attach` and `RankController`: ranks that grow during an ordinary training loop.
+"""`RankController`: ranks that grow during an ordinary training loop (`inrank_fx.attach` makes one).
 
     ctrl = inrank_fx.attach(model, optimizer)     # registers an optimizer post-step hook
     for x, y in data:
@@ -28,17 +28,37 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._io import atomic_destination, check_destination
-from .compiled import check_policy, hold_compile_settings, release_compile_settings
-from .config import InRankConfig
+from .._io import atomic_destination, check_destination
+from ..config import InRankConfig
+from ..nn.modules import factored_layers
+from ..nn.spectrum import explained_ratios, select_rank
+from .compile_policy import check_policy, hold_compile_settings, release_compile_settings
 from .resize import RankArg, RankChange, per_layer, set_ranks
-from .spectrum import explained_ratios, select_rank
-from .summary import factored_layers
-from .transform import REPORT_ATTR
 
 log = logging.getLogger("inrank_fx")
 
 HISTORY_FIELDS = ("step", "layer", "event", "rank", "width", "explained")
+
+Decisions = dict  # {layer name: (rank, width, explained ratio at that rank)} for every layer
+
+
+class LocalCoordinator:
+    """Where the processes that train one model agree on its ranks: with one process, there is
+    nothing to agree on. `inrank_fx.training.distributed.ProcessGroupCoordinator` is the one for
+    torch.distributed; a controller takes either (or a test's own)."""
+
+    def agree(self, controller: "RankController", event: str, decide) -> Decisions:
+        """The decision every process applies; `decide()` measures on this process."""
+        return decide()
+
+    def after_apply(self, controller: "RankController", changes: list[RankChange]) -> None:
+        """What must follow a change (under DDP: check, broadcast resized factors, rebuild)."""
+
+    def after_load(self, controller: "RankController") -> None:
+        """What must follow loading the controller's state (under DDP: check and rebuild)."""
+
+    def describe(self) -> str:
+        return ""
 
 
 class RankController:
@@ -57,6 +77,7 @@ class RankController:
         *,
         seed: int = 0,
         recompile: str = "dynamic",
+        coordinator: LocalCoordinator | None = None,
     ) -> None:
         if not factored_layers(model):
             raise ValueError(
@@ -70,6 +91,7 @@ class RankController:
         self.optimizer = optimizer
         self.config = config
         self.recompile = recompile
+        self.coordinator = coordinator if coordinator is not None else LocalCoordinator()
         self.step = 0
         self.frozen = False
         self.history: list[dict] = []
@@ -138,13 +160,13 @@ class RankController:
     @torch.no_grad()
     def check(self) -> list[RankChange]:
         """One application of the InRank rule to every layer."""
-        decisions = self._agree("check", self._measure)
+        decisions = self.coordinator.agree(self, "check", self._measure)
         return self._act(decisions, "check", "grew")
 
     @torch.no_grad()
     def finish_adaptation(self) -> list[RankChange]:
         """InRank-Efficient: truncate every layer to its rank (buffer dropped); ranks freeze."""
-        decisions = self._agree("truncate", self._truncation)
+        decisions = self.coordinator.agree(self, "truncate", self._truncation)
         self.frozen = True
         return self._act(decisions, "truncate", "truncated to their ranks (adaptation stopped)")
 
@@ -165,11 +187,11 @@ class RankController:
                 decisions[name] = (rank, width, self._explained(layer, self.spectrum(layer), rank))
             return decisions
 
-        return self._act(self._agree("manual", decide), "manual", "set by hand")
+        return self._act(self.coordinator.agree(self, "manual", decide), "manual", "set by hand")
 
     # -- deciding and acting ------------------------------------------------------------------
-    # A decision is {layer name: (rank, width, explained ratio at that rank)} for every layer.
-    # `_agree` is where processes agree on one (see inrank_fx.distributed); alone, it is ours.
+    # A decision is {layer name: (rank, width, explained ratio at that rank)} for every layer;
+    # the coordinator is where the processes agree on one.
 
     def _measure(self) -> dict[str, tuple[int, int, float]]:
         cfg = self.config
@@ -193,9 +215,6 @@ class RankController:
             decisions[name] = (layer.rank, width, explained)
         return decisions
 
-    def _agree(self, event: str, decide) -> dict[str, tuple[int, int, float]]:
-        return decide()
-
     def _act(self, decisions: dict, event: str, verb: str) -> list[RankChange]:
         layers = factored_layers(self.model)
         ranks, widths = {}, {}
@@ -206,11 +225,8 @@ class RankController:
             if event == "truncate" or changed:
                 ranks[name], widths[name] = rank, width
         changes = self._apply(ranks, widths, verb)
-        self._after_apply(changes)
+        self.coordinator.after_apply(self, changes)
         return changes
-
-    def _after_apply(self, changes: list[RankChange]) -> None:
-        """Hook for what must follow a change (inrank_fx.distributed: sync and rebuild DDP)."""
 
     def _apply(self, ranks: dict, widths: dict, verb: str) -> list[RankChange]:
         if not ranks:
@@ -260,10 +276,11 @@ class RankController:
         self.history = [dict(r) for r in state["history"]]
         self.generator.set_state(state["generator"])
         self.start_ranks = dict(state.get("start_ranks", self.start_ranks))
+        self.coordinator.after_load(self)
 
     def detach(self) -> None:
         """Stop following the optimizer, and give back the compile setting the controller held
-        (restored once no attached controller needs it; see inrank_fx.compiled)."""
+        (restored once no attached controller needs it; see inrank_fx.training.compile_policy)."""
         self._hook.remove()
         if self._holds_compile_settings:
             self._holds_compile_settings = False
@@ -271,62 +288,6 @@ class RankController:
 
     def __repr__(self) -> str:
         phase = "frozen" if self.frozen else "adapting"
-        return (f"RankController(step={self.step}, {phase}, layers={len(factored_layers(self.model))}, "
-                f"rank_events={self.rank_events})")
-
-
-def attach(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    config: InRankConfig | None = None,
-    *,
-    seed: int = 0,
-    recompile: str = "dynamic",
-    distributed: bool | None = None,
-    process_group=None,
-    timeout_s: float = 300.0,
-) -> RankController:
-    """Follow `optimizer` and adapt the ranks of `model`'s factored layers on its steps.
-
-    `config` defaults to the one `transform` used on this model; `seed` seeds the components
-    added by growth; `recompile` is the torch.compile policy (see `inrank_fx.compiled`).
-
-    Multi-process training: pass the DistributedDataParallel-wrapped model and ranks are decided
-    on one process and applied on all, with DDP kept in sync through every resize
-    (`inrank_fx.distributed`; every process attaches). `distributed` defaults to whether `model`
-    is DDP; `distributed=True` with a plain module is for callers that sync gradients
-    themselves. `process_group` is the group that must agree (default: DDP's, else the world),
-    and `timeout_s` bounds each of InRank's collectives.
-    """
-    from .distributed import DistributedRankController, check_not_sharded, is_ddp
-
-    check_not_sharded(model)
-    if config is None:
-        base = model.module if is_ddp(model) else model
-        report = getattr(base, REPORT_ATTR, None)
-        config = report.config if report is not None else InRankConfig()
-    if distributed is None:
-        distributed = is_ddp(model) or process_group is not None
-        processes = _world_size()
-        if not distributed and processes > 1:
-            raise ValueError(
-                f"torch.distributed is initialised with {processes} processes but attach got a "
-                f"plain {type(model).__name__}: pass the DistributedDataParallel-wrapped model so "
-                "that ranks agree across processes, or distributed=False if every process trains "
-                "a model of its own"
-            )
-    if distributed:
-        return DistributedRankController(model, optimizer, config, process_group=process_group,
-                                         timeout_s=timeout_s, seed=seed, recompile=recompile)
-    if is_ddp(model):
-        raise ValueError(
-            "distributed=False with a DistributedDataParallel model: a resize would leave DDP's "
-            "gradient hooks on the old factors; attach the DDP model with distributed=True"
-        )
-    return RankController(model, optimizer, config, seed=seed, recompile=recompile)
-
-
-def _world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        return (f"{type(self).__name__}(step={self.step}, {phase}, "
+                f"layers={len(factored_layers(self.model))}, rank_events={self.rank_events}"
+                f"{self.coordinator.describe()})")

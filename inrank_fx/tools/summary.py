@@ -6,18 +6,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .layers import InRankLinear
-from .transform import REPORT_ATTR, DenseRecord, TransformReport
-
-
-def factored_layers(model: nn.Module) -> dict[str, InRankLinear]:
-    """Qualified name → InRankLinear, in module order (a shared layer is listed once)."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, InRankLinear)}
-
-
-def ranks(model: nn.Module) -> dict[str, int]:
-    """Qualified name → the rank r of each factored layer."""
-    return {name: layer.rank for name, layer in factored_layers(model).items()}
+from ..config import REPORT_ATTR
+from ..nn.linear import InRankLinear
+from ..nn.modules import factored_layers, ranks
+from ..passes.transform import DenseRecord, TransformReport
 
 
 @dataclass

@@ -18,27 +18,19 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .config import InRankConfig
-from .layers import InRankLinear
-from .passes.analysis import Analysis, WeightUse, analyse
-from .passes.matchers import MatmulSite, handled_weights, module_handler
-from .passes.rewrite import (
-    carry_hooks,
-    factor_matmul_sites,
-    graph_module_like,
-    install_layer,
-    replace_module,
-)
-from .passes.substitutes import apply_substitutes, restore_unused
-from .passes.tracing import is_library_module
-from .spectrum import select_rank
+from ..config import REPORT_ATTR, InRankConfig
+from ..nn.linear import InRankLinear
+from ..nn.modules import carry_hooks, replace_module
+from ..nn.spectrum import select_rank
+from .analysis import Analysis, WeightUse, analyse
+from .matchers import MatmulSite, handled_weights, module_handler
+from .rewrite import factor_matmul_sites, graph_module_like, install_layer
+from .substitutes import apply_substitutes, restore_unused
+from .tracing import is_library_module
 
 log = logging.getLogger("inrank_fx")
 
 FilterFn = Callable[[str, Union[nn.Module, fx.Node]], bool]
-
-REPORT_ATTR = "_inrank_report"
-
 
 @dataclass
 class FactoredRecord:

@@ -1,0 +1,23 @@
+"""The factored layers, at the bottom of the package: they import nothing from inrank_fx above.
+
+InRankLinear / InRankConv2d / InRankMultiheadAttention (training), FactoredLinear /
+FactoredConv2d (frozen), the nn.Transformer substitutes, the spectrum of a pair of factors, and
+the module-tree helpers every stage uses.
+"""
+from .attention import InRankMultiheadAttention
+from .conv import InRankConv2d
+from .frozen import FactoredConv2d, FactoredLinear
+from .linear import ACTIVATIONS, INITS, InRankLinear
+from .modules import factored_layers, ranks
+
+__all__ = [
+    "ACTIVATIONS",
+    "FactoredConv2d",
+    "FactoredLinear",
+    "INITS",
+    "InRankConv2d",
+    "InRankLinear",
+    "InRankMultiheadAttention",
+    "factored_layers",
+    "ranks",
+]

@@ -1,0 +1,67 @@
+"""The layers of a frozen model: two plain matmuls (or convolutions) through the final rank.
+
+`inrank_fx.export.freeze` builds them from trained InRank layers; they are standard modules, so
+torch.export, torch.compile, ONNX and TensorRT take them as they are.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .conv import InRankConv2d
+from .linear import ACTIVATIONS
+
+
+class FactoredLinear(nn.Module):
+    """y = up(down(x)): two plain matmuls through an inner dimension `rank` (with
+    `activation`, y = up(σ(down(x))): one standard elementwise op between them)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
+                 device=None, dtype=None, activation: str | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.activation = activation
+        self.down = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.up = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
+
+    @classmethod
+    @torch.no_grad()
+    def from_factors(cls, U: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None,
+                     activation: str | None = None) -> "FactoredLinear":
+        """The layer x ↦ σ(x·V)·Uᵀ (+ bias), U: out×r, V: in×r (σ the identity by default)."""
+        layer = cls(V.shape[0], U.shape[0], U.shape[1], bias is not None, U.device, U.dtype,
+                    activation)
+        layer.down.weight.copy_(V.T)
+        layer.up.weight.copy_(U)
+        if bias is not None:
+            layer.up.bias.copy_(bias)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.down(x)
+        if self.activation is not None:
+            h = ACTIVATIONS[self.activation](h)
+        return self.up(h)
+
+    def extra_repr(self) -> str:
+        act = f", activation={self.activation}" if self.activation is not None else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"rank={self.rank}{act}")
+
+
+class FactoredConv2d(nn.Sequential):
+    """A k×k conv to `rank` channels, then a 1×1 conv: two plain convolutions."""
+
+    def __init__(self, layer: InRankConv2d) -> None:
+        w = layer.width
+        down = nn.Conv2d(layer.in_channels, w, layer.kernel_size, layer.stride, layer.padding,
+                         layer.dilation, bias=False, device=layer.U.device, dtype=layer.U.dtype)
+        up = nn.Conv2d(w, layer.out_channels, 1, bias=layer.bias is not None,
+                       device=layer.U.device, dtype=layer.U.dtype)
+        with torch.no_grad():
+            down.weight.copy_(layer.V.T.reshape(w, layer.in_channels, *layer.kernel_size))
+            up.weight.copy_(layer.U[:, :, None, None])
+            if layer.bias is not None:
+                up.bias.copy_(layer.bias)
+        super().__init__(down, up)
+        self.rank = w

@@ -1,0 +1,303 @@
+"""`compare`: dense against factored, side by side in one process, on every available backend.
+
+    result = inrank_fx.bench.compare(dense, factored, (x,))
+    print(result.table()); result.to_json("bench.json"); result.plot("bench.png")
+
+For each model and backend: latency median and p90 after warm-up, throughput, peak memory where
+the backend reports it (CUDA), parameters, FLOPs (counted by torch.utils.flop_counter while the
+model runs: per-op formulas, no hand tables), artifact size for exported backends, and for the
+factored model the measured speedup next to the FLOP-ideal one. Backends that cannot run here
+(no CUDA, no torch-tensorrt, an inference-only backend in train mode) are records with
+status "skipped" and the reason.
+"""
+from __future__ import annotations
+
+import copy
+import ctypes
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .._io import atomic_destination, check_destination
+from ..export import check_inputs, flat_outputs
+from ..export.freeze import freeze
+
+BACKENDS = ("eager", "compile", "onnxruntime", "tensorrt")
+INFERENCE_ONLY = ("onnxruntime", "tensorrt")
+
+
+@dataclass
+class BenchRecord:
+    model: str  # "dense" or "factored"
+    backend: str
+    status: str  # "ok", "skipped" or "failed"
+    reason: str = ""
+    mode: str = "inference"
+    batch: int = 0
+    latency_median_ms: float | None = None
+    latency_p90_ms: float | None = None
+    throughput: float | None = None  # samples (rows of the batch dimension) per second
+    peak_memory_bytes: int | None = None
+    params: int = 0
+    flops: int = 0  # per call (forward, or forward + backward in train mode)
+    artifact_bytes: int | None = None
+    speedup: float | None = None  # dense latency / factored latency, same backend
+    flop_ideal_speedup: float | None = None
+
+
+@dataclass
+class BenchResult:
+    records: list[BenchRecord]
+    meta: dict = field(default_factory=dict)
+
+    def get(self, model: str, backend: str) -> BenchRecord:
+        return next(r for r in self.records if r.model == model and r.backend == backend)
+
+    def table(self) -> str:
+        header = ("backend", "model", "median ms", "p90 ms", "samples/s", "peak MB", "params",
+                  "GFLOPs", "file MB", "speedup", "FLOP-ideal")
+        rows, notes = [], []
+        for r in self.records:
+            if r.status != "ok":
+                notes.append(f"{r.backend} {r.model}: {r.status}: {r.reason}")
+                continue
+            rows.append((
+                r.backend, r.model, f"{r.latency_median_ms:.2f}", f"{r.latency_p90_ms:.2f}",
+                f"{r.throughput:,.0f}", _fmt(r.peak_memory_bytes, 1e6), f"{r.params:,}",
+                f"{r.flops / 1e9:.3f}", _fmt(r.artifact_bytes, 1e6),
+                f"{r.speedup:.2f}x" if r.speedup else "",
+                f"{r.flop_ideal_speedup:.2f}x" if r.flop_ideal_speedup else "",
+            ))
+        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths))]
+        lines.append("-" * len(lines[0]))
+        lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+        meta = ", ".join(f"{k} {v}" for k, v in self.meta.items())
+        return "\n".join(lines + notes + [f"({meta})"])
+
+    def to_json(self, path: str | os.PathLike) -> Path:
+        path = check_destination(path)
+        with atomic_destination(path) as tmp:
+            tmp.write_text(json.dumps({"meta": self.meta, "records": [asdict(r) for r in self.records]}, indent=2))
+        return path
+
+    def plot(self, path: str | os.PathLike) -> Path:
+        """Grouped bars of throughput per backend, dense beside factored, speedups annotated."""
+        from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
+
+        path = check_destination(path)
+        backends = [b for b in dict.fromkeys(r.backend for r in self.records)
+                    if all(self.get(m, b).status == "ok" for m in ("dense", "factored"))]
+        fig = Figure(figsize=(1.8 + 1.6 * max(len(backends), 1), 3.6))
+        ax = fig.subplots()
+        for i, model in enumerate(("dense", "factored")):
+            values = [self.get(model, b).throughput for b in backends]
+            bars = ax.bar([x + (i - 0.5) * 0.38 for x in range(len(backends))], values, 0.38,
+                          label=model, color=("#8a8a8a", "#2a7ab9")[i])
+            if model == "factored":
+                for bar, b in zip(bars, backends):
+                    r = self.get(model, b)
+                    ax.annotate(f"{r.speedup:.2f}x\n(ideal {r.flop_ideal_speedup:.1f}x)",
+                                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                                ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(backends)), backends)
+        ax.set_ylabel("samples / s")
+        ax.set_title(f"dense vs factored, {self.meta.get('mode', '')}, batch {self.meta.get('batch', '')}")
+        ax.margins(y=0.3)
+        ax.legend(frameon=False, loc="upper left")
+        fig.tight_layout()
+        with atomic_destination(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=120)
+        return path
+
+
+def compare(
+    dense_model: nn.Module,
+    factored_model: nn.Module,
+    example_inputs,
+    *,
+    backends=BACKENDS,
+    train: bool = False,
+    warmup: int = 3,
+    iters: int = 20,
+    loss_fn: Callable[[object], torch.Tensor] | None = None,
+) -> BenchResult:
+    """Time both models on each backend, side by side. See the module docstring.
+
+    Inference uses the frozen form of the factored model (what ships). `train=True` times a full
+    training step (forward, backward, AdamW step) of the models as given, on eager and compile.
+    """
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        raise ValueError(f"unknown backend(s) {unknown}; choose from {BACKENDS}")
+    inputs = check_inputs(example_inputs)
+    device = inputs[0].device
+    batch = inputs[0].shape[0] if inputs[0].dim() else 1
+    mode = "train" if train else "inference"
+    models = {"dense": dense_model, "factored": factored_model}
+    if not train:
+        models = {k: freeze(m) for k, m in models.items()}  # copies, in eval mode
+    else:
+        models = {k: copy.deepcopy(m).train() for k, m in models.items()}
+    models = {k: m.to(device) for k, m in models.items()}
+    loss_fn = loss_fn or _default_loss
+    flops = {k: _count_flops(m, inputs, train, loss_fn) for k, m in models.items()}
+
+    records = []
+    with tempfile.TemporaryDirectory(prefix="inrank-bench-") as workdir:
+        for backend in backends:
+            pair = {}
+            for name, model in models.items():
+                record = BenchRecord(name, backend, "ok", mode=mode, batch=batch,
+                                     params=sum(p.numel() for p in model.parameters()),
+                                     flops=flops[name])
+                try:
+                    _run_backend(record, model, inputs, Path(workdir), train, warmup, iters, loss_fn)
+                except _Skip as skip:
+                    record.status, record.reason = "skipped", str(skip)
+                except Exception as err:  # a backend failing is a result, not a crash
+                    record.status = "failed"
+                    record.reason = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+                pair[name] = record
+                records.append(record)
+            dense, factored = pair["dense"], pair["factored"]
+            if dense.status == factored.status == "ok":
+                factored.speedup = dense.latency_median_ms / factored.latency_median_ms
+                factored.flop_ideal_speedup = dense.flops / factored.flops if factored.flops else None
+    meta = {"mode": mode, "batch": batch, "device": _device_name(device),
+            "threads": torch.get_num_threads(), "torch": torch.__version__}
+    return BenchResult(records, meta)
+
+
+class _Skip(Exception):
+    pass
+
+
+def _default_loss(output) -> torch.Tensor:
+    return flat_outputs(output)[0].float().pow(2).mean()
+
+
+def _count_flops(model, inputs, train, loss_fn) -> int:
+    counter = FlopCounterMode(display=False)
+    if train:
+        with counter:
+            loss_fn(model(*inputs)).backward()
+        model.zero_grad(set_to_none=True)
+    else:
+        with torch.no_grad(), counter:
+            model(*inputs)
+    return counter.get_total_flops()
+
+
+def _run_backend(record, model, inputs, workdir, train, warmup, iters, loss_fn) -> None:
+    backend = record.backend
+    if train and backend in INFERENCE_ONLY:
+        raise _Skip("inference-only backend")
+    if backend == "eager":
+        call = model
+    elif backend == "compile":
+        call = torch.compile(model)
+    elif backend == "onnxruntime":
+        call = _onnxruntime_call(record, model, inputs, workdir)
+    else:
+        call = _tensorrt_call(record, model, inputs, workdir)
+
+    if train:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step():
+            loss = loss_fn(call(*inputs))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    else:
+        def step():
+            with torch.no_grad():
+                call(*inputs)
+
+    cuda = inputs[0].is_cuda and backend != "onnxruntime"
+    for _ in range(warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    record.latency_median_ms = statistics.median(times) * 1e3
+    record.latency_p90_ms = statistics.quantiles(times, n=10)[-1] * 1e3 if len(times) > 1 else record.latency_median_ms
+    record.throughput = record.batch / (record.latency_median_ms / 1e3)
+    record.peak_memory_bytes = torch.cuda.max_memory_allocated() if cuda else None
+
+
+def _onnxruntime_call(record, model, inputs, workdir):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise _Skip("onnxruntime is not installed (pip install 'inrank-fx[onnx]')") from None
+    from ..export.onnx import to_onnx
+
+    path = workdir / f"{record.model}.onnx"
+    report = to_onnx(model, inputs, path)
+    record.artifact_bytes = report.file_bytes
+    providers = ["CPUExecutionProvider"]
+    if inputs[0].is_cuda and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    session = ort.InferenceSession(str(path), providers=providers)
+    feed = {i.name: x.detach().cpu().numpy() for i, x in zip(session.get_inputs(), inputs)}
+    return lambda *_: session.run(None, feed)
+
+
+def _tensorrt_call(record, model, inputs, workdir):
+    from ..export.tensorrt import tensorrt_missing, to_tensorrt
+
+    missing = tensorrt_missing()
+    if missing:
+        raise _Skip("needs " + " and ".join(missing))
+    path = workdir / f"{record.model}.ep"
+    report = to_tensorrt(model, inputs, path, precision="fp16")
+    record.artifact_bytes = report.file_bytes
+    program = torch.export.load(str(path)).module()
+    half = tuple(x.half() if x.is_floating_point() else x for x in inputs)
+    return lambda *_: program(*half)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def tune_cpu_allocator() -> bool:
+    """Keep glibc from returning large freed blocks to the OS, as tcmalloc/jemalloc setups do.
+
+    Otherwise every large output tensor is fresh memory whose page faults are paid on first
+    touch (about 10 ms for a 2048x4096 float32 output on 2 cores), a cost the same for dense
+    and factored layers that hides the factored layer's speedup. Returns whether it applied.
+    """
+    if platform.system() != "Linux":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 31))
+
+
+def _fmt(value, scale) -> str:
+    return "" if value is None else f"{value / scale:.2f}"

@@ -1,0 +1,70 @@
+"""`attach`: the one way to start adapting ranks, on one process or many.
+
+It picks the controller: a `RankController` for a plain model, a `DistributedRankController` for
+a DistributedDataParallel model (or `distributed=True`), and refuses what neither can follow.
+It sits above both controllers, so that neither imports the other.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import REPORT_ATTR, InRankConfig
+from .controller import RankController
+from .distributed import DEFAULT_TIMEOUT_S, DistributedRankController, check_not_sharded, is_ddp
+
+
+def attach(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: InRankConfig | None = None,
+    *,
+    seed: int = 0,
+    recompile: str = "dynamic",
+    distributed: bool | None = None,
+    process_group=None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> RankController:
+    """Follow `optimizer` and adapt the ranks of `model`'s factored layers on its steps.
+
+    `config` defaults to the one `transform` used on this model; `seed` seeds the components
+    added by growth; `recompile` is the torch.compile policy (see
+    `inrank_fx.training.compile_policy`).
+
+    Multi-process training: pass the DistributedDataParallel-wrapped model and ranks are decided
+    on one process and applied on all, with DDP kept in sync through every resize
+    (`inrank_fx.training.distributed`; every process attaches). `distributed` defaults to
+    whether `model` is DDP; `distributed=True` with a plain module is for callers that sync
+    gradients themselves. `process_group` is the group that must agree (default: DDP's, else the world),
+    and `timeout_s` bounds each of InRank's collectives.
+    """
+    check_not_sharded(model)  # first: a sharded model is refused whatever else is asked
+    if config is None:
+        base = model.module if is_ddp(model) else model
+        report = getattr(base, REPORT_ATTR, None)
+        config = report.config if report is not None else InRankConfig()
+    if distributed is None:
+        distributed = is_ddp(model) or process_group is not None
+        processes = _world_size()
+        if not distributed and processes > 1:
+            raise ValueError(
+                f"torch.distributed is initialised with {processes} processes but attach got a "
+                f"plain {type(model).__name__}: pass the DistributedDataParallel-wrapped model so "
+                "that ranks agree across processes, or distributed=False if every process trains "
+                "a model of its own"
+            )
+    if distributed:
+        return DistributedRankController(model, optimizer, config, process_group=process_group,
+                                         timeout_s=timeout_s, seed=seed, recompile=recompile)
+    if is_ddp(model):
+        raise ValueError(
+            "distributed=False with a DistributedDataParallel model: a resize would leave DDP's "
+            "gradient hooks on the old factors; attach the DDP model with distributed=True"
+        )
+    return RankController(model, optimizer, config, seed=seed, recompile=recompile)
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
