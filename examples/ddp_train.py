@@ -122,6 +122,10 @@ def checksum(model) -> float:
     return float(sum(p.detach().double().sum() for p in model.parameters()))
 
 
+def _compiled_graphs() -> int:
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
 def train(args, process, processes, device, model, trained, optimizer, controller, start):
     """The ordinary DDP training loop from `start` to args.steps; (losses, seconds per step)."""
     if args.batch % processes:
@@ -140,6 +144,9 @@ def train(args, process, processes, device, model, trained, optimizer, controlle
         optimizer.step()  # the controller runs inside, on every process at the same step
         seconds.append(time.perf_counter() - began)
         losses.append(loss.item())  # this process's slice; the all-reduced gradient is global
+        if args.compile and step == start and controller.rank_events == 0:
+            # graphs for one step before any resize: what each rank event may at most repeat
+            args.graphs_before_events = _compiled_graphs()
         if args.save_at is not None and step + 1 == args.save_at:
             if process == 0:
                 save_checkpoint(args.out / "checkpoint.pt", model, optimizer, controller, step + 1)
@@ -176,7 +183,8 @@ def main(argv=None) -> dict:
         "collective_stats": getattr(controller, "collective_stats", {}),
     }
     if args.compile:  # compiled graphs made (recompiles included): bounded, never an eager fallback
-        result["compiled_graphs"] = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+        result["compiled_graphs"] = _compiled_graphs()
+        result["compiled_graphs_before_events"] = getattr(args, "graphs_before_events", None)
     print(f"process {process} of {processes}: ranks {result['ranks']}")
     print(f"process {process} of {processes}: rank events {result['rank_events']}, "
           f"checksum {result['checksum']:.10g}, median step {result['median_step_ms']:.1f} ms, "

@@ -87,10 +87,13 @@ def test_low_rank_transform_runs_within_full_rank(case, init_rank, buffer):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # capping a too-large rank is warned about; fine here
-        out = transform(net, InRankConfig(init="svd", init_rank=init_rank, buffer=buffer, min_features=1))
+        config = InRankConfig(init="svd", init_rank=init_rank, buffer=buffer, min_features=1)
+        out = transform(net, config)
     y = out(x)
     assert y.shape == net(x).shape and torch.isfinite(y).all()
     layers = {name: m for name, m in out.named_modules() if isinstance(m, InRankLinear)}
     assert len(layers) == len(net.ops)
     for name, layer in layers.items():
-        assert 1 <= ranks(out)[name] <= layer.full_rank and layer.width <= layer.full_rank
+        # the rank asked for (capped at the layer's full rank), and the buffer on top of it
+        assert ranks(out)[name] == min(config.rank_for(layer.full_rank), layer.full_rank)
+        assert layer.width == min(layer.rank + buffer, layer.full_rank)

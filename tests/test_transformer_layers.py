@@ -9,7 +9,7 @@ from conftest import rel_err
 from models import Seq2Seq, Tagger
 from torch import nn
 
-from inrank_fx import InRankConfig, attach, ranks, set_ranks, transform
+from inrank_fx import InRankConfig, InRankLinear, attach, ranks, set_ranks, transform
 from inrank_fx.nn import InRankMultiheadAttention
 from inrank_fx.export import to_onnx
 
@@ -129,14 +129,28 @@ def test_halved_ranks_train():
     out = transform(model, InRankConfig(init_rank=8, buffer=0))
     set_ranks(out, {n: r // 2 for n, r in ranks(out).items()})
     opt = torch.optim.AdamW(out.parameters(), lr=1e-3)
-    attach(out, opt)
+    ctrl = attach(out, opt, CHECK_EVERY_STEP)
     src, tgt = torch.randn(2, 7, 32), torch.randn(2, 5, 32)
     causal = nn.Transformer.generate_square_subsequent_mask(5)
-    loss = out(src, tgt, tgt_mask=causal).pow(2).mean()
-    loss.backward()
-    opt.step()
-    assert set(ranks(out).values()) == {4}
+    for _ in range(2):  # a rank check after the first step resizes every layer; train on
+        loss = out(src, tgt, tgt_mask=causal).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert_checked_and_resized(out, ctrl)
     assert torch.isfinite(out(src, tgt, tgt_mask=causal)).all()
+
+
+# A controller that checks at every step, with a buffer to grow into: one step resizes every layer.
+CHECK_EVERY_STEP = InRankConfig(buffer=4, warmup_steps=1, check_every=1, stop_after=None)
+
+
+def assert_checked_and_resized(model, ctrl):
+    checked = {h["layer"] for h in ctrl.history if h["event"] == "check"}
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, InRankLinear)}
+    assert checked == set(layers) and ctrl.rank_events >= 1
+    # each layer computes at its measured rank plus the buffer: the halved width (4) grew
+    assert all(m.width >= min(m.rank + 4, m.full_rank) > 4 for m in layers.values())
 
 
 def linear_like_weights(model: nn.Module) -> int:
@@ -160,10 +174,12 @@ def test_tutorial_transformers_factor_train_and_export(build, tmp_path):
     trained = transform(model, InRankConfig(init_rank=8, buffer=0))
     set_ranks(trained, {n: r // 2 for n, r in ranks(trained).items()})
     opt = torch.optim.AdamW(trained.parameters(), lr=1e-3)
-    attach(trained, opt)
-    trained(*inputs).pow(2).mean().backward()
-    opt.step()
-    assert set(ranks(trained).values()) == {4}
+    ctrl = attach(trained, opt, CHECK_EVERY_STEP)
+    for _ in range(2):
+        trained(*inputs).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert_checked_and_resized(trained, ctrl)
 
     report = to_onnx(trained.eval(), inputs, tmp_path / "model.onnx")
     assert report.max_rel_error <= 1e-4 and len(report.ranks) == len(ranks(trained))

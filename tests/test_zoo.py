@@ -135,9 +135,17 @@ def test_captured_zoo_trains_after_halving_ranks(name):
     halved = {n: max(1, r // 2) for n, r in ranks(out).items()}
     set_ranks(out, halved)
     opt = torch.optim.AdamW(out.parameters(), lr=1e-4)
-    attach(out, opt)
+    # a check at the first step, with a buffer to grow into: every layer is resized, and the
+    # captured forwards keep training through it
+    ctrl = attach(out, opt, InRankConfig(buffer=2, warmup_steps=1, check_every=1, stop_after=None))
     batch = tuple(torch.cat([x, x]) for x in inputs)  # another batch size than the capture's
-    loss = _first_tensor(out(*batch)).float().pow(2).mean()
-    loss.backward()
-    opt.step()
-    assert ranks(out) == halved and torch.isfinite(loss)
+    for _ in range(2):
+        loss = _first_tensor(out(*batch)).float().pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert torch.isfinite(loss) and ctrl.rank_events >= 1
+    layers = {n: m for n, m in out.named_modules() if isinstance(m, InRankLinear)}
+    assert {h["layer"] for h in ctrl.history if h["event"] == "check"} == set(layers)
+    assert all(m.width >= min(m.rank + 2, m.full_rank) for m in layers.values())
+    assert any(m.width > halved[n] for n, m in layers.items())
