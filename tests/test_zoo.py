@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import rel_err
 
-from inrank_fx import InRankConfig, attach, ranks, set_ranks, summary, transform
+from inrank_fx import InRankConfig, InRankLinear, attach, ranks, set_ranks, summary, transform
 from inrank_fx.export import to_onnx
 
 pytestmark = pytest.mark.slow
