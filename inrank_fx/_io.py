@@ -35,3 +35,28 @@ def atomic_destination(path: Path) -> Iterator[Path]:
             os.replace(item, path.parent / item.name)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(out: Path) -> Iterator[Path]:
+    """Yield a private temp folder beside the folder `out`; on success it replaces `out` (an
+    earlier folder there is moved aside, then removed) with ordinary permissions, on failure it
+    is removed and `out` is left as it was."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {out}: folder {out.parent} does not exist")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(out, 0o777 & ~umask)  # mkdtemp made it private; the result is an ordinary folder
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

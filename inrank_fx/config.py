@@ -5,11 +5,18 @@ field's name in the message, instead of deep inside a training loop.
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
+import json
 import math
+import os
 import re
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence, Union
+
+from ._io import atomic_destination, check_destination
 
 from .nn.linear import ACTIVATIONS, INITS
 from .nn.spectrum import CRITERIA
@@ -181,6 +188,27 @@ class InRankConfig:
                     raise ValueError(f"InRankConfig.{name} is not a valid regex: {err}") from None
             elif not all(isinstance(p, str) for p in patterns):
                 raise ValueError(f"InRankConfig.{name} must be a string or a list of strings")
+
+    # -- saving and loading (checkpoints, `save_transformed`) --------------------------------
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the config as JSON (atomically), to rebuild a transformed model with it."""
+        path = check_destination(path)
+        with atomic_destination(path) as tmp:
+            tmp.write_text(json.dumps(dataclasses.asdict(self), indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "InRankConfig":
+        """A config written by `save`. Fields this version does not know are ignored with a
+        warning (a config saved by a newer inrank_fx); missing ones take their defaults."""
+        values = json.loads(Path(path).read_text())
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            warnings.warn(f"{path}: ignoring InRankConfig fields this version does not have: "
+                          f"{', '.join(unknown)}", stacklevel=2)
+        return cls(**{k: v for k, v in values.items() if k in names})
 
     # -- derived values -------------------------------------------------------------------
 

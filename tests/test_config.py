@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from inrank_fx import InRankConfig
@@ -66,3 +68,23 @@ def test_targets_and_exclude_patterns():
     assert not cfg.selects("h.1.mlp.c_fc")
     regex = InRankConfig(targets=r".*\.mlp\..*")
     assert regex.selects("h.0.mlp.c_fc") and not regex.selects("h.0.attn.c_attn")
+
+
+def test_save_and_load_round_trip(tmp_path):
+    config = InRankConfig(init_rank=0.25, buffer=3, targets=["mlp.*"], stop_after=150,
+                          truncate_state="rotated")
+    path = config.save(tmp_path / "inrank_config.json")
+    assert InRankConfig.load(path) == config
+    # a field from a newer version is ignored with a warning; a missing one takes its default
+    values = json.loads(path.read_text())
+    del values["truncate_state"]
+    path.write_text(json.dumps({**values, "from_the_future": 1}))
+    with pytest.warns(UserWarning, match="from_the_future"):
+        loaded = InRankConfig.load(path)
+    assert loaded.buffer == 3 and loaded.truncate_state == InRankConfig().truncate_state
+
+
+def test_save_refuses_a_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        InRankConfig().save(tmp_path / "nope" / "c.json")
+    assert list(tmp_path.iterdir()) == []

@@ -19,9 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import statistics
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -29,6 +27,7 @@ from pathlib import Path
 import torch
 
 import inrank_fx
+from inrank_fx._io import atomic_folder
 from inrank_fx.tools import bench
 from inrank_fx.demo.corpus import batches, file_corpus, split, stdlib_corpus
 from inrank_fx.demo.gpt import GPT, GPTConfig, lm_loss
@@ -112,13 +111,9 @@ def run_demo(
     text, source = load_text(data, settings.corpus_bytes)
     train_ids, val_ids = split(text)
     device = torch.device(device)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         results = _run(tmp, out, train_ids, val_ids, source, device, settings, seed, compile,
                        progress, backends, log)
-        _publish(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log(f"report written to {out}/")
     return results
 
@@ -304,17 +299,3 @@ def _plot_ranks(history: list[dict], start_ranks: dict, stop_step: int | None,
         ax.legend(frameon=False, fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Move the finished report into place, replacing an earlier report folder."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(out, 0o777 & ~umask)  # mkdtemp made it private; a report is an ordinary folder
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -15,8 +15,6 @@ does not advance the schedule.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import statistics
 from pathlib import Path
@@ -25,8 +23,7 @@ import torch
 from transformers import TrainerCallback
 
 from .._io import atomic_destination
-from ..config import InRankConfig
-from ..config import REPORT_ATTR
+from ..config import REPORT_ATTR, InRankConfig
 from ..nn.modules import ranks
 from ..passes.transform import transform
 from ..training.attach import attach
@@ -124,7 +121,7 @@ class InRankCallback(TrainerCallback):
             return  # a save the Trainer did elsewhere (hyperparameter search runs)
         with atomic_destination(folder / CONTROLLER_FILE) as tmp:
             torch.save(self.controller.state_dict(), tmp)
-        _write_config(self.controller.config, folder)
+        self.controller.config.save(folder / CONFIG_FILE)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.controller is not None:
@@ -140,7 +137,7 @@ def save_transformed(model: torch.nn.Module, folder: str | os.PathLike, **kwargs
     folder = Path(folder)
     model.save_pretrained(folder, **kwargs)
     report = getattr(model, REPORT_ATTR, None)
-    _write_config(report.config if report is not None else InRankConfig(), folder)
+    (report.config if report is not None else InRankConfig()).save(folder / CONFIG_FILE)
     return folder
 
 
@@ -158,7 +155,7 @@ def load_transformed(model_class, folder: str | os.PathLike,
         if not (folder / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"{folder / CONFIG_FILE} not found: pass the InRankConfig the "
                                     "model was transformed with as config=")
-        config = _read_config(folder)
+        config = InRankConfig.load(folder / CONFIG_FILE)
     model = model_class(AutoConfig.from_pretrained(folder))
     model = transform(model, config, inplace=True)
     shards = sorted(folder.glob("model*.safetensors"))
@@ -196,17 +193,6 @@ def _torch_optimizer(optimizer) -> torch.optim.Optimizer:
     if not isinstance(seen, torch.optim.Optimizer):
         raise TypeError(f"{type(optimizer).__name__} holds no torch.optim.Optimizer to attach to")
     return seen
-
-
-def _write_config(config: InRankConfig, folder: Path) -> None:
-    with atomic_destination(folder / CONFIG_FILE) as tmp:
-        tmp.write_text(json.dumps(dataclasses.asdict(config), indent=1))
-
-
-def _read_config(folder: Path) -> InRankConfig:
-    values = json.loads((folder / CONFIG_FILE).read_text())
-    names = {f.name for f in dataclasses.fields(InRankConfig)}
-    return InRankConfig(**{k: v for k, v in values.items() if k in names})
 
 
 __all__ = ["InRankCallback", "load_transformed", "save_transformed"]
