@@ -369,3 +369,20 @@ def test_train_steps_clips_the_gradient_norm():
         return (model.weight.detach() - start).norm().item()
 
     assert run(0.5) <= 0.5 + 1e-6 < run(None)
+
+
+def test_growth_init_has_the_configs_name_and_the_old_one_still_works():
+    torch.manual_seed(0)
+    x = torch.randn(4, 16)
+    outputs = {}
+    for kwargs in ({"grow_init": "zero"}, {"grow_init": "random"}):
+        model = transform(nn.Sequential(nn.Linear(16, 16)), InRankConfig(init_rank=3, buffer=0))
+        y = model(x)
+        set_ranks(model, 5, **kwargs)
+        outputs[kwargs["grow_init"]] = torch.allclose(model(x), y, atol=1e-6)
+    assert outputs == {"zero": True, "random": False}  # silent components keep the function
+    model = transform(nn.Sequential(nn.Linear(16, 16)), InRankConfig(init_rank=3, buffer=0))
+    y = model(x)
+    with pytest.warns(DeprecationWarning, match="grow_init"):
+        set_ranks(model, 5, init="random")
+    assert not torch.allclose(model(x), y, atol=1e-6)

@@ -28,6 +28,7 @@ import torch
 
 import inrank_fx
 from inrank_fx._io import atomic_folder
+from inrank_fx._table import format_table
 from inrank_fx.tools import bench
 from inrank_fx.demo.corpus import batches, file_corpus, split, stdlib_corpus
 from inrank_fx.demo.gpt import GPT, GPTConfig, lm_loss
@@ -233,8 +234,8 @@ def comparison_table(results: dict) -> str:
     ranks = list(inrank["final_ranks"].values())
     settings = results["settings"]
     stop = inrank.get("stop_step")
+    header = ("", "dense", "InRank", "InRank / dense")
     rows = [
-        ("", "dense", "InRank", "InRank / dense"),
         ("peak lr (own sweep)", f"{settings['dense_lr']:g}", f"{settings['inrank_lr']:g}", ""),
         ("val loss", f"{dense['val_loss']:.4f}", f"{inrank['val_loss']:.4f}", f"{ratios['val_loss']:.3f}"),
         ("val perplexity", f"{dense['val_ppl']:.3f}", f"{inrank['val_ppl']:.3f}", ""),
@@ -247,11 +248,7 @@ def comparison_table(results: dict) -> str:
         ("final ranks", "full", f"{min(ranks)}..{max(ranks)} (mean {statistics.mean(ranks):.1f})", ""),
         ("ranks frozen at step", "", "never" if stop is None else str(stop), ""),
     ]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-             for r in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
+    return format_table(header, rows)
 
 
 def _plot_losses(runs: dict, path: Path) -> None:

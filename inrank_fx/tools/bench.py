@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .._io import atomic_destination, check_destination
+from .._table import format_table
 from ..export import check_inputs, flat_outputs
 from ..export.freeze import freeze
 
@@ -78,12 +79,8 @@ class BenchResult:
                 f"{r.speedup:.2f}x" if r.speedup else "",
                 f"{r.flop_ideal_speedup:.2f}x" if r.flop_ideal_speedup else "",
             ))
-        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths))]
-        lines.append("-" * len(lines[0]))
-        lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
         meta = ", ".join(f"{k} {v}" for k, v in self.meta.items())
-        return "\n".join(lines + notes + [f"({meta})"])
+        return "\n".join([format_table(header, rows, left=2), *notes, f"({meta})"])
 
     def to_json(self, path: str | os.PathLike) -> Path:
         path = check_destination(path)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .._table import format_table
 from ..config import REPORT_ATTR
 from ..nn.linear import InRankLinear
 from ..nn.modules import factored_layers, ranks
@@ -80,13 +81,9 @@ class Summary:
              f"{l.factored_flops:,}")
             for l in self.layers
         ]
-        rows.append(("total", "", "", "", f"{self.dense_params:,}", f"{self.factored_params:,}",
-                     f"{self.dense_flops:,}", f"{self.factored_flops:,}"))
-        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-        fmt = lambda r: "  ".join(c.ljust(w) if i < 2 else c.rjust(w)  # noqa: E731
-                                  for i, (c, w) in enumerate(zip(r, widths)))
-        rule = "-" * len(fmt(header))
-        lines = [fmt(header), rule, *map(fmt, rows[:-1]), rule, fmt(rows[-1])]
+        total = ("total", "", "", "", f"{self.dense_params:,}", f"{self.factored_params:,}",
+                 f"{self.dense_flops:,}", f"{self.factored_flops:,}")
+        lines = [format_table(header, rows, left=2, total=total)]
         if self.layers:
             dense_model = self.model_params - self.factored_params + self.dense_params
             lines.append(

@@ -233,7 +233,7 @@ class RankController:
             return []
         changes = set_ranks(
             self.model, ranks, self.optimizer, widths=widths,
-            init=self.config.grow_init, generator=self.generator, recompile=self.recompile,
+            grow_init=self.config.grow_init, generator=self.generator, recompile=self.recompile,
             truncate_state=self.config.truncate_state,
         )
         if changes:

@@ -7,6 +7,7 @@ compiled at the cost of at most one recompile (`inrank_fx.training.compile_polic
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Mapping, Union
 
@@ -46,11 +47,12 @@ def set_ranks(
     optimizer: torch.optim.Optimizer | None = None,
     *,
     widths: RankArg | None = None,
-    init: str = "zero",
+    grow_init: str = "zero",
     generator: torch.Generator | None = None,
     recompile: str = "dynamic",
     grow_state: str = "seeded",
     truncate_state: str = "reset",
+    init: str | None = None,
 ) -> list[RankChange]:
     """Set the rank (and computed width) of factored layers, growing or truncating them.
 
@@ -60,8 +62,9 @@ def set_ranks(
             (growth pads state with zeros; truncation rotates the basis and resets it).
         widths: components to compute with (rank + buffer), same forms as `ranks`; a layer
             without one computes at exactly its rank.
-        init: how new components start when a layer grows ("zero" or "random", see
-            `InRankLinear.grow`); generator: the random source for them.
+        grow_init: how new components start when a layer grows ("zero" or "random", as
+            `InRankConfig.grow_init`; see `InRankLinear.grow`); generator: the random source
+            for them. (`init=` is its old name, still taken with a DeprecationWarning.)
         recompile: what happens to torch.compile'd code after a shape change: "dynamic"
             (widths become symbolic, few recompiles), "reset" (caches cleared every time) or
             "none". See `inrank_fx.training.compile_policy`. Either of the first two costs at most one
@@ -75,6 +78,11 @@ def set_ranks(
 
     Returns the changes made (layers whose rank and width were already as asked are left out).
     """
+    if init is not None:
+        warnings.warn("set_ranks(init=...) is now grow_init=..., the name InRankConfig uses "
+                      "(InRankConfig.init is how layers are initialised from dense weights)",
+                      DeprecationWarning, stacklevel=2)
+        grow_init = init
     check_policy(recompile)
     if isinstance(model, DistributedDataParallel):
         raise ValueError(
@@ -113,7 +121,7 @@ def set_ranks(
         old_rank, old_width, old_u, old_v = layer.rank, layer.width, layer.U, layer.V
         u_map = v_map = None
         if width > old_width:
-            layer.grow(width, init=init, generator=generator)
+            layer.grow(width, init=grow_init, generator=generator)
             mode = GROW_STATES[grow_state]
         elif width < old_width:
             u_map, v_map = layer.truncate(width)
