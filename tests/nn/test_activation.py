@@ -4,7 +4,7 @@ controller on component magnitudes, freeze and ONNX."""
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import rel_err
+from helpers import rel_err
 from torch import nn
 
 from inrank_fx import InRankConfig, InRankLinear, attach, freeze, ranks, set_ranks, transform

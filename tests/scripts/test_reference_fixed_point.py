@@ -1,6 +1,6 @@
 """examples/reference_fixed_point.py: the reference's rank rule applied to untrained factors."""
 import pytest
-from conftest import load_example
+from helpers import load_example
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ read correctly, and the quick protocol runs end to end."""
 import math
 
 import pytest
-from conftest import load_example
+from helpers import load_example
 
 bench = load_example("bench_convergence", "benchmarks")
 

@@ -1,5 +1,5 @@
 """examples/gpt_table.py in quick mode: every arm trains, and InRank's ranks are measured."""
-from conftest import load_example
+from helpers import load_example
 
 from inrank_fx.demo.gpt import GPTConfig
 

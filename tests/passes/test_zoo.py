@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import rel_err
+from helpers import rel_err
 
 from inrank_fx import InRankConfig, InRankLinear, attach, ranks, set_ranks, summary, transform
 from inrank_fx.export import to_onnx
@@ -109,7 +109,7 @@ def test_zoo_training_step_changes_ranks(name):
     _first_tensor(out(*inputs))  # and it still runs
 
 
-@pytest.mark.parametrize("name", [n for n in ZOO if n != "vit_b_16"])  # vit_b_16: tests/test_export.py
+@pytest.mark.parametrize("name", [n for n in ZOO if n != "vit_b_16"])  # vit_b_16: tests/export/test_export.py
 def test_zoo_freeze_and_onnx(name, tmp_path):
     build, _, _ = ZOO[name]
     model, inputs = build()

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import rel_err
+from helpers import rel_err
 from torch import nn
 
 from inrank_fx import InRankLinear

@@ -1,6 +1,6 @@
-"""What can go wrong with several processes, staged for tests/test_distributed.py.
+"""What can go wrong with several processes, staged for tests/training/test_distributed.py.
 
-    torchrun --standalone --nproc_per_node 2 tests/ddp_worker.py SCENARIO OUT_DIR
+    torchrun --standalone --nproc_per_node 2 tests/training/ddp_worker.py SCENARIO OUT_DIR
 
 Each process writes OUT_DIR/<scenario>-<process>.json with what it saw:
 
@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from conftest import load_example  # tests/ is this script's folder, so on sys.path
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: helpers, for torchrun
+from helpers import load_example  # noqa: E402
 
 import inrank_fx
 from inrank_fx import InRankDistributedError

@@ -2,7 +2,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import rel_err
+from helpers import rel_err
 from torch import nn
 
 from inrank_fx.nn import InRankMultiheadAttention

@@ -3,7 +3,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import rel_err
+from helpers import rel_err
 from torch import nn
 
 from inrank_fx import InRankConfig, ranks, transform

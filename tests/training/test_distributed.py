@@ -12,15 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import load_example
+from helpers import ROOT, load_example
 
 import inrank_fx
 from inrank_fx.demo.gpt import GPT, GPTConfig
 from inrank_fx import InRankDistributedError
 
-ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "ddp_train.py"
-WORKER = ROOT / "tests" / "ddp_worker.py"
+WORKER = Path(__file__).resolve().parent / "ddp_worker.py"
 LAUNCH_TIMEOUT_S = 150
 
 pytestmark = pytest.mark.skipif(
@@ -112,7 +111,7 @@ def worker_out(tmp_path_factory):
 
 
 def scenario(out: Path, name: str) -> list[dict]:
-    """Run one of tests/ddp_worker.py's scenarios on 2 processes; what each process saw."""
+    """Run one of tests/training/ddp_worker.py's scenarios on 2 processes; what each process saw."""
     check_ran(torchrun(WORKER, name, out))
     return [json.loads(path.read_text()) for path in sorted(out.glob(f"{name}-*.json"))]
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from conftest import rel_err
+from helpers import rel_err
 from models import FunctionalNet, Untraceable, mlp
 from torch import nn
 

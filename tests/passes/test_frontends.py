@@ -2,7 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import rel_err
+from helpers import rel_err
 from torch import nn
 
 from inrank_fx import InRankConfig, attach, ranks, summary, transform

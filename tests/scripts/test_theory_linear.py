@@ -1,6 +1,6 @@
 """examples/theory_linear.py: the cumulative update's rank grows incrementally."""
 import pytest
-from conftest import load_example
+from helpers import load_example
 
 from inrank_fx.demo.gpt import GPTConfig
 
