@@ -1,9 +1,12 @@
 """`transform`: the public verb that turns dense matmuls against weights into InRank layers.
+A straight pipeline, each step visited once:
 
-    analyse (trace every forward, find every read of every weight)
-      → decide (factor a weight only if every read of it is a matmul we understand)
-      → build factored layers (random or SVD init, rank from the config)
-      → rewrite (swap modules in place; rewrite only the forwards that hold functional matmuls)
+    analyse   trace every forward, find every read of every weight (passes/analysis.py)
+    plan      for each weight, a Candidate or the reason it stays Dense: a pure function of the
+              reads (factor a weight only if every read of it is a matmul we understand)
+    build     the factored layer of each candidate (SVD / random init, rank from the config)
+    rewrite   swap modules in place; rewrite only the forwards that hold functional matmuls
+    report    a TransformReport made from the plans, left on the model
 """
 from __future__ import annotations
 
@@ -112,39 +115,41 @@ def transform(
     if not inplace:
         model = copy.deepcopy(model)
 
-    substituted = apply_substitutes(model)  # e.g. nn.TransformerEncoderLayer: see transformer.py
+    substituted = apply_substitutes(model)  # e.g. nn.TransformerEncoderLayer: see nn/transformer.py
     captured = _capture_calls(model, example_inputs) if example_inputs is not None else None
     analysis = analyse(model, config, captured)
-    report = TransformReport(
-        config=config,
-        traced=[p for p, t in analysis.traces.items() if t.ok],
-        not_traced={p: t.error for p, t in analysis.traces.items() if not t.ok},
-        exported=[p for p, t in analysis.traces.items() if t.ok and t.frontend == "torch.export"],
-        captured=captured is not None,
-        already_factored=analysis.already_factored,
-    )
-    swaps: list[tuple[nn.Module, InRankLinear]] = []
-    installs: list[tuple[WeightUse, InRankLinear]] = []
-    uses = {id(w.param): w for w in analysis.weights}
-    for weight in analysis.weights:
-        plan = _plan(weight, model, config, filter_fn, report, uses)
-        if plan is None:
-            continue
-        module, layer = plan
-        if module is not None:
-            swaps.append((module, layer))
-        else:
-            installs.append((weight, layer))
+    traced = [p for p, t in analysis.traces.items() if t.ok]
+    exported = [p for p, t in analysis.traces.items() if t.ok and t.frontend == "torch.export"]
+    context = PlanContext(model, config, filter_fn, {id(w.param): w for w in analysis.weights},
+                          captured is not None, exported)
+    plans = [plan for weight in analysis.weights
+             if (plan := plan_weight(weight, context)) is not None]
+    candidates = [p for p in plans if isinstance(p, Candidate)]
+    built = [(candidate, build_layer(candidate, config)) for candidate in candidates]
 
-    for module, layer in swaps:
-        carry_hooks(module, layer)
-        model = replace_module(model, module, layer)
-    for weight, layer in installs:
+    for candidate, layer in built:
+        if candidate.module is not None:  # a module call: swap the module in place
+            carry_hooks(candidate.module, layer)
+            model = replace_module(model, candidate.module, layer)
+    installs = [(c.weight, layer) for c, layer in built if c.module is None]
+    for weight, layer in installs:  # functional reads: the layer goes where the weight was
         for name in weight.names:
             install_layer(model, name, layer)
-    model = _rewrite_forwards(model, analysis, installs, report)
+    model, rewritten = _rewrite_forwards(model, analysis, installs)
     restore_unused(substituted, lambda m: isinstance(m, InRankLinear))
 
+    report = TransformReport(
+        config=config,
+        factored=[_record(c, layer, config) for c, layer in built],
+        dense=[DenseRecord(p.name, p.reason) for p in plans if isinstance(p, Dense)],
+        traced=traced,
+        not_traced={p: t.error for p, t in analysis.traces.items() if not t.ok},
+        rewritten_forwards=rewritten,
+        already_factored=analysis.already_factored,
+        candidates=[p.name for p in plans if p.asked],
+        exported=exported,
+        captured=captured is not None,
+    )
     _warn_unmatched_patterns(config, report.candidates)
     _announce(model, report)
     setattr(model, REPORT_ATTR, report)
@@ -172,110 +177,162 @@ def _warn_unmatched_patterns(config: InRankConfig, names: list[str]) -> None:
             )
 
 
-def _plan(
-    weight: WeightUse,
-    model: nn.Module,
-    config: InRankConfig,
-    filter_fn: FilterFn | None,
-    report: TransformReport,
-    uses: dict[int, WeightUse],
-) -> tuple[nn.Module | None, nn.Module] | None:
-    """Decide one weight: (module to swap or None for functional reads, its factored layer),
-    or None after recording why it stays dense."""
+# -- the plan: for each weight, a candidate to factor or the reason it stays dense -------------
+
+@dataclass(frozen=True)
+class PlanContext:
+    """What every weight's decision reads: nothing in it is changed by planning."""
+
+    model: nn.Module
+    config: InRankConfig
+    filter_fn: FilterFn | None
+    uses: dict[int, WeightUse]  # id(parameter) → its reads
+    captured: bool  # example inputs were given
+    exported: list[str]  # forwards captured by torch.export
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A weight to factor: `matrix` (out×in) as the layer computes it, read through a call of
+    `module` (swapped for the layer) or, with `module` None, by matmul nodes."""
+
+    name: str
+    kind: str
+    weight: WeightUse
+    matrix: torch.Tensor
+    module: nn.Module | None = None
+    handler: object = None
+    asked: bool = True  # the filters (targets / exclude / filter_fn) were asked about it
+
+
+@dataclass(frozen=True)
+class Dense:
+    """A weight left dense, and why. `asked`: it reached the filters (and they said no)."""
+
+    name: str
+    reason: str
+    asked: bool = False
+
+
+def plan_weight(weight: WeightUse, ctx: PlanContext) -> Candidate | Dense | None:
+    """Decide one weight from its reads: a Candidate, a Dense with the reason, or None for a
+    parameter that is not a matmul weight at all (embeddings, norms, ...). Changes nothing."""
     calls = weight.reads_of("module") + weight.reads_of("blind")
     sites = weight.reads_of("site")
     opaque = weight.reads_of("opaque")
-    owner_module = _owner_of(model, weight.name)
     if not calls and not sites:
-        if owner_module is not None and module_handler(owner_module, config) is not None:
-            # A Linear that no traced forward calls: used inside a library module, or dead.
-            reason = (opaque[0].where + _leaf_hint(opaque[0], report) if opaque
-                      else "its module is never called by a traced forward")
-            report.dense.append(DenseRecord(weight.name, reason))
-        elif weight.param.dim() == 2 and any(r.untraced for r in opaque):
-            # Possibly a matmul weight that no frontend could see.
-            hint = "" if report.captured else \
-                "; pass example_inputs to capture that forward with torch.export"
-            report.dense.append(DenseRecord(weight.name, opaque[0].where + hint))
-        return None  # not a matmul weight at all (embeddings, norms, ...)
-
-    def dense(reason: str) -> None:
-        report.dense.append(DenseRecord(weight.name, reason))
-
+        return _unread(weight, opaque, ctx)
     if opaque:
         tied = f" (tied: {', '.join(weight.names)})" if len(weight.names) > 1 else ""
-        return dense(f"also {opaque[0].where}{tied}{_leaf_hint(opaque[0], report)}")
+        return Dense(weight.name, f"also {opaque[0].where}{tied}{_leaf_hint(opaque[0], ctx)}")
     if calls and sites:
-        return dense(
-            f"read both by a call of '{calls[0].owner}' and by {sites[0].where}; "
-            "a weight is factored through one of the two"
-        )
+        return Dense(weight.name, f"read both by a call of '{calls[0].owner}' and by "
+                                  f"{sites[0].where}; a weight is factored through one of the two")
+    found = _called(weight, calls, ctx) if calls else _functional(weight, sites, ctx)
+    if not isinstance(found, Candidate):
+        return found
+    return _filtered(found, ctx)
 
-    if calls:
-        modules = {id(model.get_submodule(r.owner)): r.owner for r in calls}
-        if len(modules) > 1:
-            return dense(f"shared by modules {', '.join(sorted(modules.values()))}")
-        name = calls[0].owner
-        module = model.get_submodule(name)
-        handler = module_handler(module, config)
-        weights = handled_weights(module, handler)
-        if weight.param is not weights[handler.weight_attr]:
-            return None  # a further weight of a module whose main weight decides for both
-        for path, extra in list(weights.items())[1:]:
-            other = uses.get(id(extra))
-            foreign = [r for r in (other.reads if other else []) if r.kind not in ("module", "blind")
-                       or model.get_submodule(r.owner) is not module]
-            if foreign:
-                return dense(f"its module also needs {path}, which is {foreign[0].where}")
-        matrix, kind, subject = handler.matrix(module), handler.kind, module
-    else:
-        if len({r.site.transposed for r in sites}) > 1:
-            return dense("read both as W and as its transpose by matmul nodes")
-        inlined = all(r.owner in report.exported for r in sites)  # torch.export inlined its module
-        if owner_module is not None and is_library_module(owner_module) and not inlined:
-            return dense(f"a parameter of {type(owner_module).__name__} read directly by {sites[0].where}")
-        module, name = None, weight.name
-        site: MatmulSite = sites[0].site
-        matrix = weight.param.T if site.transposed else weight.param
-        kind, subject = site.kind, site.node
 
-    out_features, in_features = matrix.shape
+def _unread(weight: WeightUse, opaque: list, ctx: PlanContext) -> Dense | None:
+    """A weight no matmul reads: say why when it looks like one that should have been."""
+    owner = _owner_of(ctx.model, weight.name)
+    if owner is not None and module_handler(owner, ctx.config) is not None:
+        # A Linear that no traced forward calls: used inside a library module, or dead.
+        reason = (opaque[0].where + _leaf_hint(opaque[0], ctx) if opaque
+                  else "its module is never called by a traced forward")
+        return Dense(weight.name, reason)
+    if weight.param.dim() == 2 and any(r.untraced for r in opaque):
+        # Possibly a matmul weight that no frontend could see.
+        hint = "" if ctx.captured else \
+            "; pass example_inputs to capture that forward with torch.export"
+        return Dense(weight.name, opaque[0].where + hint)
+    return None
+
+
+def _called(weight: WeightUse, calls: list, ctx: PlanContext) -> Candidate | Dense | None:
+    """A weight read through calls of one module with a handler (nn.Linear, ...)."""
+    modules = {id(ctx.model.get_submodule(r.owner)): r.owner for r in calls}
+    if len(modules) > 1:
+        return Dense(weight.name, f"shared by modules {', '.join(sorted(modules.values()))}")
+    name = calls[0].owner
+    module = ctx.model.get_submodule(name)
+    handler = module_handler(module, ctx.config)
+    weights = handled_weights(module, handler)
+    if weight.param is not weights[handler.weight_attr]:
+        return None  # a further weight of a module whose main weight decides for both
+    for path, extra in list(weights.items())[1:]:
+        other = ctx.uses.get(id(extra))
+        foreign = [r for r in (other.reads if other else []) if r.kind not in ("module", "blind")
+                   or ctx.model.get_submodule(r.owner) is not module]
+        if foreign:
+            return Dense(weight.name, f"its module also needs {path}, which is {foreign[0].where}")
+    return Candidate(name, handler.kind, weight, handler.matrix(module), module, handler)
+
+
+def _functional(weight: WeightUse, sites: list, ctx: PlanContext) -> Candidate | Dense:
+    """A weight read by matmul nodes (F.linear, @, matmul, mm, addmm) in traced forwards."""
+    if len({r.site.transposed for r in sites}) > 1:
+        return Dense(weight.name, "read both as W and as its transpose by matmul nodes")
+    owner = _owner_of(ctx.model, weight.name)
+    inlined = all(r.owner in ctx.exported for r in sites)  # torch.export inlined its module
+    if owner is not None and is_library_module(owner) and not inlined:
+        return Dense(weight.name, f"a parameter of {type(owner).__name__} read directly by "
+                                  f"{sites[0].where}")
+    site: MatmulSite = sites[0].site
+    matrix = weight.param.T if site.transposed else weight.param
+    return Candidate(weight.name, site.kind, weight, matrix)
+
+
+def _filtered(candidate: Candidate, ctx: PlanContext) -> Candidate | Dense:
+    """The size floor, then the user's filters."""
+    out_features, in_features = candidate.matrix.shape
     full_rank = min(out_features, in_features)
-    if full_rank < config.min_features:
-        return dense(
-            f"{out_features}x{in_features}: full rank {full_rank} is below "
-            f"min_features={config.min_features}"
-        )
-    report.candidates.append(name)
-    if not config.selects(name):
-        return dense("not selected by targets/exclude")
-    if filter_fn is not None and not filter_fn(name, subject):
-        return dense("rejected by filter_fn")
+    if full_rank < ctx.config.min_features:
+        return Dense(candidate.name, f"{out_features}x{in_features}: full rank {full_rank} is "
+                                     f"below min_features={ctx.config.min_features}")
+    if not ctx.config.selects(candidate.name):
+        return Dense(candidate.name, "not selected by targets/exclude", asked=True)
+    subject = candidate.module if candidate.module is not None else \
+        candidate.weight.reads_of("site")[0].site.node
+    if ctx.filter_fn is not None and not ctx.filter_fn(candidate.name, subject):
+        return Dense(candidate.name, "rejected by filter_fn", asked=True)
+    return candidate
 
-    rank, requested = _initial_rank(matrix, name, config)
-    width = config.width_for(rank, full_rank)
-    if module is not None:
-        layer = handler.build(module, rank, buffer=width - rank, init=config.init, name=name)
+
+# -- building the layers ------------------------------------------------------------------------
+
+def build_layer(candidate: Candidate, config: InRankConfig) -> nn.Module:
+    """The factored layer for a candidate, at the config's starting rank and width."""
+    rank, _ = _initial_rank(candidate.matrix, candidate.name, config)
+    width = config.width_for(rank, min(candidate.matrix.shape))
+    if candidate.module is not None:
+        layer = candidate.handler.build(candidate.module, rank, buffer=width - rank,
+                                        init=config.init, name=candidate.name)
     else:
-        layer = InRankLinear.from_weight(
-            matrix, None, rank, buffer=width - rank, init=config.init, name=name
-        )
+        layer = InRankLinear.from_weight(candidate.matrix, None, rank, buffer=width - rank,
+                                         init=config.init, name=candidate.name)
     for part in layer.modules():  # a handler may build several (nn.MultiheadAttention)
         if config.activation is not None and type(part) is InRankLinear:
             part.activation = config.activation  # convolutions stay linear
         if not config.silent_buffer and isinstance(part, InRankLinear):
             part.randomize_buffer()
-    report.factored.append(
-        FactoredRecord(name, kind, out_features, in_features, layer.rank, layer.width, requested)
-    )
-    return module, layer
+    return layer
 
 
-def _leaf_hint(read, report: TransformReport) -> str:
+def _record(candidate: Candidate, layer: nn.Module, config: InRankConfig) -> FactoredRecord:
+    out_features, in_features = candidate.matrix.shape
+    full_rank = min(out_features, in_features)
+    asked = None if config.init_rank == "auto" else config.rank_for(full_rank)
+    return FactoredRecord(candidate.name, candidate.kind, out_features, in_features, layer.rank,
+                          layer.width, asked if asked is not None and asked > full_rank else None)
+
+
+def _leaf_hint(read, ctx: PlanContext) -> str:
     """What to do about a weight handed to a function fx keeps as a leaf."""
     if not read.leaf_call:
         return ""
-    if report.captured:
+    if ctx.captured:
         return "; torch.export could not capture that forward either (see not traced)"
     return ("; pass example_inputs to transform to capture that forward with torch.export, "
             "which sees inside the function")
@@ -297,10 +354,11 @@ def _initial_rank(matrix: torch.Tensor, name: str, config: InRankConfig) -> tupl
     return requested, None
 
 
-def _rewrite_forwards(
-    model: nn.Module, analysis: Analysis, installs: list, report: TransformReport
-) -> nn.Module:
-    """Rewrite the forwards that hold functional matmuls on installed weights, deepest first."""
+def _rewrite_forwards(model: nn.Module, analysis: Analysis,
+                      installs: list) -> tuple[nn.Module, list[str]]:
+    """Rewrite the forwards that hold functional matmuls on installed weights, deepest first;
+    (the model, the paths of the rewritten forwards)."""
+    rewritten = []
     by_owner: dict[str, list[tuple[MatmulSite, str, nn.Module]]] = {}
     for weight, layer in installs:
         for read in weight.reads_of("site"):
@@ -318,8 +376,8 @@ def _rewrite_forwards(
             gm = graph_module_like(module, trace.graph)
         gm = factor_matmul_sites(gm, [(site, target) for site, target, _ in by_owner[owner]])
         model = replace_module(model, module, gm)
-        report.rewritten_forwards.append(owner)
-    return model
+        rewritten.append(owner)
+    return model, rewritten
 
 
 def _capture_calls(model: nn.Module, example_inputs) -> dict[str, tuple[tuple, dict]]:

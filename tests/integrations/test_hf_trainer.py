@@ -117,7 +117,7 @@ def test_resume_without_the_controller_state_is_a_clear_error(tmp_path):
 
 def test_example_trains_saves_reloads_and_exports(tmp_path):
     pytest.importorskip("onnxruntime")
-    from conftest import load_example
+    from helpers import load_example
 
     result = load_example("hf_trainer").main(["--quick", "--out", str(tmp_path)])
     assert result["rank_events"] > 0
