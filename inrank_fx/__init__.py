@@ -1,6 +1,6 @@
 """inrank_fx: InRank (incremental low-rank learning) for any PyTorch model, as a torch.fx pass."""
 from .config import InRankConfig
-from .errors import InRankError
+from .errors import InRankError, InRankTypeError, InRankValueError
 from .export.freeze import freeze
 from .nn import InRankLinear
 from .passes import (
@@ -30,6 +30,8 @@ __all__ = [
     "InRankConfig",
     "InRankDistributedError",
     "InRankError",
+    "InRankTypeError",
+    "InRankValueError",
     "InRankLinear",
     "OptimizerStateError",
     "RankChange",

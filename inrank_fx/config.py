@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Sequence, Union
 
 from ._io import atomic_destination, check_destination
+from .errors import InRankTypeError, InRankValueError
 
 from .nn.linear import ACTIVATIONS, INITS
 from .nn.spectrum import CRITERIA
@@ -117,66 +118,76 @@ class InRankConfig:
     exclude: Union[Sequence[str], str, None] = field(default=None)
 
     def __post_init__(self) -> None:
+        for name in ("init", "measure", "criterion", "grow_init", "truncate_state", "convs"):
+            if not isinstance(getattr(self, name), str):  # a wrong type; a wrong word is below
+                raise InRankTypeError(f"InRankConfig.{name} must be a string, "
+                                      f"got {getattr(self, name)!r}")
         if self.init not in INITS:
-            raise ValueError(f"InRankConfig.init must be one of {INITS}, got {self.init!r}")
+            raise InRankValueError(f"InRankConfig.init must be one of {INITS}, got {self.init!r}")
         _check_rank_spec("init_rank", self.init_rank, allow_auto=True)
         if self.init_rank == "auto" and self.init != "svd":
-            raise ValueError(
+            raise InRankValueError(
                 "InRankConfig.init_rank='auto' picks the rank from existing weights and needs "
                 f"init='svd', got init={self.init!r}"
             )
         _check_rank_spec("buffer", self.buffer, allow_zero=True)
         if self.measure not in MEASURES:
-            raise ValueError(
+            raise InRankValueError(
                 f"InRankConfig.measure must be one of {MEASURES}, got {self.measure!r}"
             )
-        if (isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float))
-                or not 0.0 < self.threshold < 1.0):
-            raise ValueError(f"InRankConfig.threshold must be in (0, 1), got {self.threshold!r}")
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
+            raise InRankTypeError(f"InRankConfig.threshold must be a number in (0, 1), "
+                                  f"got {self.threshold!r}")
+        if not 0.0 < self.threshold < 1.0:
+            raise InRankValueError(
+                f"InRankConfig.threshold must be in (0, 1), got {self.threshold!r}")
         if self.criterion not in CRITERIA:
-            raise ValueError(
+            raise InRankValueError(
                 f"InRankConfig.criterion must be one of {CRITERIA}, got {self.criterion!r}"
             )
         if self.activation is not None:
             if self.activation not in ACTIVATIONS:
-                raise ValueError(f"InRankConfig.activation must be one of {tuple(ACTIVATIONS)} or "
-                                 f"None, got {self.activation!r}")
+                raise InRankValueError(f"InRankConfig.activation must be one of "
+                                       f"{tuple(ACTIVATIONS)} or None, got {self.activation!r}")
             if self.measure != "weight":
-                raise ValueError("InRankConfig.activation needs measure='weight': with a "
+                raise InRankValueError("InRankConfig.activation needs measure='weight': with a "
                                  "nonlinearity between the factors the update is not a matrix")
         if not isinstance(self.silent_buffer, bool):
-            raise ValueError(
+            raise InRankTypeError(
                 f"InRankConfig.silent_buffer must be a bool, got {self.silent_buffer!r}"
             )
         if not isinstance(self.ranks_only_grow, bool):
-            raise ValueError(
+            raise InRankTypeError(
                 f"InRankConfig.ranks_only_grow must be a bool, got {self.ranks_only_grow!r}"
             )
         if self.grow_init not in GROW_INITS:
-            raise ValueError(
+            raise InRankValueError(
                 f"InRankConfig.grow_init must be one of {GROW_INITS}, got {self.grow_init!r}"
             )
         if self.truncate_state not in TRUNCATE_STATES:
-            raise ValueError(f"InRankConfig.truncate_state must be one of {TRUNCATE_STATES}, "
+            raise InRankValueError(f"InRankConfig.truncate_state must be one of {TRUNCATE_STATES}, "
                              f"got {self.truncate_state!r}")
         _check_int("warmup_steps", self.warmup_steps, minimum=0)
         _check_int("check_every", self.check_every, minimum=1)
         if self.stop_after is not None and self.stop_after != "settled":
             if isinstance(self.stop_after, str):
-                raise ValueError("InRankConfig.stop_after must be an int, 'settled' or None, "
+                raise InRankValueError("InRankConfig.stop_after must be an int, 'settled' or None, "
                                  f"got {self.stop_after!r}")
             _check_int("stop_after", self.stop_after, minimum=0)
         _check_int("settle_checks", self.settle_checks, minimum=1)
         if (isinstance(self.settle_tolerance, bool)
-                or not isinstance(self.settle_tolerance, (int, float))
-                or not 0.0 <= self.settle_tolerance < 1.0):
-            raise ValueError(
+                or not isinstance(self.settle_tolerance, (int, float))):
+            raise InRankTypeError(
+                f"InRankConfig.settle_tolerance must be a number in [0, 1), "
+                f"got {self.settle_tolerance!r}")
+        if not 0.0 <= self.settle_tolerance < 1.0:
+            raise InRankValueError(
                 f"InRankConfig.settle_tolerance must be in [0, 1), got {self.settle_tolerance!r}"
             )
         _check_int("rank_multiple", self.rank_multiple, minimum=1)
         _check_int("min_features", self.min_features, minimum=1)
         if self.convs not in CONVS:
-            raise ValueError(f"InRankConfig.convs must be one of {CONVS}, got {self.convs!r}")
+            raise InRankValueError(f"InRankConfig.convs must be one of {CONVS}, got {self.convs!r}")
         for name in ("targets", "exclude"):
             patterns = getattr(self, name)
             if patterns is None:
@@ -185,9 +196,10 @@ class InRankConfig:
                 try:
                     re.compile(patterns)
                 except re.error as err:
-                    raise ValueError(f"InRankConfig.{name} is not a valid regex: {err}") from None
+                    raise InRankValueError(
+                        f"InRankConfig.{name} is not a valid regex: {err}") from None
             elif not all(isinstance(p, str) for p in patterns):
-                raise ValueError(f"InRankConfig.{name} must be a string or a list of strings")
+                raise InRankTypeError(f"InRankConfig.{name} must be a string or a list of strings")
 
     # -- saving and loading (checkpoints, `save_transformed`) --------------------------------
 
@@ -250,28 +262,31 @@ def _matches(patterns: Sequence[str] | str, name: str) -> bool:
 
 
 def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"InRankConfig.{name} must be an int >= {minimum}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InRankTypeError(f"InRankConfig.{name} must be an int >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise InRankValueError(f"InRankConfig.{name} must be an int >= {minimum}, got {value!r}")
 
 
 def _check_rank_spec(name: str, value, allow_auto: bool = False, allow_zero: bool = False) -> None:
     if allow_auto and value == "auto":
         return
     if isinstance(value, bool):
-        raise ValueError(f"InRankConfig.{name} must be an int or a float, got {value!r}")
+        raise InRankTypeError(f"InRankConfig.{name} must be an int or a float, got {value!r}")
     if isinstance(value, int):
         if value < (0 if allow_zero else 1):
-            raise ValueError(
+            raise InRankValueError(
                 f"InRankConfig.{name} must be >= {0 if allow_zero else 1}, got {value!r}"
             )
         return
     if isinstance(value, float):
         low_ok = value >= 0.0 if allow_zero else value > 0.0
         if not (low_ok and value <= 1.0):
-            raise ValueError(
+            raise InRankValueError(
                 f"InRankConfig.{name} as a float is a fraction of the full rank and must be in "
                 f"{'[0' if allow_zero else '(0'}, 1], got {value!r}"
             )
         return
     kinds = "an int, a float fraction or 'auto'" if allow_auto else "an int or a float fraction"
-    raise ValueError(f"InRankConfig.{name} must be {kinds}, got {value!r}")
+    error = InRankValueError if isinstance(value, str) else InRankTypeError  # 'half': a wrong word
+    raise error(f"InRankConfig.{name} must be {kinds}, got {value!r}")

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from inrank_fx import InRankConfig
+from inrank_fx import InRankConfig, InRankError
 
 
 @pytest.mark.parametrize(
@@ -88,3 +88,20 @@ def test_save_refuses_a_missing_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         InRankConfig().save(tmp_path / "nope" / "c.json")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("field, value, error", [
+    ("threshold", "0.9", TypeError), ("threshold", 1.5, ValueError),
+    ("warmup_steps", 2.5, TypeError), ("warmup_steps", -1, ValueError),
+    ("init_rank", True, TypeError), ("init_rank", "half", ValueError),
+    ("measure", None, TypeError), ("measure", "gradient", ValueError),
+    ("ranks_only_grow", "yes", TypeError), ("settle_tolerance", 2.0, ValueError),
+])
+def test_one_rule_wrong_type_is_a_type_error_wrong_value_a_value_error(field, value, error):
+    with pytest.raises(error) as caught:
+        InRankConfig(**{field: value})
+    assert isinstance(caught.value, InRankError)
+    # a wrong type is also a ValueError (what it was before the rule); a wrong value never a
+    # TypeError
+    assert isinstance(caught.value, ValueError)
+    assert isinstance(caught.value, TypeError) == (error is TypeError)

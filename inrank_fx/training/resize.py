@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..errors import InRankTypeError, InRankValueError
 from ..nn.modules import factored_layers
 from .compile_policy import after_shape_change, check_policy
 from .optim_state import check_mappable, replace_param
@@ -85,20 +86,22 @@ def set_ranks(
         grow_init = init
     check_policy(recompile)
     if isinstance(model, DistributedDataParallel):
-        raise ValueError(
+        raise InRankValueError(
             "set_ranks got a DistributedDataParallel model: resizing it on one process would "
             "leave DDP's gradient hooks on the old factors and the processes apart; call "
             "controller.set_ranks(...) on every process instead (the controller that "
             "inrank_fx.attach(ddp_model, optimizer) returns)"
         )
     if grow_state not in GROW_STATES:
-        raise ValueError(f"grow_state must be one of {tuple(GROW_STATES)}, got {grow_state!r}")
+        raise InRankValueError(
+            f"grow_state must be one of {tuple(GROW_STATES)}, got {grow_state!r}")
     if truncate_state not in TRUNCATE_STATES:
-        raise ValueError(f"truncate_state must be one of {tuple(TRUNCATE_STATES)}, "
+        raise InRankValueError(f"truncate_state must be one of {tuple(TRUNCATE_STATES)}, "
                          f"got {truncate_state!r}")
     layers = factored_layers(model)
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no factored layers: run inrank_fx.transform first")
+        raise InRankValueError(
+            f"{type(model).__name__} has no factored layers: run inrank_fx.transform first")
     wanted_ranks = per_layer(ranks, layers, "ranks")
     wanted_widths = per_layer(widths, layers, "widths") if widths is not None else {}
 
@@ -149,10 +152,13 @@ def per_layer(value: RankArg, layers: dict, what: str) -> dict[str, int]:
             )
         return dict(value)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{what} must be an int or a {{name: int}} mapping, got {type(value).__name__}")
+        raise InRankTypeError(f"{what} must be an int or a {{name: int}} mapping, "
+                              f"got {type(value).__name__}")
     return {name: min(value, layer.full_rank) for name, layer in layers.items()}
 
 
 def _check_count(what: str, value, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"{what} must be an int in [{low}, {high}], got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InRankTypeError(f"{what} must be an int in [{low}, {high}], got {value!r}")
+    if not low <= value <= high:
+        raise InRankValueError(f"{what} must be an int in [{low}, {high}], got {value!r}")
