@@ -44,7 +44,7 @@ class Read:
     kind: "module" (a call of a module with a handler), "site" (a matmul node in a traced
     forward), "blind" (a module with a handler whose caller did not trace: assumed a call), or
     "opaque" (anything else). `owner` is the called module's path, or for a site the path of the
-    module whose forward holds it.
+    module whose forward holds it; `handler` is the called module's handler.
     """
 
     kind: str
@@ -53,6 +53,7 @@ class Read:
     site: MatmulSite | None = None
     untraced: bool = False  # read by a forward that could not be traced
     leaf_call: bool = False  # handed to a function fx keeps as a leaf (torch.export sees in)
+    handler: object = None
 
 
 @dataclass
@@ -76,6 +77,41 @@ class Analysis:
     weights: list[WeightUse]
     traces: dict[str, TraceResult]
     already_factored: list[str]
+    handlers: dict[int, object]  # id(module) → its handler, for every module that has one
+
+
+class _Reads:
+    """The graph parameter ── name ── read, built as reads are found."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.graph = nx.Graph()
+        self.params: dict[int, nn.Parameter] = {}
+        self.reads: list[Read] = []
+        factored = {id(p) for m in model.modules() if isinstance(m, InRankLinear)
+                    for p in m.parameters()}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            if p.dim() >= 2 and id(p) not in factored:
+                self.params[id(p)] = p
+                self.graph.add_edge(("param", id(p)), ("name", name))
+
+    def add(self, param: nn.Parameter, name: str, read: Read) -> None:
+        if id(param) in self.params:
+            self.graph.add_edge(("name", name), ("read", len(self.reads)))
+            self.reads.append(read)
+
+    def add_calls(self, module: nn.Module, path: str, handler, where: str, kind: str) -> None:
+        """The weights of `module` (at `path`), read through calls of it."""
+        for wpath, p in handled_weights(module, handler).items():
+            self.add(p, _join(path, wpath), Read(kind, where, path, handler=handler))
+
+    def weights(self) -> list[WeightUse]:
+        found = []
+        for pid, param in self.params.items():
+            component = nx.node_connected_component(self.graph, ("param", pid))
+            names = sorted((n[1] for n in component if n[0] == "name"), key=_name_order)
+            reads = [self.reads[n[1]] for n in sorted(component, key=str) if n[0] == "read"]
+            found.append(WeightUse(param, names, reads))
+        return sorted(found, key=lambda w: _name_order(w.name))
 
 
 def analyse(model: nn.Module, config=None, captured: dict | None = None) -> Analysis:
@@ -85,102 +121,90 @@ def analyse(model: nn.Module, config=None, captured: dict | None = None) -> Anal
     `captured` maps module paths to an example call (args, kwargs): a forward that symbolic
     tracing cannot handle is then exported with torch.export instead, and its aten graph (all
     submodules inlined) stands for the whole subtree."""
-    graph = nx.Graph()
-    params: dict[int, nn.Parameter] = {}
-    factored_ids = {
-        id(p) for m in model.modules() if isinstance(m, InRankLinear) for p in m.parameters()
-    }
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if p.dim() >= 2 and id(p) not in factored_ids:
-            params[id(p)] = p
-            graph.add_edge(("param", id(p)), ("name", name))
-
-    reads: list[Read] = []
-
-    def add_read(param: nn.Parameter, name: str, read: Read) -> None:
-        if id(param) in params:
-            graph.add_edge(("name", name), ("read", len(reads)))
-            reads.append(read)
-
+    reads = _Reads(model)
     traces: dict[str, TraceResult] = {}
+    handlers: dict[int, object] = {}
     already: list[str] = []
     exported: list[str] = []
     for path, module in model.named_modules():
         if any(path.startswith(f"{e}.") if e else path for e in exported):
             continue  # inside a subtree that torch.export captured as one graph
-        prefix = f"{path}." if path else ""
         if isinstance(module, InRankLinear):
             already.append(path)
-            continue
-        handler = module_handler(module, config)
-        if handler is not None:
+        elif (handler := module_handler(module, config)) is not None:
+            handlers[id(module)] = handler
             if not path:  # the model itself is the layer: the user calls it
-                for wpath, p in handled_weights(module, handler).items():
-                    add_read(p, wpath, Read("module", "the model itself", ""))
-            continue  # its reads are the calls of it, found in its callers' traces
-        if not has_own_forward(module):
-            continue  # a container (ModuleList, ModuleDict): its callers call its children
-        if calls_children_only(module):  # a substitute such as nn.TransformerEncoder's
-            where = f"called by {type(module).__name__} {path!r}"
-            for cname, child in module.named_children():
-                handler = module_handler(child, config)
-                if handler is not None:
-                    for wpath, p in handled_weights(child, handler).items():
-                        read = Read("blind", where, prefix + cname)
-                        add_read(p, f"{prefix}{cname}.{wpath}", read)
-            continue
-        if is_library_module(module):
+                reads.add_calls(module, path, handler, "the model itself", "module")
+            # otherwise its reads are the calls of it, found in its callers' traces
+        elif not has_own_forward(module):
+            pass  # a container (ModuleList, ModuleDict): its callers call its children
+        elif calls_children_only(module):  # a substitute such as nn.TransformerEncoder's
+            _children_called(module, path, config, reads,
+                             f"called by {type(module).__name__} {path!r}")
+        elif is_library_module(module):
             for pname, p in module.named_parameters():
                 where = f"read inside {type(module).__name__} '{path}'"
-                add_read(p, prefix + pname, Read("opaque", where, path))
-            continue
-        trace = trace_own_forward(module, path)
-        # torch.export only where fx loses something: weights read by this very forward (its
-        # nn.Linear children are swapped as leaves and its other children traced on their own),
-        # or weights it hands to a function fx keeps as a leaf (torch.fx.wrap), whose matmuls
-        # only torch.export sees.
-        own_weights = any(p.dim() >= 2 for p in module.parameters(recurse=False))
-        lost = ((not trace.ok and own_weights)
-                or (trace.ok and _weights_into_leaves(trace.graph, module)))
-        if captured and path in captured and lost:
-            export_trace = export_own_forward(module, path, *captured[path])
-            if export_trace.ok:
-                trace = export_trace
+                reads.add(p, _join(path, pname), Read("opaque", where, path))
+        else:
+            trace = _trace(module, path, captured)
+            traces[path] = trace
+            if trace.ok and trace.frontend == "torch.export":
                 exported.append(path)
-            elif not trace.ok:
-                trace.error += f"; torch.export: {export_trace.error}"
-        traces[path] = trace
-        if trace.ok:
-            _reads_in_graph(trace.graph, trace.module or module, path, add_read, config)
-            continue
-        label = f"'{path}' ({type(module).__name__})" if path else type(module).__name__
-        for pname, p in module.named_parameters(recurse=False):
-            add_read(p, prefix + pname,
-                     Read("opaque", f"read by {label}, whose forward did not trace", path, untraced=True))
-        for cname, child in module.named_children():
-            handler = module_handler(child, config)
-            if handler is not None:
-                where = f"called by {label}, whose forward did not trace"
-                for wpath, p in handled_weights(child, handler).items():
-                    add_read(p, f"{prefix}{cname}.{wpath}", Read("blind", where, prefix + cname))
+            if trace.ok:
+                _reads_in_graph(trace.graph, trace.module or module, path, reads, config)
+            else:
+                _untraced(module, path, config, reads)
+    return Analysis(reads.weights(), traces, already, handlers)
 
-    weights = []
-    for pid, param in params.items():
-        component = nx.node_connected_component(graph, ("param", pid))
-        names = sorted((n[1] for n in component if n[0] == "name"), key=_name_order)
-        found = [reads[n[1]] for n in sorted(component, key=str) if n[0] == "read"]
-        weights.append(WeightUse(param, names, found))
-    weights.sort(key=lambda w: _name_order(w.name))
-    return Analysis(weights, traces, already)
+
+def _trace(module: nn.Module, path: str, captured: dict | None) -> TraceResult:
+    """The module's own forward, traced by fx, or by torch.export where fx loses something:
+    weights read by this very forward (its nn.Linear children are swapped as leaves and its
+    other children traced on their own), or weights it hands to a function fx keeps as a leaf
+    (torch.fx.wrap), whose matmuls only torch.export sees."""
+    trace = trace_own_forward(module, path)
+    own_weights = any(p.dim() >= 2 for p in module.parameters(recurse=False))
+    lost = ((not trace.ok and own_weights)
+            or (trace.ok and _weights_into_leaves(trace.graph, module)))
+    if not (captured and path in captured and lost):
+        return trace
+    export_trace = export_own_forward(module, path, *captured[path])
+    if export_trace.ok:
+        return export_trace
+    if not trace.ok:
+        trace.error += f"; torch.export: {export_trace.error}"
+    return trace
+
+
+def _children_called(module: nn.Module, path: str, config, reads: _Reads, where: str) -> None:
+    """Every child with a handler counts as called (its caller is not traced)."""
+    for cname, child in module.named_children():
+        handler = module_handler(child, config)
+        if handler is not None:
+            reads.add_calls(child, _join(path, cname), handler, where, "blind")
+
+
+def _untraced(module: nn.Module, path: str, config, reads: _Reads) -> None:
+    """A forward no frontend could trace: its own weights are read unseen (opaque), and its
+    children with a handler are taken as called."""
+    label = f"'{path}' ({type(module).__name__})" if path else type(module).__name__
+    for pname, p in module.named_parameters(recurse=False):
+        reads.add(p, _join(path, pname), Read(
+            "opaque", f"read by {label}, whose forward did not trace", path, untraced=True))
+    _children_called(module, path, config, reads,
+                     f"called by {label}, whose forward did not trace")
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
 
 
 def _name_order(name: str) -> tuple[int, str]:
     return (name.count("."), name)
 
 
-def _reads_in_graph(graph: fx.Graph, module: nn.Module, path: str, add_read, config) -> None:
+def _reads_in_graph(graph: fx.Graph, module: nn.Module, path: str, reads: _Reads, config) -> None:
     """Record every read of a 2-D parameter in one module's traced forward."""
-    prefix = f"{path}." if path else ""
     where_mod = f"'{path}'" if path else "the root forward"
     param_nodes: dict[fx.Node, nn.Parameter] = {}
     for node in graph.nodes:
@@ -192,17 +216,17 @@ def _reads_in_graph(graph: fx.Graph, module: nn.Module, path: str, add_read, con
             child = module.get_submodule(node.target)
             handler = module_handler(child, config)
             if handler is not None:
-                target = prefix + node.target
-                for wpath, p in handled_weights(child, handler).items():
-                    add_read(p, f"{target}.{wpath}", Read("module", f"call of '{target}' in {where_mod}", target))
+                target = _join(path, node.target)
+                reads.add_calls(child, target, handler, f"call of '{target}' in {where_mod}",
+                                "module")
 
     candidates = set(param_nodes)
     for pnode, param in param_nodes.items():
-        name = prefix + pnode.target
         views = view_chain(pnode)
         readers = {user: None for view in views for user in view.users if user not in views}
         for user in readers:
-            add_read(param, name, _read_at(user, pnode, candidates, path, where_mod))
+            reads.add(param, _join(path, pnode.target),
+                      _read_at(user, pnode, candidates, path, where_mod))
 
 
 def _weights_into_leaves(graph: fx.Graph, module: nn.Module) -> bool:

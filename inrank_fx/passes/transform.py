@@ -26,7 +26,7 @@ from ..nn.linear import InRankLinear
 from ..nn.modules import carry_hooks, replace_module
 from ..nn.spectrum import select_rank
 from .analysis import Analysis, WeightUse, analyse
-from .matchers import MatmulSite, handled_weights, module_handler
+from .matchers import MatmulSite, handled_weights
 from .rewrite import factor_matmul_sites, graph_module_like, install_layer
 from .substitutes import apply_substitutes, restore_unused
 from .tracing import is_library_module
@@ -121,7 +121,7 @@ def transform(
     traced = [p for p, t in analysis.traces.items() if t.ok]
     exported = [p for p, t in analysis.traces.items() if t.ok and t.frontend == "torch.export"]
     context = PlanContext(model, config, filter_fn, {id(w.param): w for w in analysis.weights},
-                          captured is not None, exported)
+                          analysis.handlers, captured is not None, exported)
     plans = [plan for weight in analysis.weights
              if (plan := plan_weight(weight, context)) is not None]
     candidates = [p for p in plans if isinstance(p, Candidate)]
@@ -187,6 +187,7 @@ class PlanContext:
     config: InRankConfig
     filter_fn: FilterFn | None
     uses: dict[int, WeightUse]  # id(parameter) → its reads
+    handlers: dict[int, object]  # id(module) → its handler (the analysis asked once)
     captured: bool  # example inputs were given
     exported: list[str]  # forwards captured by torch.export
 
@@ -237,7 +238,7 @@ def plan_weight(weight: WeightUse, ctx: PlanContext) -> Candidate | Dense | None
 def _unread(weight: WeightUse, opaque: list, ctx: PlanContext) -> Dense | None:
     """A weight no matmul reads: say why when it looks like one that should have been."""
     owner = _owner_of(ctx.model, weight.name)
-    if owner is not None and module_handler(owner, ctx.config) is not None:
+    if owner is not None and id(owner) in ctx.handlers:
         # A Linear that no traced forward calls: used inside a library module, or dead.
         reason = (opaque[0].where + _leaf_hint(opaque[0], ctx) if opaque
                   else "its module is never called by a traced forward")
@@ -255,9 +256,8 @@ def _called(weight: WeightUse, calls: list, ctx: PlanContext) -> Candidate | Den
     modules = {id(ctx.model.get_submodule(r.owner)): r.owner for r in calls}
     if len(modules) > 1:
         return Dense(weight.name, f"shared by modules {', '.join(sorted(modules.values()))}")
-    name = calls[0].owner
+    name, handler = calls[0].owner, calls[0].handler
     module = ctx.model.get_submodule(name)
-    handler = module_handler(module, ctx.config)
     weights = handled_weights(module, handler)
     if weight.param is not weights[handler.weight_attr]:
         return None  # a further weight of a module whose main weight decides for both
