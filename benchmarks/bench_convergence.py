@@ -13,7 +13,9 @@ The protocol:
 - arms: dense; fixed ranks at 1/16 .. 1/2 of full from the start (spectral init): the fixed-rank
   frontier of loss against parameters; InRank adapting throughout, stopped at step 150 (the old
   demo) and stopped once its ranks settle, at α 0.99, and the library's defaults (settled,
-  α 0.999); `--arms ... silu-α0.99` adds a SiLU between the factors (CoLA's form).
+  α 0.999); `--arms ... silu-α0.99` adds a SiLU between the factors (CoLA's form), and
+  `--arms ... defaults fixed-at-defaults` the defaults' measured ranks of each seed fixed from
+  the start (InRank's allocation without its growth: which of the two an outcome comes from).
 Prints the sweep, the table (validation loss per seed, parameters, training FLOPs, wall-clock,
 each adaptive arm's distance to the frontier at its parameter count) and whether the order of
 the arms changed over the second half of training. `--json` keeps every run and is read back
