@@ -12,7 +12,8 @@ from .passes import (
     unregister_module_handler,
 )
 from .passes.transform import TransformReport, transform
-from .tools.summary import ranks, summary
+from .nn import ranks
+from .tools.summary import summary
 from .training import (
     DistributedRankController,
     InRankDistributedError,

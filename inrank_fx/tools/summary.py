@@ -8,8 +8,7 @@ from torch import nn
 
 from .._table import format_table
 from ..config import REPORT_ATTR
-from ..nn.linear import InRankLinear
-from ..nn.modules import factored_layers, ranks
+from ..nn.modules import factored_layers
 from ..passes.transform import DenseRecord, TransformReport
 
 

@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import rel_err
-from torch import nn
 
 from inrank_fx import InRankConfig, InRankLinear, attach, freeze, ranks, set_ranks, transform
 from inrank_fx.demo.gpt import GPT, GPTConfig
