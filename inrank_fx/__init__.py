@@ -2,7 +2,7 @@
 from .config import InRankConfig
 from .errors import InRankError, InRankTypeError, InRankValueError
 from .export.freeze import freeze
-from .nn import InRankLinear
+from .nn import InRankLinear, ranks
 from .passes import (
     handlers_restored,
     register_function_handler,
@@ -12,7 +12,6 @@ from .passes import (
     unregister_module_handler,
 )
 from .passes.transform import TransformReport, transform
-from .nn import ranks
 from .tools.summary import summary
 from .training import (
     DistributedRankController,
