@@ -22,6 +22,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..config import REPORT_ATTR, InRankConfig
+from ..errors import InRankTypeError
 from ..nn.linear import InRankLinear
 from ..nn.modules import carry_hooks, replace_module
 from ..nn.spectrum import select_rank
@@ -108,10 +109,10 @@ def transform(
     dense, is in `inrank_fx.summary(model)`.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"transform expects an nn.Module, got {type(model).__name__}")
+        raise InRankTypeError(f"transform expects an nn.Module, got {type(model).__name__}")
     config = config if config is not None else InRankConfig()
     if not isinstance(config, InRankConfig):
-        raise TypeError(f"config must be an InRankConfig, got {type(config).__name__}")
+        raise InRankTypeError(f"config must be an InRankConfig, got {type(config).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
 
