@@ -18,7 +18,6 @@ from typing import Sequence, Union
 
 from ._io import atomic_destination, check_destination
 from .errors import InRankTypeError, InRankValueError
-
 from .nn.linear import ACTIVATIONS, INITS
 from .nn.spectrum import CRITERIA
 

@@ -4,6 +4,7 @@ are importable from every folder (pyproject's pytest `pythonpath`)."""
 import pytest
 import torch
 
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -29,11 +29,11 @@ import torch
 import inrank_fx
 from inrank_fx._io import atomic_folder
 from inrank_fx._table import format_table
-from inrank_fx.tools import bench
 from inrank_fx.demo.corpus import batches, file_corpus, split, stdlib_corpus
 from inrank_fx.demo.gpt import GPT, GPTConfig, lm_loss
 from inrank_fx.demo.training import evaluate, recipe_optimizer, train_steps, warmup_cosine
 from inrank_fx.export import to_onnx
+from inrank_fx.tools import bench
 
 
 @dataclass(frozen=True)

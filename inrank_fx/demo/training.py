@@ -15,7 +15,6 @@ import torch
 
 from inrank_fx.demo.corpus import batches
 
-
 RECIPE_BETAS = (0.9, 0.95)  # the usual language-model betas (GPT-2/3, nanoGPT)
 
 

@@ -10,13 +10,13 @@ from .onnx import RANKS_METADATA_KEY, OnnxExportReport, to_onnx
 from .tensorrt import TensorRTReport, tensorrt_missing, to_tensorrt
 
 __all__ = [
+    "RANKS_METADATA_KEY",
     "ExportError",
     "ExportParityError",
     "FactoredConv2d",
     "FactoredLinear",
     "FrozenLayer",
     "OnnxExportReport",
-    "RANKS_METADATA_KEY",
     "TensorRTReport",
     "check_inputs",
     "flat_outputs",

@@ -12,9 +12,9 @@ from .modules import factored_layers, ranks
 
 __all__ = [
     "ACTIVATIONS",
+    "INITS",
     "FactoredConv2d",
     "FactoredLinear",
-    "INITS",
     "InRankConv2d",
     "InRankLinear",
     "InRankMultiheadAttention",

@@ -16,7 +16,6 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 
-
 class InRankTransformerEncoderLayer(nn.TransformerEncoderLayer):
     """nn.TransformerEncoderLayer that always runs the standard path (the children it calls
     may be factored)."""

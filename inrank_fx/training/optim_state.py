@@ -35,7 +35,6 @@ from torch import nn
 
 from ..errors import InRankError
 
-
 # Per-element statistics of the gradient's scale, which a new column should inherit from its row.
 SCALE_STATE = ("exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum", "exp_inf", "acc_delta")
 # Per-element averages of the gradient itself, which a linear change of basis maps exactly.

@@ -10,8 +10,8 @@ from models import Seq2Seq, Tagger
 from torch import nn
 
 from inrank_fx import InRankConfig, InRankLinear, attach, ranks, set_ranks, transform
-from inrank_fx.nn import InRankMultiheadAttention
 from inrank_fx.export import to_onnx
+from inrank_fx.nn import InRankMultiheadAttention
 
 FULL = InRankConfig(init="svd", init_rank=1.0, min_features=1)
 

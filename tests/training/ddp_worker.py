@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: helpers, for torchrun
 from helpers import load_example  # noqa: E402
 

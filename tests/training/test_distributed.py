@@ -15,8 +15,8 @@ import torch.distributed as dist
 from helpers import ROOT, load_example
 
 import inrank_fx
-from inrank_fx.demo.gpt import GPT, GPTConfig
 from inrank_fx import InRankDistributedError
+from inrank_fx.demo.gpt import GPT, GPTConfig
 
 EXAMPLE = ROOT / "examples" / "ddp_train.py"
 WORKER = Path(__file__).resolve().parent / "ddp_worker.py"
