@@ -2,7 +2,8 @@
 
 Each error class also keeps the builtin base it had before there was a common one (callers may
 catch those): OptimizerStateError is a TypeError, ExportParityError an AssertionError, ExportError
-and InRankDistributedError RuntimeErrors. `except inrank_fx.InRankError` catches them all.
+and InRankDistributedError RuntimeErrors, MissingDependencyError (an exporter's optional package
+or CUDA missing) an ImportError and a RuntimeError. `except inrank_fx.InRankError` catches them all.
 
 One rule for bad arguments: a value of the wrong type is an InRankTypeError (a TypeError), a value
 of the right type out of range or outside the vocabulary an InRankValueError (a ValueError).

@@ -4,7 +4,7 @@ from torch import nn
 
 import inrank_fx
 from inrank_fx import InRankConfig, InRankError, set_ranks, transform
-from inrank_fx.export import ExportError, ExportParityError
+from inrank_fx.export import ExportError, ExportParityError, MissingDependencyError
 from inrank_fx.passes import NotFactorable
 
 
@@ -13,6 +13,8 @@ from inrank_fx.passes import NotFactorable
     (inrank_fx.InRankDistributedError, RuntimeError),
     (ExportError, RuntimeError),
     (ExportParityError, AssertionError),
+    (MissingDependencyError, ImportError),
+    (MissingDependencyError, RuntimeError),
     (NotFactorable, Exception),
 ])
 def test_every_error_is_an_inrank_error_and_keeps_its_builtin_base(error, builtin):

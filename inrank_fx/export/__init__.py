@@ -4,7 +4,13 @@ Kept apart from `inrank_fx.passes` because it runs after training on a finished 
 in optional dependencies (onnx, onnxruntime, torch-tensorrt) that training never needs; those are
 imported only when an exporter runs.
 """
-from ._common import ExportError, ExportParityError, check_inputs, flat_outputs
+from ._common import (
+    ExportError,
+    ExportParityError,
+    MissingDependencyError,
+    check_inputs,
+    flat_outputs,
+)
 from .freeze import FactoredConv2d, FactoredLinear, FrozenLayer, freeze, frozen_layers
 from .onnx import RANKS_METADATA_KEY, OnnxExportReport, to_onnx
 from .tensorrt import TensorRTReport, tensorrt_missing, to_tensorrt
@@ -16,6 +22,7 @@ __all__ = [
     "FactoredConv2d",
     "FactoredLinear",
     "FrozenLayer",
+    "MissingDependencyError",
     "OnnxExportReport",
     "TensorRTReport",
     "check_inputs",

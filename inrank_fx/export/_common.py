@@ -2,6 +2,7 @@
 inputs and output comparison."""
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Sequence
 
@@ -13,6 +14,18 @@ from ..errors import InRankError
 
 class ExportError(InRankError, RuntimeError):
     """The model could not be traced for export; the message names the module and source line."""
+
+
+class MissingDependencyError(InRankError, ImportError, RuntimeError):
+    """An exporter's optional dependency, or the hardware it needs, is missing; the message says
+    which and how to install it. (An ImportError, as a missing module is; a RuntimeError, as
+    to_tensorrt's refusal was before.)"""
+
+
+def missing_modules(needed: dict[str, str]) -> list[str]:
+    """The modules of {module: pip extra} that cannot be imported here, with how to get them."""
+    return [f"{module} (pip install 'inrank-fx[{extra}]')" for module, extra in needed.items()
+            if importlib.util.find_spec(module) is None]
 
 
 class ExportParityError(InRankError, AssertionError):

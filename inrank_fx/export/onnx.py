@@ -12,11 +12,13 @@ from torch import nn
 from .._io import atomic_destination, check_destination
 from ._common import (
     ExportParityError,
+    MissingDependencyError,
     check_inputs,
     compare,
     count_params,
     export_program,
     flat_outputs,
+    missing_modules,
     second_batch,
 )
 from .freeze import freeze, frozen_ranks
@@ -78,6 +80,10 @@ def to_onnx(
     (Python stack traces with local paths, module hierarchy) is dropped unless `debug_info`: it
     can outweigh the weights of a small factored model.
     """
+    missing = missing_modules({"onnx": "onnx", "onnxscript": "onnx",
+                               **({"onnxruntime": "onnx"} if verify else {})})
+    if missing:
+        raise MissingDependencyError("to_onnx needs " + " and ".join(missing))
     path = check_destination(path)
     inputs = check_inputs(example_inputs)
     frozen = freeze(model)  # a copy: the caller's model keeps its mode and layers

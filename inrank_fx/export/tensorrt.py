@@ -6,7 +6,6 @@ the rest of inrank_fx works without them.
 """
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import os
 from dataclasses import dataclass, field
@@ -18,11 +17,13 @@ from torch import nn
 from .._io import atomic_destination, check_destination
 from ._common import (
     ExportParityError,
+    MissingDependencyError,
     check_inputs,
     compare,
     count_params,
     export_program,
     flat_outputs,
+    missing_modules,
 )
 from .freeze import freeze, frozen_ranks
 
@@ -56,9 +57,7 @@ def tensorrt_missing() -> list[str]:
     missing = []
     if not torch.cuda.is_available():
         missing.append("a CUDA GPU (torch.cuda.is_available() is False)")
-    if importlib.util.find_spec("torch_tensorrt") is None:
-        missing.append("torch-tensorrt (pip install 'inrank-fx[gpu]')")
-    return missing
+    return missing + missing_modules({"torch_tensorrt": "gpu"})
 
 
 def to_tensorrt(
@@ -80,7 +79,7 @@ def to_tensorrt(
         raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
     missing = tensorrt_missing()
     if missing:
-        raise RuntimeError("to_tensorrt needs " + " and ".join(missing))
+        raise MissingDependencyError("to_tensorrt needs " + " and ".join(missing))
     import torch_tensorrt
 
     path = check_destination(path)

@@ -12,6 +12,7 @@ from inrank_fx.export import (
     ExportError,
     ExportParityError,
     FactoredLinear,
+    MissingDependencyError,
     tensorrt_missing,
     to_onnx,
     to_tensorrt,
@@ -180,8 +181,23 @@ def test_to_tensorrt_without_cuda_says_what_is_missing(tmp_path):
     if not tensorrt_missing():
         pytest.skip("CUDA and torch-tensorrt are present")
     model = nn.Sequential(nn.Linear(32, 32))
-    with pytest.raises(RuntimeError, match="to_tensorrt needs .*(CUDA|torch-tensorrt)"):
+    with pytest.raises(MissingDependencyError, match="to_tensorrt needs .*(CUDA|torch-tensorrt)"):
         to_tensorrt(model, (torch.randn(2, 32),), tmp_path / "m.ep")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_missing_exporter_dependency_is_one_error_that_says_how_to_install_it(tmp_path, monkeypatch):
+    """onnx missing and TensorRT missing raise the same error (an ImportError and, as before,
+    a RuntimeError for TensorRT), naming the package and the pip extra."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "onnxscript" else real(name, *a))
+    with pytest.raises(MissingDependencyError,
+                       match=r"to_onnx needs onnxscript \(pip install 'inrank-fx\[onnx\]'\)") as caught:
+        to_onnx(nn.Sequential(nn.Linear(32, 32)), (torch.randn(2, 32),), tmp_path / "m.onnx")
+    assert isinstance(caught.value, ImportError) and isinstance(caught.value, RuntimeError)
     assert not list(tmp_path.iterdir())
 
 
