@@ -2,7 +2,7 @@
 from .config import InRankConfig
 from .errors import InRankError, InRankTypeError, InRankValueError
 from .export.freeze import freeze
-from .nn import InRankLinear, ranks
+from .nn import FactoredLayer, InRankConv2d, InRankLinear, ranks
 from .passes import (
     handlers_restored,
     register_function_handler,
@@ -27,7 +27,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DistributedRankController",
+    "FactoredLayer",
     "InRankConfig",
+    "InRankConv2d",
     "InRankDistributedError",
     "InRankError",
     "InRankLinear",

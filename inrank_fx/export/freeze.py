@@ -16,13 +16,13 @@ from torch import nn
 from ..config import REPORT_ATTR
 from ..nn.conv import InRankConv2d
 from ..nn.frozen import FactoredConv2d, FactoredLinear
-from ..nn.linear import InRankLinear
+from ..nn.linear import FactoredLayer
 from ..nn.modules import carry_hooks, factored_layers, replace_module
 
 FROZEN_ATTR = "_inrank_frozen"
 
 
-def _merged(layer: InRankLinear) -> nn.Module:
+def _merged(layer: FactoredLayer) -> nn.Module:
     """One dense module with W = U·Vᵀ (all trained components kept)."""
     factory = {"device": layer.U.device, "dtype": layer.U.dtype}
     has_bias = layer.bias is not None
@@ -48,7 +48,7 @@ class FrozenLayer:
 
 
 def freeze(model: nn.Module, *, merge: bool | str = "auto") -> nn.Module:
-    """A copy of `model` (in eval mode) with every InRankLinear replaced by plain modules at its
+    """A copy of `model` (in eval mode) with every factored layer replaced by plain modules at its
     final rank; a model without factored layers comes back as a plain copy.
 
     merge="auto" makes a layer one dense nn.Linear where r·(in + out) ≥ in·out (the factored

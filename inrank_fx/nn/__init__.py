@@ -7,13 +7,14 @@ the module-tree helpers every stage uses.
 from .attention import InRankMultiheadAttention
 from .conv import InRankConv2d
 from .frozen import FactoredConv2d, FactoredLinear
-from .linear import ACTIVATIONS, INITS, InRankLinear
+from .linear import ACTIVATIONS, INITS, FactoredLayer, InRankLinear
 from .modules import factored_layers, ranks
 
 __all__ = [
     "ACTIVATIONS",
     "INITS",
     "FactoredConv2d",
+    "FactoredLayer",
     "FactoredLinear",
     "InRankConv2d",
     "InRankLinear",

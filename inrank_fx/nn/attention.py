@@ -132,7 +132,7 @@ def _rows_of(layer: nn.Module, x: torch.Tensor, rows: slice) -> torch.Tensor:
     """Output rows `rows` of a (possibly factored or frozen) linear layer, without computing the
     others: a factored layer shares its input-side factor and slices its output-side one."""
     bias = layer.bias[rows] if getattr(layer, "bias", None) is not None else None
-    if isinstance(layer, InRankLinear):
+    if isinstance(layer, InRankLinear):  # (never a conv here)
         return F.linear(x @ layer.V, layer.U[rows], bias)
     if hasattr(layer, "down") and hasattr(layer, "up"):  # export.freeze.FactoredLinear
         up_bias = layer.up.bias[rows] if layer.up.bias is not None else None

@@ -6,10 +6,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from .linear import InRankLinear
+from .linear import FactoredLayer
 
 
-class InRankConv2d(InRankLinear):
+class InRankConv2d(FactoredLayer):
     """A Conv2d factored as a k×k conv to `width` channels followed by a 1×1 conv.
 
     The kernel, flattened to a matrix W (out × in·kh·kw), is U·Vᵀ as in InRankLinear, so ranks,

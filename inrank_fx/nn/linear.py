@@ -1,4 +1,5 @@
-"""`InRankLinear`: a linear map held as two factors whose rank can change during training.
+"""`InRankLinear`: a linear map held as two factors whose rank can change during training
+(`FactoredLayer`: the factors and their rank, shared with InRankConv2d).
 
     y = (x · V[:, :w]) · U[:, :w]ᵀ + b          W ≈ U·Vᵀ,  U: out×w,  V: in×w
 
@@ -33,25 +34,11 @@ INITS = ("svd", "random", "iid")
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 
 
-class InRankLinear(nn.Module):
-    """A factored, rank-adaptive drop-in for nn.Linear.
-
-    Args:
-        in_features, out_features: as nn.Linear.
-        rank: the starting rank r (capped at min(in, out)).
-        buffer: spare components computed beyond r (capped so that r + buffer ≤ min(in, out));
-            they start silent (U columns zero).
-        bias: whether the layer adds a bias (the bias is not factored).
-
-    The constructor draws i.i.d. factors whose product has nn.Linear's default variance ("iid").
-    Use `from_linear` / `from_weight` to start from a module's own weights: "svd" (spectral
-    initialisation on a fresh model, compression on a trained one) or "random".
-
-    `activation` ("silu", "gelu", "relu"; default None) puts a nonlinearity between the factors,
-    y = σ(x·V)·Uᵀ + b, as CoLA does for training from scratch. Its components are then no longer
-    interchangeable by rotation, so its "spectrum" is the component magnitudes ‖u_i‖·‖v_i‖ and
-    truncation keeps the largest components instead of rotating by SVD; a silent component
-    (U column zero) still leaves the function unchanged, so growth works as without it.
+class FactoredLayer(nn.Module):
+    """Two factors U (out×w), V (in×w) whose rank can change during training: what InRankLinear
+    and InRankConv2d share (rank, width, buffer, spectrum, growth, truncation, checkpoints).
+    `isinstance(m, FactoredLayer)` finds every factored layer; `InRankLinear` is only the linear
+    one. The forward here is the linear map; InRankConv2d runs the same factors as convolutions.
     """
 
     def __init__(
@@ -145,7 +132,7 @@ class InRankLinear(nn.Module):
         return layer._init_from(weight, bias, init, name)
 
     @torch.no_grad()
-    def _init_from(self, matrix: torch.Tensor, bias, init: str, name: str) -> "InRankLinear":
+    def _init_from(self, matrix: torch.Tensor, bias, init: str, name: str) -> "FactoredLayer":
         """Factors of the out×in `matrix` by `init` (see `from_weight`); the bias copied."""
         if init not in INITS:
             raise ValueError(f"{name}: init must be one of {INITS}, got {init!r}")
@@ -385,6 +372,28 @@ class InRankLinear(nn.Module):
             f"rank={self.rank}, buffer={self.buffer}, full_rank={self.full_rank}, "
             f"bias={self.bias is not None}{act}, params={ratio:.1%} of dense"
         )
+
+
+class InRankLinear(FactoredLayer):
+    """A factored, rank-adaptive drop-in for nn.Linear.
+
+    Args:
+        in_features, out_features: as nn.Linear.
+        rank: the starting rank r (capped at min(in, out)).
+        buffer: spare components computed beyond r (capped so that r + buffer ≤ min(in, out));
+            they start silent (U columns zero).
+        bias: whether the layer adds a bias (the bias is not factored).
+
+    The constructor draws i.i.d. factors whose product has nn.Linear's default variance ("iid").
+    Use `from_linear` / `from_weight` to start from a module's own weights: "svd" (spectral
+    initialisation on a fresh model, compression on a trained one) or "random".
+
+    `activation` ("silu", "gelu", "relu"; default None) puts a nonlinearity between the factors,
+    y = σ(x·V)·Uᵀ + b, as CoLA does for training from scratch. Its components are then no longer
+    interchangeable by rotation, so its "spectrum" is the component magnitudes ‖u_i‖·‖v_i‖ and
+    truncation keeps the largest components instead of rotating by SVD; a silent component
+    (U column zero) still leaves the function unchanged, so growth works as without it.
+    """
 
 
 def _random_like(factor: torch.Tensor, columns: int, generator) -> torch.Tensor:

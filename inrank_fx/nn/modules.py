@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from .linear import InRankLinear
+from .linear import FactoredLayer
 
 
-def factored_layers(model: nn.Module) -> dict[str, InRankLinear]:
-    """Qualified name → InRankLinear, in module order (a shared layer is listed once)."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, InRankLinear)}
+def factored_layers(model: nn.Module) -> dict[str, FactoredLayer]:
+    """Qualified name → factored layer (InRankLinear, InRankConv2d), in module order (a shared
+    layer is listed once)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, FactoredLayer)}
 
 
 def ranks(model: nn.Module) -> dict[str, int]:

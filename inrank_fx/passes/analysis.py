@@ -18,7 +18,7 @@ import networkx as nx
 import torch.fx as fx
 from torch import nn
 
-from ..nn.linear import InRankLinear
+from ..nn.linear import FactoredLayer
 from .matchers import (
     MatmulSite,
     NotFactorable,
@@ -87,7 +87,7 @@ class _Reads:
         self.graph = nx.Graph()
         self.params: dict[int, nn.Parameter] = {}
         self.reads: list[Read] = []
-        factored = {id(p) for m in model.modules() if isinstance(m, InRankLinear)
+        factored = {id(p) for m in model.modules() if isinstance(m, FactoredLayer)
                     for p in m.parameters()}
         for name, p in model.named_parameters(remove_duplicate=False):
             if p.dim() >= 2 and id(p) not in factored:
@@ -129,7 +129,7 @@ def analyse(model: nn.Module, config=None, captured: dict | None = None) -> Anal
     for path, module in model.named_modules():
         if any(path.startswith(f"{e}.") if e else path for e in exported):
             continue  # inside a subtree that torch.export captured as one graph
-        if isinstance(module, InRankLinear):
+        if isinstance(module, FactoredLayer):
             already.append(path)
         elif (handler := module_handler(module, config)) is not None:
             handlers[id(module)] = handler

@@ -15,7 +15,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..nn.attention import InRankMultiheadAttention
-from ..nn.linear import InRankLinear
+from ..nn.linear import FactoredLayer
 
 
 class ShallowTracer(fx.Tracer):
@@ -30,7 +30,7 @@ _LIBRARY = fx.Tracer()
 
 def is_library_module(module: nn.Module) -> bool:
     """torch.nn's own modules (and factored layers): their forward is known, not traced."""
-    if isinstance(module, (InRankLinear, InRankMultiheadAttention)):
+    if isinstance(module, (FactoredLayer, InRankMultiheadAttention)):
         return True
     return _LIBRARY.is_leaf_module(module, "")
 

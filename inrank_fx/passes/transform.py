@@ -23,7 +23,7 @@ from torch import nn
 
 from ..config import REPORT_ATTR, InRankConfig
 from ..errors import InRankTypeError
-from ..nn.linear import InRankLinear
+from ..nn.linear import FactoredLayer, InRankLinear
 from ..nn.modules import carry_hooks, replace_module
 from ..nn.spectrum import select_rank
 from .analysis import Analysis, WeightUse, analyse
@@ -137,7 +137,7 @@ def transform(
         for name in weight.names:
             install_layer(model, name, layer)
     model, rewritten = _rewrite_forwards(model, analysis, installs)
-    restore_unused(substituted, lambda m: isinstance(m, InRankLinear))
+    restore_unused(substituted, lambda m: isinstance(m, FactoredLayer))
 
     report = TransformReport(
         config=config,
@@ -316,7 +316,7 @@ def build_layer(candidate: Candidate, config: InRankConfig) -> nn.Module:
     for part in layer.modules():  # a handler may build several (nn.MultiheadAttention)
         if config.activation is not None and type(part) is InRankLinear:
             part.activation = config.activation  # convolutions stay linear
-        if not config.silent_buffer and isinstance(part, InRankLinear):
+        if not config.silent_buffer and isinstance(part, FactoredLayer):
             part.randomize_buffer()
     return layer
 

@@ -3,7 +3,8 @@ import torch
 from helpers import rel_err
 from torch import nn
 
-from inrank_fx import InRankLinear
+from inrank_fx import InRankConfig, InRankLinear, transform
+from inrank_fx.nn import factored_layers
 
 
 def test_from_linear_full_rank_reproduces_the_layer():
@@ -102,3 +103,14 @@ def test_gradients_reach_both_factors_and_train():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.01 * losses[0]
+
+
+def test_a_factored_conv_is_a_factored_layer_but_not_a_linear_one():
+    from inrank_fx import FactoredLayer, InRankConv2d
+
+    conv = InRankConv2d.from_conv(nn.Conv2d(8, 16, 3), rank=4)
+    assert isinstance(conv, FactoredLayer) and not isinstance(conv, InRankLinear)
+    model = transform(nn.Sequential(nn.Conv2d(16, 32, 1), nn.Flatten(), nn.Linear(32, 32)),
+                      InRankConfig(init_rank=4, buffer=0))
+    kinds = {name: type(m).__name__ for name, m in factored_layers(model).items()}
+    assert kinds == {"0": "InRankConv2d", "2": "InRankLinear"}  # both found as factored layers
