@@ -1,6 +1,8 @@
-"""Fixtures for every test: a fixed seed, and the matcher registries restored after each test.
-Plain helpers (rel_err, load_example) are in helpers.py and the test models in models.py; both
-are importable from every folder (pyproject's pytest `pythonpath`)."""
+"""Fixtures for every test: a fixed seed, the matcher registries restored after each test, and
+the helpers `rel_err` and `load_example` (their code is in helpers.py, which the torchrun worker,
+a script and not a test, imports directly). The test models are in models.py, importable from
+every folder (pyproject's pytest `pythonpath`)."""
+import helpers
 import pytest
 import torch
 
@@ -17,3 +19,15 @@ def _registries():
 
     with handlers_restored():
         yield
+
+
+@pytest.fixture(scope="session")
+def rel_err():
+    """‖a − b‖ / ‖b‖."""
+    return helpers.rel_err
+
+
+@pytest.fixture(scope="session")
+def load_example():
+    """load_example(name, folder="examples"): a script of examples/ or benchmarks/ as a module."""
+    return helpers.load_example

@@ -2,10 +2,9 @@ import json
 
 import pytest
 import torch
-from helpers import rel_err
 from torch import nn
 
-from inrank_fx import FactoredLayer, InRankConfig, InRankLinear, freeze, ranks, set_ranks, transform
+from inrank_fx import FactoredLayer, InRankConfig, freeze, ranks, set_ranks, transform
 from inrank_fx.demo.gpt import GPT, GPTConfig
 from inrank_fx.export import (
     RANKS_METADATA_KEY,
@@ -46,7 +45,7 @@ def small_gpt(n_embd=64, n_layer=2):
     return GPT(GPTConfig(n_layer=n_layer, n_embd=n_embd, n_head=4, block_size=32)).eval()
 
 
-def test_freeze_merge_rule():
+def test_freeze_merge_rule(rel_err):
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
     out = transform(model, InRankConfig(init="svd", init_rank=8, buffer=0))
     set_ranks(out, {"2": 40})  # 40·(64+64) ≥ 64·64: above break-even
@@ -62,7 +61,7 @@ def test_freeze_merge_rule():
         freeze(out, merge="never")
 
 
-def test_freeze_convolutions():
+def test_freeze_convolutions(rel_err):
     model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 48, 1))
     out = transform(model, InRankConfig(init="svd", init_rank=6, buffer=2, convs="all"))
     frozen = freeze(out)
@@ -75,7 +74,7 @@ def test_freeze_convolutions():
     assert type(merged[0]) is nn.Conv2d and rel_err(merged(x), out(x)) < 1e-5
 
 
-def test_freeze_truncates_the_buffer():
+def test_freeze_truncates_the_buffer(rel_err):
     out = transform(nn.Sequential(nn.Linear(64, 64)), InRankConfig(init="svd", init_rank=6, buffer=10))
     frozen = freeze(out)
     assert frozen[0].rank == 6 and frozen[0].down.weight.shape == (6, 64)
@@ -84,7 +83,7 @@ def test_freeze_truncates_the_buffer():
     assert rel_err(frozen(x), out(x)) < 1e-5
 
 
-def test_frozen_model_exports_and_compiles():
+def test_frozen_model_exports_and_compiles(rel_err):
     out = transform(small_gpt(), InRankConfig(init="svd", init_rank=0.25, buffer=0))
     frozen = freeze(out)
     idx = torch.randint(0, 256, (2, 32))

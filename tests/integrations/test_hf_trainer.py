@@ -115,9 +115,8 @@ def test_resume_without_the_controller_state_is_a_clear_error(tmp_path):
         again.train(resume_from_checkpoint=str(tmp_path / "checkpoint-20"))
 
 
-def test_example_trains_saves_reloads_and_exports(tmp_path):
+def test_example_trains_saves_reloads_and_exports(load_example, tmp_path):
     pytest.importorskip("onnxruntime")
-    from helpers import load_example
 
     result = load_example("hf_trainer").main(["--quick", "--out", str(tmp_path)])
     assert result["rank_events"] > 0

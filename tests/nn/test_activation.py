@@ -4,7 +4,6 @@ controller on component magnitudes, freeze and ONNX."""
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import rel_err
 
 from inrank_fx import InRankConfig, InRankLinear, attach, freeze, ranks, set_ranks, transform
 from inrank_fx.demo.gpt import GPT, GPTConfig
@@ -55,7 +54,7 @@ def test_config_refuses_what_a_nonlinear_layer_cannot_do():
         InRankConfig(activation="silu", measure="update")
 
 
-def test_a_gpt_with_silu_factors_trains_adapts_freezes_and_exports(tmp_path):
+def test_a_gpt_with_silu_factors_trains_adapts_freezes_and_exports(rel_err, tmp_path):
     cfg = InRankConfig(activation="silu", warmup_steps=3, check_every=3, stop_after=None)
     torch.manual_seed(0)
     model = transform(GPT(GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32)), cfg)

@@ -2,7 +2,6 @@ import itertools
 
 import pytest
 import torch
-from helpers import rel_err
 from torch import nn
 
 from inrank_fx.nn import InRankMultiheadAttention
@@ -26,7 +25,7 @@ def _inputs(batch_first, n=3, L=5, S=7, cross=False):
 
 @pytest.mark.parametrize("batch_first, cross, need_weights, average",
                          list(itertools.product([False, True], [False, True], [True, False], [True, False])))
-def test_matches_multihead_attention(batch_first, cross, need_weights, average):
+def test_matches_multihead_attention(rel_err, batch_first, cross, need_weights, average):
     mha, factored = _pair(batch_first)
     q, k, v = _inputs(batch_first, cross=cross)
     S = k.shape[1] if batch_first else k.shape[0]
@@ -46,7 +45,7 @@ def test_matches_multihead_attention(batch_first, cross, need_weights, average):
             assert got_w is None and expected_w is None
 
 
-def test_unbatched_and_causal():
+def test_unbatched_and_causal(rel_err):
     mha, factored = _pair(batch_first=True)
     x = torch.randn(6, 32)
     causal = nn.Transformer.generate_square_subsequent_mask(6)
@@ -77,7 +76,7 @@ class Decoder(nn.Module):
         return self.ff(h)
 
 
-def test_transform_factors_multihead_attention():
+def test_transform_factors_multihead_attention(rel_err):
     from inrank_fx import InRankConfig, freeze, ranks, set_ranks, transform
 
     torch.manual_seed(0)

@@ -1,13 +1,12 @@
 import pytest
 import torch
-from helpers import rel_err
 from torch import nn
 
 from inrank_fx import InRankConfig, InRankLinear, transform
 from inrank_fx.nn import factored_layers
 
 
-def test_from_linear_full_rank_reproduces_the_layer():
+def test_from_linear_full_rank_reproduces_the_layer(rel_err):
     linear = nn.Linear(48, 80)
     layer = InRankLinear.from_linear(linear, rank=48, init="svd")
     x = torch.randn(7, 3, 48)
@@ -15,7 +14,7 @@ def test_from_linear_full_rank_reproduces_the_layer():
     assert rel_err(layer(x), linear(x)) < 1e-5
 
 
-def test_from_linear_float64_is_tighter():
+def test_from_linear_float64_is_tighter(rel_err):
     linear = nn.Linear(40, 24).double()
     layer = InRankLinear.from_linear(linear, rank=24, init="svd")
     assert layer.U.dtype == torch.float64

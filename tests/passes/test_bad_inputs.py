@@ -3,7 +3,6 @@ import warnings
 
 import pytest
 import torch
-from helpers import rel_err
 from torch import nn
 
 from inrank_fx import InRankConfig, ranks, transform
@@ -34,7 +33,7 @@ def test_non_finite_weights_are_refused_by_name():
     assert ranks(out) == {"0": 8, "2": 8}
 
 
-def test_half_precision():
+def test_half_precision(rel_err):
     model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 32)).half()
     out = transform(model, InRankConfig(init="svd", init_rank=1.0))
     assert out[0].U.dtype == torch.float16
@@ -73,7 +72,7 @@ def test_a_model_that_neither_traces_nor_has_leaves():
     assert torch.equal(out(x), x @ out.w)  # usable, unchanged
 
 
-def test_depthwise_and_grouped_convolutions_stay_dense():
+def test_depthwise_and_grouped_convolutions_stay_dense(rel_err):
     model = nn.Sequential(nn.Conv2d(32, 32, 1, groups=4), nn.Conv2d(32, 32, 3, groups=32, padding=1),
                           nn.Conv2d(32, 64, 1))
     with warnings.catch_warnings():

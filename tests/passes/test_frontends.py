@@ -2,7 +2,6 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import rel_err
 from torch import nn
 
 from inrank_fx import InRankConfig, attach, ranks, summary, transform
@@ -34,7 +33,7 @@ class Outer(nn.Module):
         return self.head(torch.relu(self.inner(x)))
 
 
-def test_torch_export_frontend_factors_what_fx_cannot_see():
+def test_torch_export_frontend_factors_what_fx_cannot_see(rel_err):
     model = Outer(ShapeLoop()).eval()
     x = torch.randn(4, 32)
     without = transform(model, FULL_SVD)
@@ -58,7 +57,7 @@ def test_torch_export_frontend_factors_what_fx_cannot_see():
     assert out(x).shape == (4, 16)
 
 
-def test_when_torch_export_fails_too_the_reason_is_kept():
+def test_when_torch_export_fails_too_the_reason_is_kept(rel_err):
     class DataDependent(nn.Module):
         def __init__(self):
             super().__init__()
@@ -77,7 +76,7 @@ def test_when_torch_export_fails_too_the_reason_is_kept():
     assert rel_err(out(x), model(x)) < 1e-5
 
 
-def test_export_is_chosen_only_where_fx_misses_weights():
+def test_export_is_chosen_only_where_fx_misses_weights(rel_err):
     transformers = pytest.importorskip("transformers")
     config = transformers.BertConfig(num_hidden_layers=1, hidden_size=64, num_attention_heads=4,
                                      intermediate_size=128, vocab_size=128, max_position_embeddings=32)
@@ -91,7 +90,7 @@ def test_export_is_chosen_only_where_fx_misses_weights():
     assert rel_err(out(ids).last_hidden_state, model(ids).last_hidden_state) < 1e-5
 
 
-def test_users_register_their_own_module_types():
+def test_users_register_their_own_module_types(rel_err):
     from inrank_fx import InRankLinear, register_module_handler
 
     class RowProjection(nn.Module):

@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from helpers import rel_err
 from models import FunctionalNet, Untraceable, mlp
 from torch import nn
 
@@ -24,7 +23,7 @@ def called_linears(model: nn.Module) -> int:
     return sum(type(m) is nn.Linear for m in model.modules())
 
 
-def test_mlp_full_rank_svd_reproduces_outputs():
+def test_mlp_full_rank_svd_reproduces_outputs(rel_err):
     model = mlp()
     out = transform(model, FULL_SVD)
     assert n_factored(out) == 3 and called_linears(out) == 0
@@ -32,14 +31,14 @@ def test_mlp_full_rank_svd_reproduces_outputs():
     assert rel_err(out(x), model(x)) < 1e-5
 
 
-def test_float64_is_tighter():
+def test_float64_is_tighter(rel_err):
     model = mlp().double()
     out = transform(model, FULL_SVD)
     x = torch.randn(10, 32, dtype=torch.float64)
     assert rel_err(out(x), model(x)) < 1e-12
 
 
-def test_gpt_full_rank_and_tied_head_stays_dense():
+def test_gpt_full_rank_and_tied_head_stays_dense(rel_err):
     model = GPT(GPTConfig(n_layer=2, n_embd=64, block_size=32)).eval()
     out = transform(model, FULL_SVD).eval()
     assert isinstance(out, GPT)  # only modules were swapped: the class and its methods remain
@@ -55,7 +54,7 @@ def test_gpt_full_rank_and_tied_head_stays_dense():
     assert "transformer.h.0.attn.c_attn.U" in out.state_dict()
 
 
-def test_functional_matmuls_are_rewritten():
+def test_functional_matmuls_are_rewritten(rel_err):
     model = FunctionalNet()
     out = transform(model, FULL_SVD)
     assert isinstance(out, fx.GraphModule)
@@ -91,7 +90,7 @@ def test_weight_read_in_both_orientations_stays_dense():
     assert "transpose" in summary(out).dense[0].reason and not ranks(out)
 
 
-def test_functional_in_a_submodule_keeps_the_parent():
+def test_functional_in_a_submodule_keeps_the_parent(rel_err):
     class Parent(nn.Module):
         def __init__(self):
             super().__init__()
@@ -109,7 +108,7 @@ def test_functional_in_a_submodule_keeps_the_parent():
     assert rel_err(out(x), model(x)) < 1e-5
 
 
-def test_torchvision_resnet18():
+def test_torchvision_resnet18(rel_err):
     torchvision = pytest.importorskip("torchvision")
     model = torchvision.models.resnet18().eval()
     out = transform(model, FULL_SVD).eval()
@@ -127,7 +126,7 @@ def test_torchvision_resnet18():
 
 
 @pytest.mark.slow
-def test_torchvision_vit_b_16():
+def test_torchvision_vit_b_16(rel_err):
     torchvision = pytest.importorskip("torchvision")
     model = torchvision.models.vit_b_16().eval()
     nn.init.normal_(model.heads.head.weight, std=0.02)  # torchvision zero-inits the head
@@ -160,7 +159,7 @@ def test_random_init_rank4_trains_with_adamw():
             assert not torch.equal(p, before[name]), name
 
 
-def test_untraceable_forward_falls_back_to_modules():
+def test_untraceable_forward_falls_back_to_modules(rel_err):
     model = Untraceable()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # falling back is reported, not warned about
@@ -176,7 +175,7 @@ def test_untraceable_forward_falls_back_to_modules():
     assert "did not trace" in str(summary(out))
 
 
-def test_shared_module_is_factored_once():
+def test_shared_module_is_factored_once(rel_err):
     lin = nn.Linear(32, 32)
     model = nn.Sequential(lin, nn.ReLU(), lin)
     out = transform(model, FULL_SVD)

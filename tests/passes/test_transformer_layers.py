@@ -5,7 +5,6 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import rel_err
 from models import Seq2Seq, Tagger
 from torch import nn
 
@@ -28,23 +27,27 @@ def padding(batch: int, length: int) -> torch.Tensor:
     return torch.arange(length)[None, :] >= lengths[:, None]
 
 
-def compare(original, factored, run, valid=None, tol=1e-5):
-    """Outputs of `run(model)` in train mode, eval mode with grad and eval mode without grad
-    (where PyTorch takes its inference fast path; there only `valid` positions are compared)."""
-    for mode in ("train", "eval", "eval-no-grad"):
-        original.train(mode == "train")
-        factored.train(mode == "train")
-        with torch.set_grad_enabled(mode != "eval-no-grad"):
-            expected, got = run(original), run(factored)
-        if mode == "eval-no-grad" and valid is not None:
-            expected, got = expected[valid], got[valid]
-        assert rel_err(got.detach(), expected.detach()) < tol, mode
+@pytest.fixture
+def compare(rel_err):
+    def check(original, factored, run, valid=None, tol=1e-5):
+        """Outputs of `run(model)` in train mode, eval mode with grad and eval mode without grad
+        (where PyTorch takes its inference fast path; there only `valid` positions are
+        compared)."""
+        for mode in ("train", "eval", "eval-no-grad"):
+            original.train(mode == "train")
+            factored.train(mode == "train")
+            with torch.set_grad_enabled(mode != "eval-no-grad"):
+                expected, got = run(original), run(factored)
+            if mode == "eval-no-grad" and valid is not None:
+                expected, got = expected[valid], got[valid]
+            assert rel_err(got.detach(), expected.detach()) < tol, mode
+    return check
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize("norm_first", [False, True])
 @pytest.mark.parametrize("activation", ["relu", "gelu", F.silu, nn.GELU()])
-def test_encoder_parity(batch_first, norm_first, activation):
+def test_encoder_parity(compare, batch_first, norm_first, activation):
     layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, activation=activation,
                                        batch_first=batch_first, norm_first=norm_first)
     encoder = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(32))
@@ -63,7 +66,7 @@ def test_encoder_parity(batch_first, norm_first, activation):
     compare(encoder, factored, lambda m: m(x, mask=causal, src_key_padding_mask=pad), valid)
 
 
-def test_decoder_and_transformer_parity():
+def test_decoder_and_transformer_parity(compare):
     model = nn.Transformer(32, 4, 2, 2, 64, dropout=0.0, batch_first=True)
     factored = full_rank(model)
     assert len(ranks(factored)) == 8 + 12  # the decoder's cross-attention too
@@ -89,7 +92,7 @@ def test_dropout_is_active_in_training_only():
     assert torch.equal(factored(x), factored(x))
 
 
-def test_is_causal_needs_its_mask_as_in_multihead_attention():
+def test_is_causal_needs_its_mask_as_in_multihead_attention(rel_err):
     mha = nn.MultiheadAttention(16, 2, batch_first=True)
     layer = InRankMultiheadAttention.from_mha(mha, 16)
     x = torch.randn(2, 4, 16)
@@ -160,7 +163,7 @@ def linear_like_weights(model: nn.Module) -> int:
 
 
 @pytest.mark.parametrize("build", [Tagger, Seq2Seq], ids=["TransformerEncoder", "Transformer"])
-def test_tutorial_transformers_factor_train_and_export(build, tmp_path):
+def test_tutorial_transformers_factor_train_and_export(compare, build, tmp_path):
     model = build()
     inputs = build.example()
     factored = full_rank(model)

@@ -5,7 +5,6 @@ import warnings
 
 import pytest
 import torch
-from helpers import rel_err
 
 from inrank_fx import InRankConfig, InRankLinear, attach, ranks, set_ranks, summary, transform
 from inrank_fx.export import to_onnx
@@ -74,7 +73,7 @@ def _first_tensor(output):
 
 
 @pytest.mark.parametrize("name", list(ZOO))
-def test_zoo_parity_and_flop_share(name):
+def test_zoo_parity_and_flop_share(rel_err, name):
     build, expected, goal = ZOO[name]
     model, inputs = build()
     model.eval()

@@ -3,16 +3,18 @@ read correctly, and the quick protocol runs end to end."""
 import math
 
 import pytest
-from helpers import load_example
-
-bench = load_example("bench_convergence", "benchmarks")
 
 
-def _arm(lrs):
+@pytest.fixture(scope="module")
+def bench(load_example):
+    return load_example("bench_convergence", "benchmarks")
+
+
+def _arm(bench, lrs):
     return bench.Arm("a", "dense", lrs=lrs)
 
 
-def test_tune_picks_the_lowest_loss_and_extends_past_a_winning_edge():
+def test_tune_picks_the_lowest_loss_and_extends_past_a_winning_edge(bench):
     calls = []
 
     def valley(best):
@@ -21,28 +23,28 @@ def test_tune_picks_the_lowest_loss_and_extends_past_a_winning_edge():
             return (math.log2(lr) - math.log2(best)) ** 2
         return loss
 
-    assert bench.tune(_arm((1e-3, 2e-3, 4e-3)), valley(2e-3))[0] == 2e-3
+    assert bench.tune(_arm(bench, (1e-3, 2e-3, 4e-3)), valley(2e-3))[0] == 2e-3
     assert sorted(calls) == [1e-3, 2e-3, 4e-3]  # an interior optimum needs no extension
     calls.clear()
-    lr, sweep = bench.tune(_arm((1e-3, 2e-3, 4e-3)), valley(8e-3))
+    lr, sweep = bench.tune(_arm(bench, (1e-3, 2e-3, 4e-3)), valley(8e-3))
     assert lr == 8e-3 and sorted(sweep) == [1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2]
-    lr, sweep = bench.tune(_arm((1e-3, 2e-3, 4e-3)), valley(1e-4))
+    lr, sweep = bench.tune(_arm(bench, (1e-3, 2e-3, 4e-3)), valley(1e-4))
     assert lr == 2.5e-4 and min(sweep) == 2.5e-4  # at most two extensions
     # a diverged run never wins, and all diverged is an error
-    lr, _ = bench.tune(_arm((1e-3, 2e-3, 4e-3)), lambda lr: math.nan if lr > 1e-3 else 3.0)
+    lr, _ = bench.tune(_arm(bench, (1e-3, 2e-3, 4e-3)), lambda lr: math.nan if lr > 1e-3 else 3.0)
     assert lr == 1e-3
     with pytest.raises(RuntimeError, match="every learning rate diverged"):
-        bench.tune(_arm((1e-3, 2e-3)), lambda lr: math.inf)
+        bench.tune(_arm(bench, (1e-3, 2e-3)), lambda lr: math.inf)
 
 
-def test_frontier_interpolates_in_log_parameters():
+def test_frontier_interpolates_in_log_parameters(bench):
     points = [(100, 3.0), (400, 2.0)]
     assert bench.frontier_loss(points, 200) == pytest.approx(2.5)
     assert bench.frontier_loss(points, 100) == pytest.approx(3.0)
     assert bench.frontier_loss(points, 50) is None and bench.frontier_loss(points, 800) is None
 
 
-def test_quick_protocol_tunes_each_arm_on_its_own(tmp_path):
+def test_quick_protocol_tunes_each_arm_on_its_own(bench, tmp_path):
     protocol = bench.replace(bench.QUICK, steps=24, evals=2, corpus_bytes=100_000)
     data = bench.split(bench.stdlib_corpus(protocol.corpus_bytes))
     path = tmp_path / "runs.json"

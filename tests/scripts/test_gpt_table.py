@@ -1,10 +1,9 @@
 """examples/gpt_table.py in quick mode: every arm trains, and InRank's ranks are measured."""
-from helpers import load_example
 
 from inrank_fx.demo.gpt import GPTConfig
 
 
-def test_quick_table():
+def test_quick_table(load_example):
     script = load_example("gpt_table")
     gpt = GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=64)
     runs = script.run_table(24, [0], [0.9], gpt, progress=False)

@@ -1,10 +1,9 @@
 """examples/reference_fixed_point.py: the reference's rank rule applied to untrained factors."""
 import pytest
-from helpers import load_example
 
 
 @pytest.fixture(scope="module")
-def script():
+def script(load_example):
     return load_example("reference_fixed_point")
 
 

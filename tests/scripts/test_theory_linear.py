@@ -1,12 +1,11 @@
 """examples/theory_linear.py: the cumulative update's rank grows incrementally."""
 import pytest
-from helpers import load_example
 
 from inrank_fx.demo.gpt import GPTConfig
 
 
 @pytest.fixture(scope="module")
-def script():
+def script(load_example):
     return load_example("theory_linear")
 
 

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import ROOT, load_example
 
 import inrank_fx
 from inrank_fx import InRankDistributedError
 from inrank_fx.demo.gpt import GPT, GPTConfig
 
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "ddp_train.py"
 WORKER = Path(__file__).resolve().parent / "ddp_worker.py"
 LAUNCH_TIMEOUT_S = 150
@@ -62,7 +62,7 @@ def test_ranks_and_parameters_agree_across_processes(ddp_run):
     assert first["checksum"] == second["checksum"]  # bit-identical parameters
 
 
-def test_two_processes_match_one_with_the_same_global_batch(ddp_run):
+def test_two_processes_match_one_with_the_same_global_batch(load_example, ddp_run):
     _, (first, second) = ddp_run
     alone = load_example("ddp_train").main(["--quick"])
     assert alone["ranks"] == first["ranks"]
