@@ -126,13 +126,13 @@ def transform(
     plans = [plan for weight in analysis.weights
              if (plan := plan_weight(weight, context)) is not None]
     candidates = [p for p in plans if isinstance(p, Candidate)]
-    built = [(candidate, build_layer(candidate, config)) for candidate in candidates]
+    built = [(candidate, *build_layer(candidate, config)) for candidate in candidates]
 
-    for candidate, layer in built:
+    for candidate, layer, _ in built:
         if candidate.module is not None:  # a module call: swap the module in place
             carry_hooks(candidate.module, layer)
             model = replace_module(model, candidate.module, layer)
-    installs = [(c.weight, layer) for c, layer in built if c.module is None]
+    installs = [(c.weight, layer) for c, layer, _ in built if c.module is None]
     for weight, layer in installs:  # functional reads: the layer goes where the weight was
         for name in weight.names:
             install_layer(model, name, layer)
@@ -141,7 +141,7 @@ def transform(
 
     report = TransformReport(
         config=config,
-        factored=[_record(c, layer, config) for c, layer in built],
+        factored=[_record(c, layer, requested) for c, layer, requested in built],
         dense=[DenseRecord(p.name, p.reason) for p in plans if isinstance(p, Dense)],
         traced=traced,
         not_traced={p: t.error for p, t in analysis.traces.items() if not t.ok},
@@ -303,9 +303,10 @@ def _filtered(candidate: Candidate, ctx: PlanContext) -> Candidate | Dense:
 
 # -- building the layers ------------------------------------------------------------------------
 
-def build_layer(candidate: Candidate, config: InRankConfig) -> nn.Module:
-    """The factored layer for a candidate, at the config's starting rank and width."""
-    rank, _ = _initial_rank(candidate.matrix, candidate.name, config)
+def build_layer(candidate: Candidate, config: InRankConfig) -> tuple[nn.Module, int | None]:
+    """The factored layer for a candidate, at the config's starting rank and width, and the
+    rank that was asked for where it had to be capped at the full rank (else None)."""
+    rank, requested = _initial_rank(candidate.matrix, candidate.name, config)
     width = config.width_for(rank, min(candidate.matrix.shape))
     if candidate.module is not None:
         layer = candidate.handler.build(candidate.module, rank, buffer=width - rank,
@@ -318,15 +319,13 @@ def build_layer(candidate: Candidate, config: InRankConfig) -> nn.Module:
             part.activation = config.activation  # convolutions stay linear
         if not config.silent_buffer and isinstance(part, FactoredLayer):
             part.randomize_buffer()
-    return layer
+    return layer, requested
 
 
-def _record(candidate: Candidate, layer: nn.Module, config: InRankConfig) -> FactoredRecord:
+def _record(candidate: Candidate, layer: nn.Module, requested: int | None) -> FactoredRecord:
     out_features, in_features = candidate.matrix.shape
-    full_rank = min(out_features, in_features)
-    asked = None if config.init_rank == "auto" else config.rank_for(full_rank)
     return FactoredRecord(candidate.name, candidate.kind, out_features, in_features, layer.rank,
-                          layer.width, asked if asked is not None and asked > full_rank else None)
+                          layer.width, requested)
 
 
 def _leaf_hint(read, ctx: PlanContext) -> str:

@@ -295,3 +295,12 @@ def test_bad_arguments():
         transform(mlp(), {"init_rank": 4})
     # the version the package reports is the one it was installed as
     assert inrank_fx.__version__ == importlib.metadata.version("inrank-fx")
+
+
+def test_a_rank_above_the_full_rank_is_capped_warned_and_reported():
+    model = nn.Sequential(nn.Linear(32, 64), nn.Linear(64, 64))
+    with pytest.warns(UserWarning, match=r"exceeds the full rank of 0 \(40 > 32\)"):
+        out = transform(model, InRankConfig(init_rank=40, buffer=0))
+    records = {r.name: r for r in summary(out).report.factored}
+    assert (records["0"].rank, records["0"].requested_rank) == (32, 40)
+    assert (records["1"].rank, records["1"].requested_rank) == (40, None)  # 40 ≤ 64: as asked
