@@ -10,10 +10,12 @@ import logging
 import sys
 from pathlib import Path
 
-import torch
-
 from .errors import InRankError
-from .nn.linear import INITS
+
+# Parsing and --help come before any import of torch (seconds): every import of torch or of the
+# rest of inrank_fx is inside the command that needs it. INITS mirrors nn.linear.INITS (a test
+# keeps them equal).
+INITS = ("svd", "random", "iid")
 
 
 class UsageError(InRankError):
@@ -117,6 +119,8 @@ def run_demo_command(args) -> int:
 # -- bench --------------------------------------------------------------------------------------
 
 def run_bench_command(args) -> int:
+    import torch
+
     from . import InRankConfig, transform
     from .tools.bench import BACKENDS, compare, tune_cpu_allocator
 
@@ -198,7 +202,9 @@ def _parse_rank(text: str):
         raise UsageError(f"--init-rank {text!r}: expected an int, a fraction or 'auto'") from None
 
 
-def _check_device(name: str) -> torch.device:
+def _check_device(name: str):
+    import torch
+
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -209,6 +215,8 @@ def _check_device(name: str) -> torch.device:
 
 
 def _model_and_inputs(spec: str, input_shape: str | None, need_inputs: bool = True):
+    import torch
+
     if spec == "gpt":
         from .demo.gpt import GPT, GPTConfig
 

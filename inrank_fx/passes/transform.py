@@ -14,7 +14,7 @@ import copy
 import difflib
 import logging
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Union
 
 import torch
@@ -51,6 +51,9 @@ class FactoredRecord:
 class DenseRecord:
     name: str
     reason: str
+    # init_rank="auto" measured a rank at which the factored layer would hold more parameters
+    # than the dense one (a flat spectrum, as an untrained model has)
+    larger_factored: bool = False
 
 
 @dataclass
@@ -142,7 +145,8 @@ def transform(
     report = TransformReport(
         config=config,
         factored=[_record(c, layer, requested) for c, layer, requested in built],
-        dense=[DenseRecord(p.name, p.reason) for p in plans if isinstance(p, Dense)],
+        dense=[DenseRecord(p.name, p.reason, p.larger_factored)
+               for p in plans if isinstance(p, Dense)],
         traced=traced,
         not_traced={p: t.error for p, t in analysis.traces.items() if not t.ok},
         rewritten_forwards=rewritten,
@@ -205,6 +209,7 @@ class Candidate:
     module: nn.Module | None = None
     handler: object = None
     asked: bool = True  # the filters (targets / exclude / filter_fn) were asked about it
+    rank: int | None = None  # measured by init_rank="auto" (else the config's rank applies)
 
 
 @dataclass(frozen=True)
@@ -214,6 +219,7 @@ class Dense:
     name: str
     reason: str
     asked: bool = False
+    larger_factored: bool = False
 
 
 def plan_weight(weight: WeightUse, ctx: PlanContext) -> Candidate | Dense | None:
@@ -298,7 +304,25 @@ def _filtered(candidate: Candidate, ctx: PlanContext) -> Candidate | Dense:
         candidate.weight.reads_of("site")[0].site.node
     if ctx.filter_fn is not None and not ctx.filter_fn(candidate.name, subject):
         return Dense(candidate.name, "rejected by filter_fn", asked=True)
-    return candidate
+    return _sized(candidate, ctx.config)
+
+
+def _sized(candidate: Candidate, config: InRankConfig) -> Candidate | Dense:
+    """init_rank="auto" measures each layer's rank from its weight, and never makes a layer
+    bigger: where the factored form at that rank would hold more parameters than the dense
+    weight, the layer stays dense (an explicit init_rank factors it anyway)."""
+    if config.init_rank != "auto":
+        return candidate
+    rank, _ = _initial_rank(candidate.matrix, candidate.name, config)
+    n_out, n_in = candidate.matrix.shape
+    factored, dense = rank * (n_out + n_in), n_out * n_in
+    if factored > dense:
+        return Dense(candidate.name,
+                     f"init_rank='auto' measured rank {rank} of {min(n_out, n_in)}: factored, it "
+                     f"would hold {factored:,} parameters against {dense:,} dense (a spectrum "
+                     f"this flat is what an untrained layer has; an explicit init_rank factors "
+                     f"it anyway)", asked=True, larger_factored=True)
+    return replace(candidate, rank=rank)
 
 
 # -- building the layers ------------------------------------------------------------------------
@@ -306,7 +330,8 @@ def _filtered(candidate: Candidate, ctx: PlanContext) -> Candidate | Dense:
 def build_layer(candidate: Candidate, config: InRankConfig) -> tuple[nn.Module, int | None]:
     """The factored layer for a candidate, at the config's starting rank and width, and the
     rank that was asked for where it had to be capped at the full rank (else None)."""
-    rank, requested = _initial_rank(candidate.matrix, candidate.name, config)
+    rank, requested = ((candidate.rank, None) if candidate.rank is not None
+                       else _initial_rank(candidate.matrix, candidate.name, config))
     width = config.width_for(rank, min(candidate.matrix.shape))
     if candidate.module is not None:
         layer = candidate.handler.build(candidate.module, rank, buffer=width - rank,
@@ -413,8 +438,25 @@ def _label(path: str) -> str:
     return f"'{path}'" if path else "the root module"
 
 
+def larger_factored_note(report: TransformReport) -> str | None:
+    """One line on layers init_rank="auto" kept dense because factoring them would add
+    parameters, with what to do instead; None when there are none."""
+    larger = [d for d in report.dense if d.larger_factored]
+    if not larger:
+        return None
+    asked = len(larger) + len(report.factored)
+    return (f"init_rank='auto' kept {len(larger)} of {asked} layers dense: at the ranks their "
+            f"spectra show, factoring them would add parameters. Flat spectra are what an "
+            f"untrained model has; 'auto' is for compressing trained weights. To train this "
+            f"model from scratch, use a small init_rank (e.g. 2) and let attach() grow the "
+            f"ranks.")
+
+
 def _announce(model: nn.Module, report: TransformReport) -> None:
     name = type(model).__name__
+    note = larger_factored_note(report)
+    if note:
+        warnings.warn(f"inrank_fx.transform: {note}", stacklevel=3)
     if not report.factored:
         why = "; ".join(f"{d.name}: {d.reason}" for d in report.dense[:5])
         untraced = "; ".join(f"{_label(p)} ({e})" for p, e in list(report.not_traced.items())[:3])

@@ -9,7 +9,7 @@ from torch import nn
 from .._table import format_table
 from ..config import REPORT_ATTR
 from ..nn.modules import factored_layers
-from ..passes.transform import DenseRecord, TransformReport
+from ..passes.transform import DenseRecord, TransformReport, larger_factored_note
 
 
 @dataclass
@@ -82,8 +82,10 @@ class Summary:
         ]
         total = ("total", "", "", "", f"{self.dense_params:,}", f"{self.factored_params:,}",
                  f"{self.dense_flops:,}", f"{self.factored_flops:,}")
-        lines = [format_table(header, rows, left=2, total=total)]
+        note = larger_factored_note(self.report) if self.report is not None else None
+        lines = [f"note: {note}"] if note else []
         if self.layers:
+            lines.append(format_table(header, rows, left=2, total=total))
             dense_model = self.model_params - self.factored_params + self.dense_params
             lines.append(
                 f"factored layers: params x{self.factored_params / self.dense_params:.3f}, "

@@ -255,7 +255,29 @@ def test_auto_rank_reads_the_spectrum(true_rank):
         model[2].weight.copy_(torch.randn(64, true_rank) @ torch.randn(true_rank, 64))
     out = transform(model, InRankConfig(init="svd", init_rank="auto", buffer=0))
     assert ranks(out)["2"] == true_rank  # an exactly low-rank weight: its rank, found
-    assert ranks(out)["0"] > 20  # a random weight: most of its spectrum is needed
+    # a random weight needs most of its spectrum; factored at that rank it would be bigger than
+    # dense, so 'auto' leaves it dense and says why
+    assert "0" not in ranks(out)
+    first = next(d for d in summary(out).dense if d.name == "0")
+    assert first.larger_factored and "init_rank='auto' measured rank" in first.reason
+
+
+def test_auto_rank_never_makes_the_model_bigger():
+    torch.manual_seed(0)
+    model = mlp()  # freshly initialised: flat spectra everywhere
+    with torch.no_grad():
+        model[2].weight.copy_(torch.randn(64, 4) @ torch.randn(4, 64))  # one layer of rank 4
+    with pytest.warns(UserWarning, match="init_rank='auto' kept 2 of 3 layers dense"):
+        out = transform(model, InRankConfig(init_rank="auto", buffer=0))
+    assert ranks(out) == {"2": 4}
+    text = str(summary(out))
+    assert text.splitlines()[0].startswith("note: init_rank='auto' kept 2 of 3 layers dense")
+    assert sum(p.numel() for p in out.parameters()) < sum(p.numel() for p in model.parameters())
+    # an explicit rank is the user asking: factored even where it is bigger
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        full = transform(model, InRankConfig(init_rank=1.0, buffer=0))
+    assert set(ranks(full)) == {"0", "2", "4"} and "note:" not in str(summary(full))
 
 
 def test_summary_table():

@@ -134,3 +134,42 @@ def test_demo_quick_console_script(tmp_path):
     saved = json.loads((out / "results.json").read_text())
     assert saved["settings"]["compile"] is True
     assert saved["inrank"]["params"] < saved["dense"]["params"]
+
+
+def test_help_and_usage_errors_come_before_torch():
+    # a fresh interpreter: --help and a bad argument are answered without importing torch
+    code = ("import sys\nfrom inrank_fx.cli import main\n"
+            "for argv in (['--help'], ['summary', '--help'], ['bench', '--nope']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "usage: inrank-fx" in result.stdout and result.stdout.strip().endswith("False")
+
+
+def test_cli_init_choices_match_the_layers():
+    from inrank_fx import cli
+    from inrank_fx.nn.linear import INITS
+
+    assert cli.INITS == INITS
+
+
+def test_import_is_lazy_and_every_public_name_resolves():
+    code = ("import sys, inrank_fx\nassert 'torch' not in sys.modules\n"
+            "names = [getattr(inrank_fx, n) for n in inrank_fx.__all__]\n"
+            "assert inrank_fx.integrations.InRankCallback.__name__ == 'InRankCallback'\n"
+            "print(len(names))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) == len(inrank_fx.__all__)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        inrank_fx.nope  # noqa: B018
+
+
+def test_summary_command_does_not_enlarge_an_untrained_model(capsys):
+    pytest.importorskip("torchvision")
+    assert main(["summary", "--model", "torchvision.models:resnet18"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("note: init_rank='auto' kept") and "untrained" in first
