@@ -16,6 +16,7 @@
 """
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -29,6 +30,7 @@ import torch
 import inrank_fx
 from inrank_fx._io import atomic_folder
 from inrank_fx._table import format_table
+from inrank_fx._timing import median_ratio_interval, ratio_flags
 from inrank_fx.demo.corpus import batches, file_corpus, split, stdlib_corpus
 from inrank_fx.demo.gpt import GPT, GPTConfig, lm_loss
 from inrank_fx.demo.training import evaluate, recipe_optimizer, train_steps, warmup_cosine
@@ -162,6 +164,9 @@ def _run(tmp, out, train_ids, val_ids, source, device, s: DemoSettings, seed, co
         "ratios": {
             "train_seconds": inrank["train_seconds"] / dense["train_seconds"],
             "steady_step_seconds": inrank["median_step_seconds"] / dense["median_step_seconds"],
+            # its 90% bootstrap interval (the two runs are timed one after the other)
+            "steady_step_interval": list(median_ratio_interval(inrank["step_seconds"],
+                                                               dense["step_seconds"])),
             "val_loss": inrank["val_loss"] / dense["val_loss"],
             "params": inrank["params"] / dense["params"],
         },
@@ -170,6 +175,8 @@ def _run(tmp, out, train_ids, val_ids, source, device, s: DemoSettings, seed, co
                  "providers": onnx_report.providers, "batch_sizes": onnx_report.batch_sizes},
         "inference": {"meta": comparison.meta, "records": [asdict(r) for r in comparison.records]},
     }
+    results["ratios"]["flags"] = ratio_flags(1 / results["ratios"]["steady_step_seconds"],
+                                             _inverted(results["ratios"]["steady_step_interval"]))
     table = comparison_table(results)
     text = "\n\n".join([table, summary_text, comparison.table()])
     (tmp / "summary.txt").write_text(text + "\n")
@@ -192,13 +199,16 @@ def _train(name, model, opt, train_ids, val_ids, device, s: DemoSettings, seed, 
     def loss_of(x, y):
         return lm_loss(forward(x.to(device)), y.to(device))
 
+    recent = collections.deque(maxlen=50)  # one batch's loss jumps by ±0.1; show a mean
+
     def on_step(step, loss):
         bar.update(1)
+        recent.append(loss)
         if step % 5 == 0 or step == s.steps:
-            postfix = {"loss": f"{loss:.3f}"}
+            postfix = {f"train loss (mean of last {len(recent)})": f"{statistics.mean(recent):.3f}"}
             layers = inrank_fx.ranks(model)
             if layers:
-                postfix["rank"] = f"{statistics.mean(layers.values()):.1f}"
+                postfix["mean rank"] = f"{statistics.mean(layers.values()):.1f}"
             bar.set_postfix(postfix, refresh=False)
         if step % s.eval_every == 0 or step == s.steps:
             val_curve.append((step, evaluate(model, val_ids, s.gpt.block_size, seed + 1,
@@ -221,6 +231,7 @@ def _train(name, model, opt, train_ids, val_ids, device, s: DemoSettings, seed, 
         "train_seconds": sum(seconds),  # every optimizer step, compilation included
         "wall_seconds": wall,
         "median_step_seconds": statistics.median(seconds),
+        "step_seconds": seconds,
         "tokens_per_second": tokens / sum(seconds),
     }
 
@@ -233,6 +244,8 @@ def comparison_table(results: dict) -> str:
     dense, inrank, ratios = results["dense"], results["inrank"], results["ratios"]
     ranks = list(inrank["final_ranks"].values())
     settings = results["settings"]
+    low, high = ratios["steady_step_interval"]
+    flags = ratios.get("flags", [])
     stop = inrank.get("stop_step")
     header = ("", "dense", "InRank", "InRank / dense")
     rows = [
@@ -243,12 +256,19 @@ def comparison_table(results: dict) -> str:
         ("training time (s)", f"{dense['train_seconds']:.1f}", f"{inrank['train_seconds']:.1f}",
          f"{ratios['train_seconds']:.3f}"),
         ("median step (ms)", f"{dense['median_step_seconds'] * 1e3:.1f}",
-         f"{inrank['median_step_seconds'] * 1e3:.1f}", f"{ratios['steady_step_seconds']:.3f}"),
+         f"{inrank['median_step_seconds'] * 1e3:.1f}",
+         f"{ratios['steady_step_seconds']:.3f} ({low:.3f}-{high:.3f}){' !' if flags else ''}"),
         ("tokens / s", f"{dense['tokens_per_second']:,.0f}", f"{inrank['tokens_per_second']:,.0f}", ""),
         ("final ranks", "full", f"{min(ranks)}..{max(ranks)} (mean {statistics.mean(ranks):.1f})", ""),
         ("ranks frozen at step", "", "never" if stop is None else str(stop), ""),
     ]
-    return format_table(header, rows)
+    notes = ["ratios of wall-clock medians carry their 90% bootstrap interval"]
+    notes += [f"! median step: {flag}" for flag in flags]
+    return "\n".join([format_table(header, rows), *notes])
+
+
+def _inverted(interval: tuple[float, float]) -> tuple[float, float]:
+    return 1 / interval[1], 1 / interval[0]
 
 
 def _plot_losses(runs: dict, path: Path) -> None:
@@ -273,26 +293,46 @@ def _plot_losses(runs: dict, path: Path) -> None:
 
 def _plot_ranks(history: list[dict], start_ranks: dict, stop_step: int | None,
                 path: Path) -> None:
+    """One line per layer, coloured by layer kind (the name with its block index taken out:
+    attention in, attention out, MLP in, MLP out), the highest and lowest final rank labelled."""
     import matplotlib
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6.4, 3.8))
+    fig = Figure(figsize=(7.2, 4.0))
     ax = fig.subplots()
     layers = list(dict.fromkeys(h["layer"] for h in history))
-    cmap = matplotlib.colormaps["viridis"].resampled(max(len(layers), 2))
-    for i, layer in enumerate(layers):
+    kinds = list(dict.fromkeys(map(layer_kind, layers)))
+    colours = matplotlib.colormaps["tab10"]
+    finals = {}
+    for layer in layers:
         points = [(0, start_ranks[layer])] + [(h["step"], h["rank"]) for h in history
                                               if h["layer"] == layer]
         steps, ranks = zip(*points)
-        ax.step(steps, ranks, where="post", color=cmap(i), lw=1, label=layer if len(layers) <= 8 else None)
+        finals[layer] = (steps[-1], ranks[-1])
+        kind = kinds.index(layer_kind(layer))
+        ax.step(steps, ranks, where="post", color=colours(kind % 10), lw=1, alpha=0.8)
+    for kind, name in enumerate(kinds):  # one legend entry per kind
+        ax.plot([], [], color=colours(kind % 10), lw=2,
+                label=f"{name} ({sum(layer_kind(l) == name for l in layers)})")
+    if finals:
+        for layer in {max(finals, key=lambda l: finals[l][1]), min(finals, key=lambda l: finals[l][1])}:
+            step, rank = finals[layer]
+            ax.annotate(f"{layer}: {rank}", (step, rank), fontsize=7, ha="right",
+                        va="bottom", xytext=(-2, 2), textcoords="offset points")
     if stop_step is not None:  # where adaptation stopped (a fixed step, or where ranks settled)
         ax.axvline(stop_step, color="#aa3333", ls=":", lw=1)
         ax.text(stop_step, ax.get_ylim()[1], " ranks frozen", color="#aa3333", va="top",
                 fontsize=8)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("rank")
-    ax.set_title(f"rank trajectories of {len(layers)} factored layers")
-    if len(layers) <= 8:
-        ax.legend(frameon=False, fontsize=7)
+    ax.set_title(f"rank trajectories of {len(layers)} factored layers, by kind", fontsize=10)
+    ax.legend(frameon=False, fontsize=7, loc="upper left", title="layer kind (count)",
+              title_fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def layer_kind(name: str) -> str:
+    """A layer's name with its block indices replaced by '*': transformer.h.3.mlp.c_fc →
+    transformer.h.*.mlp.c_fc, the same for every block."""
+    return ".".join("*" if part.isdigit() else part for part in name.split("."))

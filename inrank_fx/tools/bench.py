@@ -3,12 +3,14 @@
     result = inrank_fx.bench.compare(dense, factored, (x,))
     print(result.table()); result.to_json("bench.json"); result.plot("bench.png")
 
-For each model and backend: latency median and p90 after warm-up, throughput, peak memory where
-the backend reports it (CUDA), parameters, FLOPs (counted by torch.utils.flop_counter while the
-model runs: per-op formulas, no hand tables), artifact size for exported backends, and for the
-factored model the measured speedup next to the FLOP-ideal one. Backends that cannot run here
-(no CUDA, no torch-tensorrt, an inference-only backend in train mode) are records with
-status "skipped" and the reason.
+For each model and backend: latency median, p10 and p90 after warm-up, throughput, peak memory
+where the backend reports it (CUDA), parameters, FLOPs (counted by torch.utils.flop_counter while
+the model runs: per-op formulas, no hand tables), artifact size for exported backends, and for the
+factored model the measured speedup with its 90% bootstrap interval next to the FLOP-ideal one.
+Dense and factored calls alternate within one timing loop, so that load on the machine falls on
+both alike; a speedup above its FLOP-ideal or with a wide interval carries a flag saying why it
+should not be trusted. Backends that cannot run here (no CUDA, no torch-tensorrt, an
+inference-only backend in train mode) are records with status "skipped" and the reason.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .._io import atomic_destination, check_destination
 from .._table import format_table
+from .._timing import format_rate, median_ratio_interval, ratio_flags
 from ..export import check_inputs, flat_outputs
 from ..export.freeze import freeze
 
@@ -46,6 +49,7 @@ class BenchRecord:
     mode: str = "inference"
     batch: int = 0
     latency_median_ms: float | None = None
+    latency_p10_ms: float | None = None
     latency_p90_ms: float | None = None
     throughput: float | None = None  # samples (rows of the batch dimension) per second
     peak_memory_bytes: int | None = None
@@ -53,7 +57,9 @@ class BenchRecord:
     flops: int = 0  # per call (forward, or forward + backward in train mode)
     artifact_bytes: int | None = None
     speedup: float | None = None  # dense latency / factored latency, same backend
+    speedup_interval: tuple[float, float] | None = None  # 90% bootstrap interval of `speedup`
     flop_ideal_speedup: float | None = None
+    flags: list[str] = field(default_factory=list)  # why `speedup` should not be trusted
 
 
 @dataclass
@@ -65,19 +71,21 @@ class BenchResult:
         return next(r for r in self.records if r.model == model and r.backend == backend)
 
     def table(self) -> str:
-        header = ("backend", "model", "median ms", "p90 ms", "samples/s", "peak MB", "params",
-                  "GFLOPs", "file MB", "speedup", "FLOP-ideal")
+        header = ("backend", "model", "median ms", "p10-p90 ms", "samples/s", "peak MB",
+                  "params", "GFLOPs", "file MB", "speedup (90% CI)", "FLOP-ideal", "")
         rows, notes = [], []
         for r in self.records:
             if r.status != "ok":
                 notes.append(f"{r.backend} {r.model}: {r.status}: {r.reason}")
                 continue
+            notes += [f"! {r.backend}: {flag}" for flag in r.flags]
             rows.append((
-                r.backend, r.model, f"{r.latency_median_ms:.2f}", f"{r.latency_p90_ms:.2f}",
-                f"{r.throughput:,.0f}", _fmt(r.peak_memory_bytes, 1e6), f"{r.params:,}",
-                f"{r.flops / 1e9:.3f}", _fmt(r.artifact_bytes, 1e6),
-                f"{r.speedup:.2f}x" if r.speedup else "",
+                r.backend, r.model, f"{r.latency_median_ms:.2f}",
+                f"{r.latency_p10_ms:.2f}-{r.latency_p90_ms:.2f}",
+                format_rate(r.throughput), _fmt(r.peak_memory_bytes, 1e6), f"{r.params:,}",
+                f"{r.flops / 1e9:.3f}", _fmt(r.artifact_bytes, 1e6), _speedup_text(r),
                 f"{r.flop_ideal_speedup:.2f}x" if r.flop_ideal_speedup else "",
+                "!" if r.flags else "",
             ))
         meta = ", ".join(f"{k} {v}" for k, v in self.meta.items())
         return "\n".join([format_table(header, rows, left=2), *notes, f"({meta})"])
@@ -95,7 +103,7 @@ class BenchResult:
         path = check_destination(path)
         backends = [b for b in dict.fromkeys(r.backend for r in self.records)
                     if all(self.get(m, b).status == "ok" for m in ("dense", "factored"))]
-        fig = Figure(figsize=(1.8 + 1.6 * max(len(backends), 1), 3.6))
+        fig = Figure(figsize=(1.8 + 1.6 * max(len(backends), 1), 3.9))
         ax = fig.subplots()
         for i, model in enumerate(("dense", "factored")):
             values = [self.get(model, b).throughput for b in backends]
@@ -104,15 +112,25 @@ class BenchResult:
             if model == "factored":
                 for bar, b in zip(bars, backends):
                     r = self.get(model, b)
-                    ax.annotate(f"{r.speedup:.2f}x\n(ideal {r.flop_ideal_speedup:.1f}x)",
+                    low, high = r.speedup_interval or (r.speedup, r.speedup)
+                    ax.annotate(f"{r.speedup:.2f}x{' (!)' if r.flags else ''}\n"
+                                f"[{low:.2f}-{high:.2f}]\nideal {r.flop_ideal_speedup:.1f}x",
                                 (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                                ha="center", va="bottom", fontsize=8)
+                                ha="center", va="bottom", fontsize=7,
+                                color="#aa3333" if r.flags else "black")
         ax.set_xticks(range(len(backends)), backends)
         ax.set_ylabel("samples / s")
-        ax.set_title(f"dense vs factored, {self.meta.get('mode', '')}, batch {self.meta.get('batch', '')}")
-        ax.margins(y=0.3)
-        ax.legend(frameon=False, loc="upper left")
-        fig.tight_layout()
+        ax.set_title(f"dense vs factored, {self.meta.get('mode', '')}, batch "
+                     f"{self.meta.get('batch', '')}", loc="left", fontsize=10)
+        ax.margins(y=0.35)
+        ax.legend(frameon=False, loc="lower right", bbox_to_anchor=(1, 1), ncol=2, fontsize=8)
+        left_out = [f"{b} ({self.get('factored', b).reason or self.get('dense', b).reason})"
+                    for b in dict.fromkeys(r.backend for r in self.records) if b not in backends]
+        footer = "speedup [90% bootstrap interval]; (!) flagged, see the table"
+        if left_out:
+            footer += "\nnot run: " + "; ".join(left_out)
+        fig.text(0.01, 0.01, footer, fontsize=6.5, va="bottom", color="#555555", wrap=True)
+        fig.tight_layout(rect=(0, 0.07 + 0.03 * bool(left_out), 1, 1))
         with atomic_destination(path) as tmp:
             fig.savefig(tmp, format="png", dpi=120)
         return path
@@ -151,15 +169,19 @@ def compare(
     flops = {k: _count_flops(m, inputs, train, loss_fn) for k, m in models.items()}
 
     records = []
+    cuda = device.type == "cuda"
     with tempfile.TemporaryDirectory(prefix="inrank-bench-") as workdir:
         for backend in backends:
-            pair = {}
+            pair, steps = {}, {}
             for name, model in models.items():
                 record = BenchRecord(name, backend, "ok", mode=mode, batch=batch,
                                      params=sum(p.numel() for p in model.parameters()),
                                      flops=flops[name])
                 try:
-                    _run_backend(record, model, inputs, Path(workdir), train, warmup, iters, loss_fn)
+                    steps[name] = _backend_step(record, model, inputs, Path(workdir), train,
+                                                loss_fn)
+                    for _ in range(warmup):  # compilation, allocation, ORT's first run
+                        steps[name]()
                 except _Skip as skip:
                     record.status, record.reason = "skipped", str(skip)
                 except Exception as err:  # a backend failing is a result, not a crash
@@ -167,10 +189,19 @@ def compare(
                     record.reason = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
                 pair[name] = record
                 records.append(record)
+            ok = [name for name in models if pair[name].status == "ok"]
+            times, peaks = _time_alternating({name: steps[name] for name in ok}, iters,
+                                             cuda and backend != "onnxruntime")
+            for name in ok:
+                _record_times(pair[name], times[name], peaks.get(name))
             dense, factored = pair["dense"], pair["factored"]
             if dense.status == factored.status == "ok":
                 factored.speedup = dense.latency_median_ms / factored.latency_median_ms
+                factored.speedup_interval = median_ratio_interval(times["dense"],
+                                                                  times["factored"])
                 factored.flop_ideal_speedup = dense.flops / factored.flops if factored.flops else None
+                factored.flags = ratio_flags(factored.speedup, factored.speedup_interval,
+                                             factored.flop_ideal_speedup)
     meta = {"mode": mode, "batch": batch, "device": _device_name(device),
             "threads": torch.get_num_threads(), "torch": torch.__version__}
     return BenchResult(records, meta)
@@ -196,7 +227,8 @@ def _count_flops(model, inputs, train, loss_fn) -> int:
     return counter.get_total_flops()
 
 
-def _run_backend(record, model, inputs, workdir, train, warmup, iters, loss_fn) -> None:
+def _backend_step(record, model, inputs, workdir, train, loss_fn) -> Callable[[], None]:
+    """One timed call of `model` on `record.backend` (a training step with `train`)."""
     backend = record.backend
     if train and backend in INFERENCE_ONLY:
         raise _Skip("inference-only backend")
@@ -221,24 +253,39 @@ def _run_backend(record, model, inputs, workdir, train, warmup, iters, loss_fn) 
         def step():
             with torch.no_grad():
                 call(*inputs)
+    return step
 
-    cuda = inputs[0].is_cuda and backend != "onnxruntime"
-    for _ in range(warmup):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        step()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+
+def _time_alternating(steps: dict, iters: int, cuda: bool) -> tuple[dict, dict]:
+    """Seconds of `iters` calls of each step, the steps taking turns (their order reversed every
+    round), so that a burst of load on the machine lands on all of them alike; and on CUDA each
+    step's peak memory. Returns ({name: seconds}, {name: peak bytes})."""
+    times = {name: [] for name in steps}
+    peaks = {}
+    names = list(steps)
+    for i in range(iters):
+        for name in names if i % 2 == 0 else names[::-1]:
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            steps[name]()
+            if cuda:
+                torch.cuda.synchronize()
+                peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated())
+            times[name].append(time.perf_counter() - start)
+    return times, peaks
+
+
+def _record_times(record, times: list[float], peak: int | None) -> None:
     record.latency_median_ms = statistics.median(times) * 1e3
-    record.latency_p90_ms = statistics.quantiles(times, n=10)[-1] * 1e3 if len(times) > 1 else record.latency_median_ms
+    if len(times) > 1:
+        deciles = statistics.quantiles(times, n=10)
+        record.latency_p10_ms, record.latency_p90_ms = deciles[0] * 1e3, deciles[-1] * 1e3
+    else:
+        record.latency_p10_ms = record.latency_p90_ms = record.latency_median_ms
     record.throughput = record.batch / (record.latency_median_ms / 1e3)
-    record.peak_memory_bytes = torch.cuda.max_memory_allocated() if cuda else None
+    record.peak_memory_bytes = peak
 
 
 def _onnxruntime_call(record, model, inputs, workdir):
@@ -274,9 +321,23 @@ def _tensorrt_call(record, model, inputs, workdir):
 
 
 def _device_name(device: torch.device) -> str:
+    """The accelerator's or CPU's model name (not the architecture)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    try:  # Linux: the CPU's marketing name
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return " ".join(line.partition(":")[2].split())
+    except OSError:
+        pass
     return platform.processor() or platform.machine() or "cpu"
+
+
+def _speedup_text(record: BenchRecord) -> str:
+    if not record.speedup:
+        return ""
+    low, high = record.speedup_interval or (record.speedup, record.speedup)
+    return f"{record.speedup:.2f}x ({low:.2f}-{high:.2f})"
 
 
 def tune_cpu_allocator() -> bool:

@@ -41,6 +41,9 @@ def test_demo_writes_the_report(tmp_path):
                         ("onnxruntime", "dense"): "ok", ("onnxruntime", "factored"): "ok"}
     assert (out / "ranks.csv").read_text().startswith("step,layer,event,rank,width,explained")
     assert (out / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
+    low, high = saved["ratios"]["steady_step_interval"]
+    assert low <= saved["ratios"]["steady_step_seconds"] <= high
+    assert "bootstrap interval" in (out / "summary.txt").read_text()
     # a second run replaces the report
     job.run_demo(out, settings=TINY, compile=False, progress=False, backends=("eager",), log=lambda *a: None)
     assert [p.name for p in tmp_path.iterdir()] == ["report"]
@@ -110,6 +113,30 @@ def test_bench_compare_records(tmp_path):
     assert len(data["records"]) == 6 and data["meta"]["mode"] == "inference"
     assert result.plot(tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
     assert "speedup" in result.table()
+    for r in (ok, result.get("factored", "onnxruntime")):  # interval and deciles bracket
+        low, high = r.speedup_interval
+        assert low <= r.speedup <= high
+        assert r.latency_p10_ms <= r.latency_median_ms <= r.latency_p90_ms
+        assert any("above the FLOP-ideal" in f for f in r.flags) == (r.speedup > r.flop_ideal_speedup)
+
+
+def test_timing_intervals_and_flags():
+    from inrank_fx._timing import format_rate, median_ratio_interval, ratio_flags
+
+    steady, noisy = [1.0, 1.01, 0.99, 1.0, 1.02] * 4, [0.5, 2.0, 0.6, 1.9, 0.4] * 4
+    low, high = median_ratio_interval([2 * t for t in steady], steady)
+    assert 1.9 < low <= 2.0 <= high < 2.1
+    assert ratio_flags(2.0, (low, high), ideal=4.0) == []
+    assert "above the FLOP-ideal" in ratio_flags(5.0, (4.9, 5.1), ideal=4.0)[0]
+    wide = median_ratio_interval(noisy, steady)
+    assert wide[1] / wide[0] > 1.25 and "wide" in ratio_flags(1.0, wide)[0]
+    assert [format_rate(x) for x in (123456.7, 56.71, 0.01234)] == ["123,457", "56.7", "0.0123"]
+
+
+def test_rank_plot_groups_layers_by_kind():
+    assert job.layer_kind("transformer.h.3.mlp.c_fc") == "transformer.h.*.mlp.c_fc"
+    assert job.layer_kind("encoder.layers.10.self_attn.out_proj") == \
+        "encoder.layers.*.self_attn.out_proj"
 
 
 def test_bench_and_summary_commands(capsys):
