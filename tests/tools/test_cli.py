@@ -44,6 +44,9 @@ def test_demo_writes_the_report(tmp_path):
     low, high = saved["ratios"]["steady_step_interval"]
     assert low <= saved["ratios"]["steady_step_seconds"] <= high
     assert "bootstrap interval" in (out / "summary.txt").read_text()
+    assert 0 < saved["ratios"]["step_flops"] < 1  # InRank's step at its final ranks is cheaper
+    assert any("above the FLOP-ideal" in f for f in saved["ratios"]["flags"]) == \
+        (saved["ratios"]["steady_step_seconds"] < saved["ratios"]["step_flops"])
     # a second run replaces the report
     job.run_demo(out, settings=TINY, compile=False, progress=False, backends=("eager",), log=lambda *a: None)
     assert [p.name for p in tmp_path.iterdir()] == ["report"]
