@@ -11,6 +11,7 @@ from torch import nn
 
 from .._io import atomic_destination, check_destination
 from ._common import (
+    ExportError,
     ExportParityError,
     MissingDependencyError,
     check_inputs,
@@ -91,9 +92,14 @@ def to_onnx(
 
     with torch.no_grad():
         program = export_program(frozen, inputs, dynamic_batch)
-    onnx_program = torch.onnx.export(
-        program, inputs, dynamo=True, opset_version=opset, optimize=True, verbose=False
-    )
+    try:
+        onnx_program = torch.onnx.export(
+            program, inputs, dynamo=True, opset_version=opset, optimize=True, verbose=False
+        )
+    except Exception as err:  # torch.export took the model; its ONNX translation did not
+        reason = _root_cause(err)
+        raise ExportError(f"torch.onnx could not translate {type(model).__name__} (traced "
+                          f"by torch.export) to ONNX: {reason}") from err
     if not debug_info:
         _drop_node_metadata(onnx_program.model)
     onnx_program.model.metadata_props[RANKS_METADATA_KEY] = json.dumps(ranks)
@@ -106,6 +112,13 @@ def to_onnx(
         written = list(tmp.parent.iterdir())
         report.file_bytes = sum(p.stat().st_size for p in written)
     return report
+
+
+def _root_cause(err: BaseException) -> str:
+    """The innermost cause's message: the exporter's own wraps it in pages of advice."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:300]}"
 
 
 def _drop_node_metadata(model) -> None:

@@ -37,6 +37,18 @@ class FactoredLinear(nn.Module):
             layer.up.bias.copy_(bias)
         return layer
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense out×in product up·down, for code that reads `.weight` of what used to be an
+        nn.Linear (often only its dtype, device or shape, as T5's feed-forward does). It costs a
+        dense matmul; the forward never forms it, and traced code that reads only its metadata
+        leaves no matmul in the graph. (With an `activation` the layer is not this linear map.)"""
+        return self.up.weight @ self.down.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.up.bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.down(x)
         if self.activation is not None:

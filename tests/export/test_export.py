@@ -212,3 +212,51 @@ def test_exporting_leaves_the_callers_model_as_it_was(tmp_path):
     model = nn.Sequential(nn.Linear(32, 32), nn.Dropout(0.1)).train()
     to_onnx(model, (torch.randn(2, 32),), tmp_path / "m.onnx")
     assert model.training and type(model[0]) is nn.Linear
+
+
+def test_frozen_linear_keeps_the_attributes_code_reads(rel_err):
+    torch.manual_seed(0)
+    model = transform(nn.Sequential(nn.Linear(32, 48)), InRankConfig(init_rank=8, buffer=0))
+    frozen = freeze(model)
+    layer = frozen[0]
+    assert isinstance(layer, FactoredLinear) and layer.rank == 8  # below full rank: not merged
+    assert layer.weight.shape == (48, 32) and layer.weight.dtype == torch.float32
+    assert rel_err(layer.weight, model[0].weight) < 1e-6
+    assert layer.bias is layer.up.bias
+    assert (layer.in_features, layer.out_features) == (32, 48)
+
+
+class Seq2SeqLogits(nn.Module):
+    """T5 called with positional tensors, as exporters take them."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, decoder_ids):
+        return self.model(input_ids=ids, decoder_input_ids=decoder_ids).logits
+
+
+def test_t5_below_full_rank_freezes_runs_and_exports(tmp_path, rel_err):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                   num_heads=2, decoder_start_token_id=0)
+    dense = transformers.T5ForConditionalGeneration(config).eval()
+    model = transform(dense, InRankConfig(init_rank=0.25, buffer=0, min_features=8))
+    assert len(ranks(model)) == 16
+    frozen = freeze(model)  # T5's feed-forward reads self.wo.weight.dtype in its forward
+    assert isinstance(frozen.encoder.block[0].layer[1].DenseReluDense.wo, FactoredLinear)
+    ids, decoder_ids = torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 5))
+    with torch.no_grad():
+        expected = model(input_ids=ids, decoder_input_ids=decoder_ids).logits
+        assert rel_err(frozen(input_ids=ids, decoder_input_ids=decoder_ids).logits, expected) < 1e-5
+    try:  # the dense T5 first: where torch.onnx cannot export it, that is upstream's limit
+        to_onnx(Seq2SeqLogits(dense), (ids, decoder_ids), tmp_path / "dense.onnx",
+                dynamic_batch=False)
+    except ExportError as err:
+        pytest.skip(f"the dense T5 does not export to ONNX on this torch/transformers either: "
+                    f"{str(err).splitlines()[0][:200]}")
+    report = to_onnx(Seq2SeqLogits(model), (ids, decoder_ids), tmp_path / "t5.onnx",
+                     dynamic_batch=False)
+    assert report.max_rel_error <= 1e-4
