@@ -24,6 +24,7 @@ from .matchers import (
     NotFactorable,
     function_handler,
     handled_weights,
+    is_metadata_read,
     module_handler,
     view_chain,
 )
@@ -223,7 +224,8 @@ def _reads_in_graph(graph: fx.Graph, module: nn.Module, path: str, reads: _Reads
     candidates = set(param_nodes)
     for pnode, param in param_nodes.items():
         views = view_chain(pnode)
-        readers = {user: None for view in views for user in view.users if user not in views}
+        readers = {user: None for view in views for user in view.users
+                   if user not in views and not is_metadata_read(user)}
         for user in readers:
             reads.add(param, _join(path, pnode.target),
                       _read_at(user, pnode, candidates, path, where_mod))
@@ -233,7 +235,8 @@ def _weights_into_leaves(graph: fx.Graph, module: nn.Module) -> bool:
     """Does this forward pass a 2-D parameter straight into a function that is not a matmul
     (one that fx kept as a leaf, such as torchvision's shifted_window_attention)?"""
     for node in graph.nodes:
-        if node.op != "call_function" or function_handler(node) is not None:
+        if (node.op != "call_function" or function_handler(node) is not None
+                or is_metadata_read(node)):
             continue
         for arg in (*node.args, *node.kwargs.values()):
             if isinstance(arg, fx.Node) and arg.op == "get_attr":
@@ -247,6 +250,8 @@ def _read_at(user: fx.Node, pnode: fx.Node, candidates: set, path: str, where_mo
     where = f"node '{user.name}' ({_describe(user)}) in {where_mod}"
     handler = function_handler(user)
     if handler is None:
+        if user.op == "call_function" and user.target is getattr:  # w.data, w.grad, ...
+            return Read("opaque", f"its attribute .{user.args[1]} read in {where_mod}", path)
         if user.op == "call_function" and pnode in (*user.args, *user.kwargs.values()):
             where = (f"passed to {_describe(user)}(), a function fx keeps as a leaf "
                      f"(torch.fx.wrap), in {where_mod}")

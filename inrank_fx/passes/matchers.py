@@ -117,6 +117,21 @@ def view_chain(root: fx.Node) -> list[fx.Node]:
     return chain
 
 
+# Reads of a tensor's metadata, not of its values: `w.dtype`, `w.shape`, `w.size(0)`, ... A
+# factored layer answers them from its `.weight` property, so they do not keep a weight dense.
+METADATA_ATTRS = frozenset({"dtype", "device", "shape", "ndim", "is_cuda", "requires_grad",
+                            "layout", "is_meta", "is_sparse", "is_quantized"})
+METADATA_METHODS = frozenset({"size", "dim", "get_device", "is_floating_point", "is_complex",
+                              "numel", "nelement", "element_size"})
+
+
+def is_metadata_read(node: fx.Node) -> bool:
+    """Does `node` read only the metadata (dtype, device, shape) of its first argument?"""
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) >= 2 and node.args[1] in METADATA_ATTRS
+    return node.op == "call_method" and node.target in METADATA_METHODS
+
+
 def weight_of(arg: Argument, param_nodes: set[fx.Node]) -> tuple[fx.Node, bool] | None:
     """(parameter get_attr node, transposed?) if `arg` is a weight parameter seen through views."""
     transposed = False

@@ -43,8 +43,14 @@ def factor_matmul_sites(gm: fx.GraphModule, sites: list[tuple[MatmulSite, str]])
         y.meta.update(site.node.meta)
         site.node.replace_all_uses_with(y)
         graph.erase_node(site.node)
-        stale.append(site.param_node)
-    _erase_unused_views(graph, stale)
+        stale.append((site.param_node, target))
+    _erase_unused_views(graph, [param for param, _ in stale])
+    for param, target in dict(stale).items():
+        if param in graph.nodes and param.users:  # metadata reads (w.dtype, w.shape) are left:
+            with graph.inserting_before(param):  # the layer's .weight answers them
+                weight = graph.get_attr(f"{target}.weight")
+            param.replace_all_uses_with(weight)
+            graph.erase_node(param)
     graph.lint()
     gm.recompile()
     return gm

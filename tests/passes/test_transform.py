@@ -326,3 +326,44 @@ def test_a_rank_above_the_full_rank_is_capped_warned_and_reported():
     records = {r.name: r for r in summary(out).report.factored}
     assert (records["0"].rank, records["0"].requested_rank) == (32, 40)
     assert (records["1"].rank, records["1"].requested_rank) == (40, None)  # 40 ≤ 64: as asked
+
+
+class ReadsWeightMetadata(nn.Module):
+    """Reads of a weight's dtype / shape / size(), as positional encodings and casts do: a
+    module's weight read by its parent, and a bare parameter read beside its F.linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(32, 48)
+        self.w = nn.Parameter(torch.randn(40, 48) / 7)
+
+    def forward(self, x):
+        h = self.proj(x.to(self.proj.weight.dtype)) / self.proj.weight.shape[1]
+        scale = self.w.size(0) / self.w.T.shape[0]  # through a view as well
+        return F.linear(h.to(self.w.dtype), self.w) * scale + self.w.ndim
+
+
+def test_metadata_reads_do_not_keep_weights_dense(rel_err):
+    torch.manual_seed(0)
+    model = ReadsWeightMetadata()
+    x = torch.randn(4, 32)
+    out = transform(model, FULL_SVD)
+    assert set(ranks(out)) == {"proj", "w"}, summary(out).dense
+    assert rel_err(out(x), model(x)) < 1e-5
+    low = transform(model, InRankConfig(init_rank=4, buffer=0))
+    assert low(x).shape == (4, 40)
+    fx.symbolic_trace(low)  # the rewritten forward traces again
+
+
+def test_an_attribute_read_is_named_as_one():
+    class ReadsData(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(40, 48))
+
+        def forward(self, x):
+            return F.linear(x, self.w) + self.w.data.sum()
+
+    out = transform(ReadsData(), FULL_SVD)
+    assert ranks(out) == {}
+    assert "its attribute .data read in the root forward" in summary(out).dense[0].reason
