@@ -99,7 +99,7 @@ class InRankConfig:
     buffer: Union[int, float] = 0.1
     silent_buffer: bool = True
     measure: str = "weight"
-    threshold: float = 0.999
+    threshold: float = 0.9995
     criterion: str = "variance"
     ranks_only_grow: bool = False
     warmup_steps: int = 25

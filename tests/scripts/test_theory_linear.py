@@ -1,6 +1,7 @@
 """examples/theory_linear.py: the cumulative update's rank grows incrementally."""
 import pytest
 
+from inrank_fx import InRankConfig
 from inrank_fx.demo.gpt import GPTConfig
 
 
@@ -46,8 +47,9 @@ def test_gpt_update_ranks_are_recorded_per_layer(script, monkeypatch):
     assert len(spectra) == 2 * len(layers)
     for i, name in enumerate(layers):
         at_3, at_6 = spectra[i], spectra[len(layers) + i]
-        assert record["ranks"][name] == [rule(at_3, 0.999, "variance", full_rank=at_3.numel()),
-                                         rule(at_6, 0.999, "variance", full_rank=at_6.numel())]
+        alpha = InRankConfig().threshold  # the rule as the library's defaults read it
+        assert record["ranks"][name] == [rule(at_3, alpha, "variance", full_rank=at_3.numel()),
+                                         rule(at_6, alpha, "variance", full_rank=at_6.numel())]
         # the spectrum read is the cumulative update's, which grows with the steps taken
         # (Adam's steps are about lr per entry); a weight's own norm would barely move
         assert at_6.norm() > 1.4 * at_3.norm()
