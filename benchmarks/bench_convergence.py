@@ -403,11 +403,14 @@ def report(result: dict) -> str:
 def plot(result: dict, path: str) -> None:
     """Validation loss against parameters, training FLOPs and wall-clock (the fixed-rank
     frontier drawn through the fixed arms), and the validation curves."""
+    import matplotlib
     from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
 
     runs = result["runs"]
     fig = Figure(figsize=(16, 4))
     axes = fig.subplots(1, 4)
+    palette = matplotlib.colormaps["tab20"]  # one colour per arm, the same in every panel
+    colour = {name: palette(i % 20) for i, name in enumerate(result["chosen"])}
     means = {}
     for name in result["chosen"]:
         rs = [r for r in runs if r["arm"] == name]
@@ -422,7 +425,8 @@ def plot(result: dict, path: str) -> None:
                     label="fixed-rank frontier")
         for name, m in means.items():
             marker = {"dense": "s", "fixed": "o", "fixed-at": "D"}.get(kind(name), "*")
-            ax.plot([m[key]], [m["val"]], marker, ms=10 if marker == "*" else 6, label=name)
+            ax.plot([m[key]], [m["val"]], marker, ms=10 if marker == "*" else 6, label=name,
+                    color=colour[name])
         ax.set_xscale("log")
         ax.set_xlabel(label + " (log)")
         ax.set_ylabel("validation loss (mean over seeds)")
@@ -432,7 +436,8 @@ def plot(result: dict, path: str) -> None:
         rs = [r for r in runs if r["arm"] == name]
         steps = [s for s, _ in rs[0]["curve"]]
         ax_c.plot(steps, [statistics.mean(dict(r["curve"])[s] for r in rs) for s in steps],
-                  lw=1.2, label=name)
+                  lw=1.2, label=name, color=colour[name],
+                  ls="--" if kind(name) in ("fixed", "fixed-at") else "-")
     ax_c.set_xlabel("optimizer step")
     ax_c.set_ylabel("validation loss (mean over seeds)")
     ax_c.set_title("each arm at its own tuned learning rate", fontsize=9)
