@@ -30,7 +30,6 @@ from .analysis import Analysis, WeightUse, analyse
 from .matchers import MatmulSite, handled_weights
 from .rewrite import factor_matmul_sites, graph_module_like, install_layer
 from .substitutes import apply_substitutes, restore_unused
-from .tracing import is_library_module
 
 log = logging.getLogger("inrank_fx")
 
@@ -281,11 +280,9 @@ def _functional(weight: WeightUse, sites: list, ctx: PlanContext) -> Candidate |
     """A weight read by matmul nodes (F.linear, @, matmul, mm, addmm) in traced forwards."""
     if len({r.site.transposed for r in sites}) > 1:
         return Dense(weight.name, "read both as W and as its transpose by matmul nodes")
-    owner = _owner_of(ctx.model, weight.name)
-    inlined = all(r.owner in ctx.exported for r in sites)  # torch.export inlined its module
-    if owner is not None and is_library_module(owner) and not inlined:
-        return Dense(weight.name, f"a parameter of {type(owner).__name__} read directly by "
-                                  f"{sites[0].where}")
+    # A library module's weight read only here (timm's F.linear(x, self.qkv.weight, qkv_bias)),
+    # never by a call of the module: the layer takes the weight's place inside the module, and
+    # the module's other parameters (its bias) stay where they are.
     site: MatmulSite = sites[0].site
     matrix = weight.param.T if site.transposed else weight.param
     return Candidate(weight.name, site.kind, weight, matrix)

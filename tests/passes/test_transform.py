@@ -367,3 +367,41 @@ def test_an_attribute_read_is_named_as_one():
     out = transform(ReadsData(), FULL_SVD)
     assert ranks(out) == {}
     assert "its attribute .data read in the root forward" in summary(out).dense[0].reason
+
+
+class FusedBiasAttention(nn.Module):
+    """timm's pattern: the parent hands its nn.Linear's weight to F.linear with a bias it builds
+    itself (q and v biases, none for k), and never calls the module."""
+
+    def __init__(self, dim: int = 32, qkv_bias: bool = False):
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.q_bias = nn.Parameter(torch.randn(dim) / 10)
+        self.v_bias = nn.Parameter(torch.randn(dim) / 10)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
+        if self.qkv.bias is not None:
+            bias = bias + self.qkv.bias
+        q, k, v = F.linear(x, self.qkv.weight, bias).chunk(3, dim=-1)
+        attn = torch.softmax(q @ k.mT / 8, dim=-1) @ v
+        return self.proj(attn)
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_a_modules_weight_handed_to_f_linear_by_its_parent_is_factored(rel_err, qkv_bias):
+    torch.manual_seed(0)
+    model = FusedBiasAttention(qkv_bias=qkv_bias)
+    x = torch.randn(2, 5, 32)
+    out = transform(model, FULL_SVD)
+    assert set(ranks(out)) == {"qkv.weight", "proj"}, summary(out).dense
+    assert rel_err(out(x), model(x)) < 1e-5
+    assert ("qkv.bias" in dict(out.named_parameters())) == qkv_bias  # its bias stays in place
+    low = transform(model, InRankConfig(init_rank=4, buffer=0))
+    opt = torch.optim.AdamW(low.parameters(), lr=1e-2)
+    low(x).square().mean().backward()
+    opt.step()  # trains: the layer inside qkv gets gradients
+    assert ranks(low)["qkv.weight"] == 4
+    with torch.no_grad():
+        assert rel_err(inrank_fx.freeze(low)(x), low(x)) < 1e-5  # freezes, and runs
