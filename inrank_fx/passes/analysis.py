@@ -253,6 +253,8 @@ def _read_at(user: fx.Node, pnode: fx.Node, candidates: set, path: str, where_mo
         if user.op == "call_function" and user.target is getattr:  # w.data, w.grad, ...
             return Read("opaque", f"its attribute .{user.args[1]} read in {where_mod}", path)
         if user.op == "call_function" and pnode in (*user.args, *user.kwargs.values()):
+            if _is_torch_op(user.target):  # an op with no matmul handler (bmm, einsum, ...)
+                return Read("opaque", f"passed to {_describe(user)}() in {where_mod}", path)
             where = (f"passed to {_describe(user)}(), a function fx keeps as a leaf "
                      f"(torch.fx.wrap), in {where_mod}")
             return Read("opaque", where, path, leaf_call=True)
@@ -264,6 +266,12 @@ def _read_at(user: fx.Node, pnode: fx.Node, candidates: set, path: str, where_mo
     if site is None or site.param_node is not pnode:
         return Read("opaque", f"{where}: not in a weight slot", path)
     return Read("site", where, path, site)
+
+
+def _is_torch_op(target) -> bool:
+    """A torch function or operator, as opposed to a user's function fx kept as a leaf."""
+    module = getattr(target, "__module__", None) or ""
+    return module.split(".")[0] in ("torch", "operator", "_operator", "builtins")
 
 
 def _describe(node: fx.Node) -> str:

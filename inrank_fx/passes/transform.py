@@ -53,6 +53,8 @@ class DenseRecord:
     # init_rank="auto" measured a rank at which the factored layer would hold more parameters
     # than the dense one (a flat spectrum, as an untrained model has)
     larger_factored: bool = False
+    # a 3-D stack of matrices (mixture-of-experts weights, experts × out × in): not factored yet
+    expert_stack: bool = False
 
 
 @dataclass
@@ -144,7 +146,7 @@ def transform(
     report = TransformReport(
         config=config,
         factored=[_record(c, layer, requested) for c, layer, requested in built],
-        dense=[DenseRecord(p.name, p.reason, p.larger_factored)
+        dense=[DenseRecord(p.name, p.reason, p.larger_factored, p.expert_stack)
                for p in plans if isinstance(p, Dense)],
         traced=traced,
         not_traced={p: t.error for p, t in analysis.traces.items() if not t.ok},
@@ -219,6 +221,7 @@ class Dense:
     reason: str
     asked: bool = False
     larger_factored: bool = False
+    expert_stack: bool = False
 
 
 def plan_weight(weight: WeightUse, ctx: PlanContext) -> Candidate | Dense | None:
@@ -249,6 +252,13 @@ def _unread(weight: WeightUse, opaque: list, ctx: PlanContext) -> Dense | None:
         reason = (opaque[0].where + _leaf_hint(opaque[0], ctx) if opaque
                   else "its module is never called by a traced forward")
         return Dense(weight.name, reason)
+    if weight.param.dim() == 3 and opaque:
+        experts, n_out, n_in = weight.param.shape
+        where = opaque[0].where
+        where = f"read by {where}" if where.startswith("node") else where
+        return Dense(weight.name, f"a stack of {experts} matrices ({experts}x{n_out}x{n_in}, "
+                                  f"mixture-of-experts weights) {where}: stacked weights are "
+                                  f"not factored yet", expert_stack=True)
     if weight.param.dim() == 2 and any(r.untraced for r in opaque):
         # Possibly a matmul weight that no frontend could see.
         hint = "" if ctx.captured else \

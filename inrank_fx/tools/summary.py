@@ -130,9 +130,17 @@ def summary(model: nn.Module, example_inputs=None) -> Summary:
     return result
 
 
+def _op_name(op) -> str:
+    return str(op).rpartition(".")[2].split("'")[0]
+
+
 def _is_weight_matmul(op) -> bool:
-    name = str(op).rpartition(".")[2].split("'")[0]
-    return name in ("mm", "addmm", "convolution", "_convolution")
+    return _op_name(op) in ("mm", "addmm", "convolution", "_convolution")
+
+
+def _is_batched_matmul(op) -> bool:
+    """What runs stacked expert weights (and attention, so counted only inside experts)."""
+    return _op_name(op) in ("bmm", "baddbmm", "_grouped_mm")
 
 
 def flop_coverage(model: nn.Module, example_inputs) -> FlopCoverage:
@@ -146,9 +154,9 @@ def flop_coverage(model: nn.Module, example_inputs) -> FlopCoverage:
     counts = counter.get_flop_counts()
     root = type(model).__name__
 
-    def flops(path: str, only_weight_ops: bool = True) -> int:
+    def flops(path: str, only_weight_ops: bool = True, kind=_is_weight_matmul) -> int:
         ops = counts.get(f"{root}.{path}" if path else root, {})
-        return sum(v for op, v in ops.items() if not only_weight_ops or _is_weight_matmul(op))
+        return sum(v for op, v in ops.items() if not only_weight_ops or kind(op))
 
     layers = factored_layers(model)
     # Everything a factored layer counts is a matmul of its factors, whatever aten op ran it.
@@ -158,4 +166,7 @@ def flop_coverage(model: nn.Module, example_inputs) -> FlopCoverage:
     tied_paths = [d.name.rpartition(".")[0] for d in (report.dense if report else []) if "tied" in d.reason]
     tied = sum(flops(p) for p in tied_paths)
     left = flops("") - sum(flops(name) for name in layers) - tied
+    # stacked expert weights left dense run as batched matmuls in the module that holds them
+    stacks = {d.name.rpartition(".")[0] for d in (report.dense if report else []) if d.expert_stack}
+    left += sum(flops(p, kind=_is_batched_matmul) for p in stacks)
     return FlopCoverage(int(equivalent), sum(actual.values()), max(left, 0), tied)

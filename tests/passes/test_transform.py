@@ -355,6 +355,19 @@ def test_metadata_reads_do_not_keep_weights_dense(rel_err):
     fx.symbolic_trace(low)  # the rewritten forward traces again
 
 
+def test_a_torch_op_without_a_handler_is_not_called_a_leaf_function():
+    class Stacked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(40, 48))
+
+        def forward(self, x):
+            return torch.flip(self.w, (0,)).sum() + F.linear(x, self.w)
+
+    reason = summary(transform(Stacked(), FULL_SVD)).dense[0].reason
+    assert "passed to flip() in the root forward" in reason and "leaf" not in reason
+
+
 def test_an_attribute_read_is_named_as_one():
     class ReadsData(nn.Module):
         def __init__(self):
@@ -405,3 +418,45 @@ def test_a_modules_weight_handed_to_f_linear_by_its_parent_is_factored(rel_err, 
     assert ranks(low)["qkv.weight"] == 4
     with torch.no_grad():
         assert rel_err(inrank_fx.freeze(low)(x), low(x)) < 1e-5  # freezes, and runs
+
+
+class TinyMoE(nn.Module):
+    """A mixture-of-experts feed-forward: a router, top-2 gating, and the experts' weights stacked
+    (experts × out × in) and run as batched matmuls, as MoE implementations store them."""
+
+    def __init__(self, dim: int = 32, hidden: int = 64, experts: int = 4):
+        super().__init__()
+        self.router = nn.Linear(dim, experts)
+        self.experts = ExpertStack(dim, hidden, experts)
+
+    def forward(self, x):
+        gates = torch.softmax(self.router(x), dim=-1)
+        top, index = gates.topk(2, dim=-1)
+        weights = torch.zeros_like(gates).scatter(-1, index, top)  # tokens × experts
+        return torch.einsum("te,ted->td", weights, self.experts(x))
+
+
+class ExpertStack(nn.Module):
+    def __init__(self, dim, hidden, experts):
+        super().__init__()
+        self.w_in = nn.Parameter(torch.randn(experts, hidden, dim) / dim ** 0.5)
+        self.w_out = nn.Parameter(torch.randn(experts, dim, hidden) / hidden ** 0.5)
+
+    def forward(self, x):  # every expert on every token (tokens × experts × dim)
+        h = torch.bmm(x.unsqueeze(0).expand(self.w_in.shape[0], -1, -1), self.w_in.mT).relu()
+        return torch.bmm(h, self.w_out.mT).transpose(0, 1)
+
+
+def test_expert_stacks_are_named_in_the_summary_and_counted_in_the_flop_share():
+    torch.manual_seed(0)
+    model, x = TinyMoE(), torch.randn(10, 32)
+    out = transform(model, InRankConfig(init_rank=2, buffer=0, min_features=1))
+    s = summary(out, (x,))
+    stacks = {d.name: d for d in s.dense if d.expert_stack}
+    assert set(stacks) == {"experts.w_in", "experts.w_out"}
+    assert "a stack of 4 matrices (4x64x32, mixture-of-experts weights) read by node 'bmm' " \
+           "(bmm) in 'experts'" in stacks["experts.w_in"].reason
+    assert set(ranks(out)) == {"router"}
+    # the experts' batched matmuls are most of the work, and they are not factored
+    expert_flops = 2 * 2 * 10 * 4 * 64 * 32  # two bmm's, tokens × experts × hidden × dim
+    assert s.flops.left_dense >= expert_flops and s.flops.share < 0.1

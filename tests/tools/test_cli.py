@@ -166,16 +166,21 @@ def test_demo_quick_console_script(tmp_path):
     assert saved["inrank"]["params"] < saved["dense"]["params"]
 
 
-def test_help_and_usage_errors_come_before_torch():
-    # a fresh interpreter: --help and a bad argument are answered without importing torch
-    code = ("import sys\nfrom inrank_fx.cli import main\n"
-            "for argv in (['--help'], ['summary', '--help'], ['bench', '--nope']):\n"
-            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
-            "print('torch' in sys.modules)")
+def fresh_python(code: str) -> str:
+    """stdout of `code` run by a new interpreter (nothing imported yet)."""
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "usage: inrank-fx" in result.stdout and result.stdout.strip().endswith("False")
+    return result.stdout
+
+
+def test_help_and_usage_errors_come_before_torch():
+    # --help and a bad argument are answered without importing torch
+    out = fresh_python("import sys\nfrom inrank_fx.cli import main\n"
+                       "for argv in (['--help'], ['summary', '--help'], ['bench', '--nope']):\n"
+                       "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+                       "print('torch' in sys.modules)")
+    assert "usage: inrank-fx" in out and out.strip().endswith("False")
 
 
 def test_cli_init_choices_match_the_layers():
@@ -186,14 +191,11 @@ def test_cli_init_choices_match_the_layers():
 
 
 def test_import_is_lazy_and_every_public_name_resolves():
-    code = ("import sys, inrank_fx\nassert 'torch' not in sys.modules\n"
-            "names = [getattr(inrank_fx, n) for n in inrank_fx.__all__]\n"
-            "assert inrank_fx.integrations.InRankCallback.__name__ == 'InRankCallback'\n"
-            "print(len(names))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert int(result.stdout) == len(inrank_fx.__all__)
+    out = fresh_python("import sys, inrank_fx\nassert 'torch' not in sys.modules\n"
+                       "names = [getattr(inrank_fx, n) for n in inrank_fx.__all__]\n"
+                       "assert inrank_fx.integrations.InRankCallback.__name__ == 'InRankCallback'\n"
+                       "print(len(names))")
+    assert int(out) == len(inrank_fx.__all__)
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         inrank_fx.nope  # noqa: B018
 
