@@ -12,9 +12,11 @@ component, whatever path the tensor was reached by.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import networkx as nx
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -55,6 +57,7 @@ class Read:
     untraced: bool = False  # read by a forward that could not be traced
     leaf_call: bool = False  # handed to a function fx keeps as a leaf (torch.export sees in)
     handler: object = None
+    batched: bool = False  # an operand of a batched matmul (bmm, einsum, ...): expert stacks
 
 
 @dataclass
@@ -246,25 +249,34 @@ def _weights_into_leaves(graph: fx.Graph, module: nn.Module) -> bool:
     return False
 
 
+# Ops that multiply stacks of matrices: what runs mixture-of-experts weights (experts × out × in).
+BATCHED_MATMULS = {torch.bmm, torch.baddbmm, torch.matmul, torch.einsum, operator.matmul,
+                   *filter(None, [getattr(torch, "_grouped_mm", None)])}
+BATCHED_METHODS = {"bmm", "baddbmm", "matmul"}
+
+
 def _read_at(user: fx.Node, pnode: fx.Node, candidates: set, path: str, where_mod: str) -> Read:
     where = f"node '{user.name}' ({_describe(user)}) in {where_mod}"
+    batched = (user.target in BATCHED_MATMULS if user.op == "call_function"
+               else user.op == "call_method" and user.target in BATCHED_METHODS)
     handler = function_handler(user)
     if handler is None:
         if user.op == "call_function" and user.target is getattr:  # w.data, w.grad, ...
             return Read("opaque", f"its attribute .{user.args[1]} read in {where_mod}", path)
         if user.op == "call_function" and pnode in (*user.args, *user.kwargs.values()):
             if _is_torch_op(user.target):  # an op with no matmul handler (bmm, einsum, ...)
-                return Read("opaque", f"passed to {_describe(user)}() in {where_mod}", path)
+                return Read("opaque", f"passed to {_describe(user)}() in {where_mod}", path,
+                            batched=batched)
             where = (f"passed to {_describe(user)}(), a function fx keeps as a leaf "
                      f"(torch.fx.wrap), in {where_mod}")
             return Read("opaque", where, path, leaf_call=True)
-        return Read("opaque", where, path)
+        return Read("opaque", where, path, batched=batched)
     try:
         site = handler(user, candidates)
     except NotFactorable as err:
-        return Read("opaque", f"{err} in {where_mod}", path)
+        return Read("opaque", f"{err} in {where_mod}", path, batched=batched)
     if site is None or site.param_node is not pnode:
-        return Read("opaque", f"{where}: not in a weight slot", path)
+        return Read("opaque", f"{where}: not in a weight slot", path, batched=batched)
     return Read("site", where, path, site)
 
 

@@ -252,9 +252,10 @@ def _unread(weight: WeightUse, opaque: list, ctx: PlanContext) -> Dense | None:
         reason = (opaque[0].where + _leaf_hint(opaque[0], ctx) if opaque
                   else "its module is never called by a traced forward")
         return Dense(weight.name, reason)
-    if weight.param.dim() == 3 and opaque:
+    batched = [r for r in opaque if r.batched]
+    if weight.param.dim() == 3 and batched:
         experts, n_out, n_in = weight.param.shape
-        where = opaque[0].where
+        where = batched[0].where
         where = f"read by {where}" if where.startswith("node") else where
         return Dense(weight.name, f"a stack of {experts} matrices ({experts}x{n_out}x{n_in}, "
                                   f"mixture-of-experts weights) {where}: stacked weights are "

@@ -460,3 +460,18 @@ def test_expert_stacks_are_named_in_the_summary_and_counted_in_the_flop_share():
     # the experts' batched matmuls are most of the work, and they are not factored
     expert_flops = 2 * 2 * 10 * 4 * 64 * 32  # two bmm's, tokens × experts × hidden × dim
     assert s.flops.left_dense >= expert_flops and s.flops.share < 0.1
+
+
+def test_other_3d_parameters_are_not_expert_stacks():
+    class Tokens(nn.Module):  # a ViT's class token and position embedding: 3-D, no matmul
+        def __init__(self):
+            super().__init__()
+            self.cls = nn.Parameter(torch.randn(1, 1, 32))
+            self.pos = nn.Parameter(torch.randn(1, 5, 32))
+            self.proj = nn.Linear(32, 32)
+
+        def forward(self, x):
+            return self.proj(torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos)
+
+    out = transform(Tokens(), FULL_SVD)
+    assert set(ranks(out)) == {"proj"} and not summary(out).dense
