@@ -6,7 +6,17 @@ import warnings
 import pytest
 import torch
 
-from inrank_fx import InRankConfig, InRankLinear, attach, ranks, set_ranks, summary, transform
+from inrank_fx import (
+    FactoredLayer,
+    InRankConfig,
+    InRankLinear,
+    attach,
+    freeze,
+    ranks,
+    set_ranks,
+    summary,
+    transform,
+)
 from inrank_fx.export import to_onnx
 
 pytestmark = pytest.mark.slow
@@ -106,6 +116,20 @@ def test_zoo_training_step_changes_ranks(name):
     after = ranks(out)
     assert all(after[n] >= before[n] for n in before) and after != before
     _first_tensor(out(*inputs))  # and it still runs
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_zoo_freezes_below_full_rank_and_runs(rel_err, name):
+    # frozen layers below full rank stay factored (FactoredLinear / FactoredConv2d): the model
+    # must still run, as code written for nn.Linear reads them (T5 reads .weight.dtype)
+    build, _, _ = ZOO[name]
+    model, inputs = build()
+    out = _transform(name, model.eval(), InRankConfig(init="svd", init_rank=0.25, buffer=0),
+                     inputs).eval()
+    frozen = freeze(out)
+    assert not any(isinstance(m, FactoredLayer) for m in frozen.modules())
+    with torch.no_grad():
+        assert rel_err(_first_tensor(frozen(*inputs)), _first_tensor(out(*inputs))) < 1e-4
 
 
 @pytest.mark.parametrize("name", [n for n in ZOO if n != "vit_b_16"])  # vit_b_16: tests/export/test_export.py
