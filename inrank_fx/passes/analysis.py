@@ -12,11 +12,9 @@ component, whatever path the tensor was reached by.
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 
 import networkx as nx
-import torch
 import torch.fx as fx
 from torch import nn
 
@@ -26,6 +24,7 @@ from .matchers import (
     NotFactorable,
     function_handler,
     handled_weights,
+    is_batched_matmul,
     is_metadata_read,
     module_handler,
     view_chain,
@@ -249,16 +248,9 @@ def _weights_into_leaves(graph: fx.Graph, module: nn.Module) -> bool:
     return False
 
 
-# Ops that multiply stacks of matrices: what runs mixture-of-experts weights (experts × out × in).
-BATCHED_MATMULS = {torch.bmm, torch.baddbmm, torch.matmul, torch.einsum, operator.matmul,
-                   *filter(None, [getattr(torch, "_grouped_mm", None)])}
-BATCHED_METHODS = {"bmm", "baddbmm", "matmul"}
-
-
 def _read_at(user: fx.Node, pnode: fx.Node, candidates: set, path: str, where_mod: str) -> Read:
     where = f"node '{user.name}' ({_describe(user)}) in {where_mod}"
-    batched = (user.target in BATCHED_MATMULS if user.op == "call_function"
-               else user.op == "call_method" and user.target in BATCHED_METHODS)
+    batched = is_batched_matmul(user)
     handler = function_handler(user)
     if handler is None:
         if user.op == "call_function" and user.target is getattr:  # w.data, w.grad, ...

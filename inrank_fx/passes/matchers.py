@@ -132,6 +132,19 @@ def is_metadata_read(node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in METADATA_METHODS
 
 
+# Ops that multiply stacks of matrices: what runs mixture-of-experts weights (experts × out × in).
+BATCHED_MATMULS = frozenset({torch.bmm, torch.baddbmm, torch.matmul, torch.einsum,
+                             operator.matmul, *filter(None, [getattr(torch, "_grouped_mm", None)])})
+BATCHED_METHODS = frozenset({"bmm", "baddbmm", "matmul"})
+
+
+def is_batched_matmul(node: fx.Node) -> bool:
+    """Is `node` a batched matmul (bmm, baddbmm, matmul, einsum, grouped mm)?"""
+    if node.op == "call_function":
+        return node.target in BATCHED_MATMULS
+    return node.op == "call_method" and node.target in BATCHED_METHODS
+
+
 def weight_of(arg: Argument, param_nodes: set[fx.Node]) -> tuple[fx.Node, bool] | None:
     """(parameter get_attr node, transposed?) if `arg` is a weight parameter seen through views."""
     transposed = False

@@ -112,7 +112,7 @@ class BenchResult:
             if model == "factored":
                 for bar, b in zip(bars, backends):
                     r = self.get(model, b)
-                    low, high = r.speedup_interval or (r.speedup, r.speedup)
+                    low, high = r.speedup_interval
                     ax.annotate(f"{r.speedup:.2f}x{' (!)' if r.flags else ''}\n"
                                 f"[{low:.2f}-{high:.2f}]\nideal {r.flop_ideal_speedup:.1f}x",
                                 (bar.get_x() + bar.get_width() / 2, bar.get_height()),
@@ -336,7 +336,7 @@ def _device_name(device: torch.device) -> str:
 def _speedup_text(record: BenchRecord) -> str:
     if not record.speedup:
         return ""
-    low, high = record.speedup_interval or (record.speedup, record.speedup)
+    low, high = record.speedup_interval  # set with the speedup
     return f"{record.speedup:.2f}x ({low:.2f}-{high:.2f})"
 
 
