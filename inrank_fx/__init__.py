@@ -22,6 +22,7 @@ _PUBLIC = {
                      "register_module_handler", "register_substitute",
                      "unregister_function_handler", "unregister_module_handler"), ".passes"),
     "TransformReport": ".passes.transform", "transform": ".passes.transform",
+    "materialize": ".passes.materialize",
     "summary": ".tools.summary",
     **dict.fromkeys(("DistributedRankController", "InRankDistributedError",
                      "OptimizerStateError", "RankChange", "RankController", "attach",
@@ -52,6 +53,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .errors import InRankError, InRankTypeError, InRankValueError
     from .export.freeze import freeze
     from .nn import FactoredLayer, InRankConv2d, InRankLinear, ranks
+    from .passes.materialize import materialize
     from .passes import (
         handlers_restored,
         register_function_handler,

@@ -89,14 +89,24 @@ class GPT(nn.Module):
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying, as GPT-2
+        for name, module in self.named_modules():
+            if name.endswith("c_proj"):  # GPT-2's scaled init of residual projections
+                module.residual_projection = True
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):  # GPT-2's scaled init of residual projections
-                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+            if name.endswith("c_proj.weight"):
+                # A second draw, as this model has always made, so that a seed builds the same
+                # model as before _init_weights learnt the scaling (it is the same distribution).
+                torch.nn.init.normal_(p, mean=0.0, std=self._std(True))
+
+    def _std(self, residual_projection: bool) -> float:
+        return 0.02 / math.sqrt(2 * self.config.n_layer) if residual_projection else 0.02
 
     def _init_weights(self, module: nn.Module) -> None:
+        """The model's own init, one module at a time (what `inrank_fx.materialize` takes)."""
         if isinstance(module, nn.Linear):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            std = self._std(getattr(module, "residual_projection", False))
+            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 torch.nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):

@@ -130,7 +130,7 @@ def transform(
     plans = [plan for weight in analysis.weights
              if (plan := plan_weight(weight, context)) is not None]
     candidates = [p for p in plans if isinstance(p, Candidate)]
-    built = [(candidate, *build_layer(candidate, config)) for candidate in candidates]
+    built = [(candidate, *build_layer(candidate, config, model)) for candidate in candidates]
 
     for candidate, layer, _ in built:
         if candidate.module is not None:  # a module call: swap the module in place
@@ -211,6 +211,7 @@ class Candidate:
     handler: object = None
     asked: bool = True  # the filters (targets / exclude / filter_fn) were asked about it
     rank: int | None = None  # measured by init_rank="auto" (else the config's rank applies)
+    transposed: bool = False  # a functional read of the weight's transpose (x @ W)
 
 
 @dataclass(frozen=True)
@@ -296,7 +297,7 @@ def _functional(weight: WeightUse, sites: list, ctx: PlanContext) -> Candidate |
     # the module's other parameters (its bias) stay where they are.
     site: MatmulSite = sites[0].site
     matrix = weight.param.T if site.transposed else weight.param
-    return Candidate(weight.name, site.kind, weight, matrix)
+    return Candidate(weight.name, site.kind, weight, matrix, transposed=site.transposed)
 
 
 def _filtered(candidate: Candidate, ctx: PlanContext) -> Candidate | Dense:
@@ -335,24 +336,75 @@ def _sized(candidate: Candidate, config: InRankConfig) -> Candidate | Dense:
 
 # -- building the layers ------------------------------------------------------------------------
 
-def build_layer(candidate: Candidate, config: InRankConfig) -> tuple[nn.Module, int | None]:
+def build_layer(candidate: Candidate, config: InRankConfig,
+                model: nn.Module) -> tuple[nn.Module, int | None]:
     """The factored layer for a candidate, at the config's starting rank and width, and the
-    rank that was asked for where it had to be capped at the full rank (else None)."""
+    rank that was asked for where it had to be capped at the full rank (else None). A weight on
+    the meta device gives a layer on the meta device that remembers its dense origin
+    (`DenseTemplate`), for `inrank_fx.materialize` to initialise later."""
     rank, requested = ((candidate.rank, None) if candidate.rank is not None
                        else _initial_rank(candidate.matrix, candidate.name, config))
     width = config.width_for(rank, min(candidate.matrix.shape))
-    if candidate.module is not None:
-        layer = candidate.handler.build(candidate.module, rank, buffer=width - rank,
-                                        init=config.init, name=candidate.name)
-    else:
-        layer = InRankLinear.from_weight(candidate.matrix, None, rank, buffer=width - rank,
-                                         init=config.init, name=candidate.name)
-    for part in layer.modules():  # a handler may build several (nn.MultiheadAttention)
-        if config.activation is not None and type(part) is InRankLinear:
-            part.activation = config.activation  # convolutions stay linear
-        if not config.silent_buffer and isinstance(part, FactoredLayer):
-            part.randomize_buffer()
+    template = DenseTemplate(candidate.module, None, candidate.transposed, candidate.handler,
+                             rank, width - rank, config, candidate.name)
+    if candidate.module is None:  # a weight read by functional matmuls
+        owner, _, attr = candidate.name.rpartition(".")
+        template.module = weight_holder(model.get_submodule(owner), attr, candidate.weight.param)
+        template.weight_attr = attr
+    layer = template.build(template.module)
+    if candidate.matrix.is_meta:
+        object.__setattr__(layer, TEMPLATE_ATTR, template)  # not a submodule: no state, no params
     return layer, requested
+
+
+# The attribute of a factored layer built on the meta device that holds its DenseTemplate.
+TEMPLATE_ATTR = "_inrank_dense_template"
+
+
+@dataclass
+class DenseTemplate:
+    """How a factored layer was built from dense weights, to build it again from real ones.
+
+    `module` is the dense module the layer replaced (nn.Linear, nn.Conv2d, ...), or for a weight
+    read by functional matmuls a stand-in for the module that held it (`weight_holder`), with
+    the weight at `weight_attr`. `build(real)` factors a real module of that kind exactly as
+    `transform` factored the meta one."""
+
+    module: nn.Module | None
+    weight_attr: str | None
+    transposed: bool
+    handler: object
+    rank: int
+    buffer: int
+    config: InRankConfig
+    name: str
+
+    def build(self, module: nn.Module) -> nn.Module:
+        config = self.config
+        if self.weight_attr is None:
+            layer = self.handler.build(module, self.rank, buffer=self.buffer, init=config.init,
+                                       name=self.name)
+        else:
+            weight = getattr(module, self.weight_attr)
+            matrix = weight.T if self.transposed else weight
+            layer = InRankLinear.from_weight(matrix, None, self.rank, buffer=self.buffer,
+                                             init=config.init, name=self.name)
+        for part in layer.modules():  # a handler may build several (nn.MultiheadAttention)
+            if config.activation is not None and type(part) is InRankLinear:
+                part.activation = config.activation  # convolutions stay linear
+            if not config.silent_buffer and isinstance(part, FactoredLayer):
+                part.randomize_buffer()
+        return layer
+
+
+def weight_holder(owner: nn.Module, attr: str, weight: nn.Parameter) -> nn.Module:
+    """The module holding a functionally read weight, stripped to that weight alone (a shallow
+    copy: same class and plain attributes, no other parameters, buffers or submodules), so that
+    an init function sees a module of the original type without the rest of it."""
+    holder = copy.copy(owner)
+    holder._parameters = {attr: weight}
+    holder._buffers, holder._modules = {}, {}
+    return holder
 
 
 def _record(candidate: Candidate, layer: nn.Module, requested: int | None) -> FactoredRecord:

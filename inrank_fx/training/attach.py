@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..config import REPORT_ATTR, InRankConfig
+from ..errors import InRankValueError
 from .controller import RankController
 from .distributed import DEFAULT_TIMEOUT_S, DistributedRankController, check_not_sharded, is_ddp
 
@@ -39,6 +40,7 @@ def attach(
     and `timeout_s` bounds each of InRank's collectives.
     """
     check_not_sharded(model)  # first: a sharded model is refused whatever else is asked
+    check_materialized(model)
     if config is None:
         base = model.module if is_ddp(model) else model
         report = getattr(base, REPORT_ATTR, None)
@@ -62,6 +64,18 @@ def attach(
             "gradient hooks on the old factors; attach the DDP model with distributed=True"
         )
     return RankController(model, optimizer, config, seed=seed, recompile=recompile)
+
+
+def check_materialized(model: nn.Module) -> None:
+    """A model still on the meta device has shapes but no values: nothing to train yet."""
+    meta = next((n for n, p in model.named_parameters() if p.is_meta), None)
+    if meta is not None:
+        raise InRankValueError(
+            f"'{meta}' is on the meta device: {type(model).__name__} has no values to train yet. "
+            "Give it storage and initial values first with "
+            "inrank_fx.materialize(model, device, init_fn=<the model's own init>), then build "
+            "the optimizer on the materialised parameters"
+        )
 
 
 def _world_size() -> int:

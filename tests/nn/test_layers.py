@@ -30,6 +30,46 @@ def test_truncated_svd_is_the_best_rank_k_approximation():
     assert err.item() == pytest.approx(s[10:].norm().item(), rel=1e-4)  # Eckart–Young
 
 
+@pytest.mark.parametrize("spectrum", ["flat", "decaying"])
+def test_large_layers_take_a_randomized_svd_close_to_the_optimum(spectrum):
+    # 512 x 1024 at width 4 + 20: the sketch (34 columns) is far narrower than the full rank, so
+    # spectral init is randomized; the kept rank-4 approximation must stay near Eckart-Young's
+    # optimum in the spectral norm, both for a Gaussian init (flat spectrum, the hardest case)
+    # and for a trained-looking decaying one.
+    from inrank_fx.nn import linear as linear_module
+
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(512, 1024, generator=gen) * 0.02
+    if spectrum == "decaying":
+        u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+        weight = (u * (s * torch.arange(1, 513) ** -0.7)) @ vh
+    rng_before = torch.get_rng_state()
+    linear_module.top_singular(weight, 24)
+    assert torch.equal(torch.get_rng_state(), rng_before)  # the sketch has its own generator
+    layer = InRankLinear.from_weight(weight, None, rank=4, buffer=20)
+    assert 2 * (layer.width + linear_module.OVERSAMPLE) <= 512  # the randomized path was taken
+    s = torch.linalg.svdvals(weight.double())
+    err = torch.linalg.matrix_norm((weight - layer.weight.detach()).double(), ord=2)
+    assert s[4] <= err <= 1.03 * s[4]
+    again = InRankLinear.from_weight(weight, None, rank=4, buffer=20)
+    assert torch.equal(again.U, layer.U) and torch.equal(again.V, layer.V)  # reproducible
+    if spectrum == "flat":
+        return  # near-equal singular values: the next directions are not defined well enough
+    # the silent buffer's V columns still span the next singular directions, roughly
+    top = torch.linalg.svd(weight.double(), full_matrices=False).Vh[4:8].T
+    v = torch.linalg.qr(layer.V[:, 4:].double()).Q
+    assert torch.linalg.matrix_norm(v.T @ top) ** 2 > 0.9 * 4
+
+
+def test_small_layers_keep_the_exact_svd():
+    from inrank_fx.nn import linear as linear_module
+
+    weight = torch.randn(3 * linear_module.EXACT_BELOW, linear_module.EXACT_BELOW - 1)
+    u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
+    layer = InRankLinear.from_weight(weight, None, rank=3, buffer=0)
+    assert torch.equal(layer.U, (u[:, :3] * s[:3].sqrt()).float())
+
+
 def test_buffer_is_computed_and_capped():
     layer = InRankLinear(32, 20, rank=4, buffer=6)
     assert (layer.rank, layer.buffer, layer.width) == (4, 6, 10)

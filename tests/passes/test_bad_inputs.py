@@ -45,11 +45,9 @@ def test_half_precision(rel_err):
 def test_meta_device():
     with torch.device("meta"):
         model = small_gpt()
-    out = transform(model, InRankConfig(init="iid", init_rank=4))
-    assert all(p.is_meta for p in out.parameters()) and len(ranks(out)) == 4
-    for init in ("svd", "random"):
-        with pytest.raises(ValueError, match="transformer.h.0.attn.c_attn: the weights are on the meta device"):
-            transform(model, InRankConfig(init=init, init_rank=4))
+    for init in ("iid", "svd", "random"):  # deciding what to factor needs no values
+        out = transform(model, InRankConfig(init=init, init_rank=4))
+        assert all(p.is_meta for p in out.parameters()) and len(ranks(out)) == 4
     with pytest.raises(ValueError, match="meta device have no spectrum"):
         transform(model, InRankConfig(init="svd", init_rank="auto"))
 
