@@ -105,13 +105,14 @@ def _children_first(model: nn.Module, skip_inside: dict):
 
 
 def _assign(param: torch.Tensor, value: torch.Tensor) -> None:
-    """param ← value, where param may be a DTensor shard (fully_shard): every process computed
-    the same full value, so each takes its own shard locally, without communication."""
+    """param ← value, where param may be a DTensor shard (fully_shard): the shards are scattered
+    from the mesh's first process, so that they are slices of one value even if the processes'
+    random generators have drifted apart (DTensor's own random init advances them per shard)."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     if isinstance(param, DTensor):
         value = distribute_tensor(value.to(param.device), param.device_mesh, param.placements,
-                                  src_data_rank=None)
+                                  src_data_rank=0)
     param.copy_(value)
 
 

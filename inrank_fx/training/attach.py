@@ -13,6 +13,7 @@ from ..config import REPORT_ATTR, InRankConfig
 from ..errors import InRankValueError
 from .controller import RankController
 from .distributed import DEFAULT_TIMEOUT_S, DistributedRankController, check_not_sharded, is_ddp
+from .sharded import ShardedCoordinator, check_shardable, is_fully_sharded
 
 
 def attach(
@@ -39,12 +40,19 @@ def attach(
     gradients themselves. `process_group` is the group that must agree (default: DDP's, else the world),
     and `timeout_s` bounds each of InRank's collectives.
     """
-    check_not_sharded(model)  # first: a sharded model is refused whatever else is asked
     check_materialized(model)
+    if is_fully_sharded(model):  # FSDP2: checks gather factors, resizes re-shard them
+        check_shardable(model)
+        if distributed is False:
+            raise ValueError("distributed=False with a fully_shard model: its resizes are "
+                             "collectives; attach it on every process with distributed left unset")
+        config = config if config is not None else _transform_config(model)
+        coordinator = ShardedCoordinator(model, process_group, timeout_s)
+        return DistributedRankController(model, optimizer, config, seed=seed,
+                                         recompile=recompile, coordinator=coordinator)
+    check_not_sharded(model)  # other sharding (the first FSDP, DTensor models) is refused
     if config is None:
-        base = model.module if is_ddp(model) else model
-        report = getattr(base, REPORT_ATTR, None)
-        config = report.config if report is not None else InRankConfig()
+        config = _transform_config(model)
     if distributed is None:
         distributed = is_ddp(model) or process_group is not None
         processes = _world_size()
@@ -64,6 +72,13 @@ def attach(
             "gradient hooks on the old factors; attach the DDP model with distributed=True"
         )
     return RankController(model, optimizer, config, seed=seed, recompile=recompile)
+
+
+def _transform_config(model: nn.Module) -> InRankConfig:
+    """The config `transform` used on this model (else the defaults)."""
+    base = model.module if is_ddp(model) else model
+    report = getattr(base, REPORT_ATTR, None)
+    return report.config if report is not None else InRankConfig()
 
 
 def check_materialized(model: nn.Module) -> None:

@@ -51,6 +51,9 @@ class LocalCoordinator:
         """The decision every process applies; `decide()` measures on this process."""
         return decide()
 
+    def before_apply(self, controller: "RankController", ranks: dict, widths: dict) -> None:
+        """What must precede applying a decision (under fully_shard: gather what is resized)."""
+
     def after_apply(self, controller: "RankController", changes: list[RankChange]) -> None:
         """What must follow a change (under DDP: check, broadcast resized factors, rebuild)."""
 
@@ -231,6 +234,7 @@ class RankController:
     def _apply(self, ranks: dict, widths: dict, verb: str) -> list[RankChange]:
         if not ranks:
             return []
+        self.coordinator.before_apply(self, ranks, widths)
         changes = set_ranks(
             self.model, ranks, self.optimizer, widths=widths,
             grow_init=self.config.grow_init, generator=self.generator, recompile=self.recompile,

@@ -20,8 +20,9 @@ Everything else in the training loop is as with one process. What happens at a r
 
 InRank's own collectives run on a gloo group made at attach, on CPU tensors, with a timeout, so
 a process that died or fell out of step becomes `InRankDistributedError` (naming the step and the
-collective) instead of a hang. Sharded models (FSDP, FSDP2's fully_shard) are refused: a resize
-would have to re-shard parameters that FSDP owns. See docs/DISTRIBUTED.md.
+collective) instead of a hang. FSDP2 (fully_shard) models get a ShardedCoordinator
+(`inrank_fx.training.sharded`); the first FSDP and tensor-parallel DTensor models are refused.
+See docs/DISTRIBUTED.md.
 """
 from __future__ import annotations
 
@@ -101,6 +102,9 @@ class ProcessGroupCoordinator:
                          lambda: dist.broadcast(table, self.source, group=self.group))
         return {name: (int(row[0]), int(row[1]), float(row[2]))
                 for name, row in zip(self.layer_names, table)}
+
+    def before_apply(self, controller, ranks: dict, widths: dict) -> None:
+        """Nothing: every process holds the whole model (a ShardedCoordinator gathers here)."""
 
     def after_apply(self, controller, changes: list[RankChange]) -> None:
         # Every process checks, changed or not: a process that alone changed something must not
@@ -204,8 +208,10 @@ class DistributedRankController(RankController):
         timeout_s: float = DEFAULT_TIMEOUT_S,
         seed: int = 0,
         recompile: str = "dynamic",
+        coordinator: ProcessGroupCoordinator | None = None,
     ) -> None:
-        coordinator = ProcessGroupCoordinator(model, process_group, timeout_s)
+        if coordinator is None:
+            coordinator = ProcessGroupCoordinator(model, process_group, timeout_s)
         super().__init__(coordinator.module, optimizer, config, seed=seed, recompile=recompile,
                          coordinator=coordinator)
         try:
@@ -290,14 +296,15 @@ def is_ddp(model: nn.Module) -> bool:
 
 
 def check_not_sharded(model: nn.Module) -> None:
-    """Refuse FSDP / FSDP2 models: InRank's resizes would have to re-shard parameters FSDP owns."""
+    """Refuse sharding other than FSDP2's fully_shard (which `attach` handles before this): the
+    first FSDP's flat parameters and DTensor models (tensor parallelism) cannot be resized."""
     sharded = None
     try:
-        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+        from torch.distributed.fsdp import FullyShardedDataParallel
     except ImportError:  # pragma: no cover - torch without fsdp
         return
     for name, module in model.named_modules():
-        if isinstance(module, (FSDPModule, FullyShardedDataParallel)):
+        if isinstance(module, FullyShardedDataParallel):
             sharded = name or type(model).__name__
             break
     if sharded is None:
@@ -306,11 +313,11 @@ def check_not_sharded(model: nn.Module) -> None:
         sharded = next((n for n, p in model.named_parameters() if isinstance(p, DTensor)), None)
     if sharded is not None:
         raise InRankDistributedError(
-            f"'{sharded}' is sharded (FSDP / fully_shard / DTensor parameters). InRank changes the "
-            "shapes of factored layers while ranks adapt, and FSDP cannot re-shard parameters "
-            "that change shape. Adapt ranks under DistributedDataParallel with InRank-Efficient "
-            "(InRankConfig(stop_after=N)); once ranks are frozen, detach the controller and shard "
-            "the fixed-rank model with fully_shard for the rest of training (docs/DISTRIBUTED.md)"
+            f"'{sharded}' is sharded by FullyShardedDataParallel or holds DTensor parameters "
+            "(tensor parallelism): InRank's resizes change the shapes of factored layers, which "
+            "only FSDP2's fully_shard is followed through (docs/DISTRIBUTED.md). Shard with "
+            "fully_shard, or adapt ranks under DistributedDataParallel with InRank-Efficient "
+            "(InRankConfig(stop_after=N)), detach, and shard the fixed-rank model"
         )
 
 

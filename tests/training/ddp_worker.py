@@ -4,9 +4,9 @@
 
 Each process writes OUT_DIR/<scenario>-<process>.json with what it saw:
 
-- refusals: a plain module attached in a 2-process world, and an FSDP2 (fully_shard) model,
-  must both be refused with a clear error; then the documented way to FSDP2 (adapt under DDP
-  until ranks freeze, detach, fully_shard) trains;
+- refusals: a plain module attached in a 2-process world, and an FSDP2 (fully_shard) model
+  with CPU offload or over a 2-D mesh (HSDP), must be refused with a clear error; then adapting under DDP until
+  ranks freeze, detaching and sharding with fully_shard trains;
 - skewed: process 1 has another threshold and another random generator (as if it would
   decide and draw on its own), under DDP(find_unused_parameters=True), where a DDP left on the
   old factors drifts apart silently; ranks and parameters must still agree bit for bit;
@@ -53,14 +53,22 @@ def refusals(example, args, process, processes, device) -> dict:
     except ValueError as error:
         seen["timeout"] = str(error)
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
-    sharded = copy.deepcopy(model)
-    fully_shard(sharded, mesh=init_device_mesh("cpu", (processes,)))
+    sharded = copy.deepcopy(model)  # an FSDP2 option the sharded resize does not cover
+    fully_shard(sharded, mesh=init_device_mesh("cpu", (processes,)),
+                offload_policy=CPUOffloadPolicy(pin_memory=False))
     try:
         inrank_fx.attach(sharded, torch.optim.AdamW(sharded.parameters()))
     except InRankDistributedError as error:
         seen["fsdp"] = str(error)
+    hybrid = copy.deepcopy(model)  # HSDP: replicate over one dimension, shard over the other
+    fully_shard(hybrid, mesh=init_device_mesh("cpu", (1, processes),
+                                              mesh_dim_names=("replicate", "shard")))
+    try:
+        inrank_fx.attach(hybrid, torch.optim.AdamW(hybrid.parameters()))
+    except InRankDistributedError as error:
+        seen["hsdp"] = str(error)
 
     # The documented way to FSDP2: adapt under DDP until ranks freeze, then shard.
     example.train(args, process, processes, device, model, trained, optimizer, controller, 0)

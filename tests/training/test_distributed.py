@@ -121,7 +121,8 @@ def test_refusals_and_the_way_to_fsdp2(worker_out):
         assert "DistributedDataParallel-wrapped model" in seen["plain"]
         assert "distributed=True" in seen["ddp_not_distributed"]
         assert "timeout_s must be a positive number" in seen["timeout"]
-        assert "fully_shard" in seen["fsdp"] and "re-shard" in seen["fsdp"]
+        assert "CPUOffloadPolicy" in seen["fsdp"] and "not supported" in seen["fsdp"]
+        assert "2-D mesh (HSDP" in seen["hsdp"]
         assert seen["sharded_ranks_kept"]
         assert all(math.isfinite(loss) for loss in seen["sharded_losses"])
 
