@@ -1,6 +1,7 @@
 """What InRank costs before the first step, at scale: build, transform, materialize, train.
 
-    python benchmarks/bench_scale.py [--shapes 85M 300M 1B] [--steps 3] [--json FILE] [--quick]
+    python benchmarks/bench_scale.py [--shapes 85M 300M 1B] [--phases ...] [--repeat N]
+                                     [--steps 3] [--json FILE] [--quick]
 
 For demo-GPT shapes (vocab 256, block 256) of about 85 M (12x768), 300 M (24x1024) and 1 B
 (36x1536) parameters, each measurement runs in a fresh process (so that its peak host memory,
@@ -14,7 +15,8 @@ ru_maxrss, is its own) and reports seconds and peak RSS:
   train dense / inrank   the first --steps AdamW steps (batch 4 x 256; the median step after the
                      first), InRank attached with the defaults
 
-Ratios are against building the dense model in the same run: transform / build is the
+With --repeat N every measurement runs N times (fresh processes) and the table shows medians
+(peaks: the largest). Ratios are against building the dense model in the same run: transform / build is the
 acceptance figure of issue 18 (at most 3x for 24x1024 with the defaults, on 2 cores). Training
 rows are skipped for shapes whose dense AdamW state would not fit (--max-train-params).
 """
@@ -123,6 +125,21 @@ def run_isolated(shape: str, phase: str, steps: int, timeout_s: float) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def median_of(runs: list[dict]) -> dict:
+    """One record from repeated runs: the median of every time, the largest peak."""
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return failed[0]
+    merged = dict(runs[0], runs=len(runs))
+    for key, value in runs[0].items():
+        if key.endswith("_s"):
+            merged[key] = statistics.median(r[key] for r in runs)
+            merged[key + "_all"] = [r[key] for r in runs]
+        elif key.endswith("_mb"):
+            merged[key] = max(r[key] for r in runs)
+    return merged
+
+
 def report(results: list[dict]) -> str:
     from inrank_fx._table import format_table
 
@@ -174,6 +191,8 @@ def report(results: list[dict]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", default=["85M", "300M", "1B"], choices=SHAPES)
+    parser.add_argument("--phases", nargs="+", default=list(PHASES), choices=PHASES)
+    parser.add_argument("--repeat", type=int, default=1, help="runs per measurement (median)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--max-train-params", type=float, default=4e8,
                         help="skip the training rows above this many parameters (AdamW holds 4x)")
@@ -190,13 +209,16 @@ def main(argv=None) -> int:
     for shape in shapes:
         n_layer, n_embd, _ = SHAPES[shape]
         params = 12 * n_layer * n_embd ** 2
-        for phase in PHASES:
+        for phase in args.phases:
             if phase.startswith("train") and params > args.max_train_params:
                 continue
-            results.append(run_isolated(shape, phase, args.steps, args.timeout))
+            runs = [run_isolated(shape, phase, args.steps, args.timeout)
+                    for _ in range(args.repeat)]
+            results.append(median_of(runs))
             print(f"{shape} {phase}: {results[-1]}", file=sys.stderr, flush=True)
     print(f"demo GPT, vocab 256, block 256; torch threads {results[0].get('threads')}, "
-          f"{os.cpu_count()} CPUs; peak = max RSS of the process (ratio: to building dense)")
+          f"{os.cpu_count()} CPUs; median of {args.repeat} run(s); peak = max RSS of the "
+          "process (ratio: to building dense)")
     print(report(results))
     if args.json:
         from inrank_fx._io import atomic_destination
