@@ -111,6 +111,11 @@ def transform(
     rewritten fx graph. `filter_fn(name, module_or_node)` may veto any layer: it gets the
     nn.Linear, or for a functional matmul the fx node. What was done, and why anything was left
     dense, is in `inrank_fx.summary(model)`.
+
+    A model on the meta device is transformed from its shapes alone: its factored layers stay
+    on meta until `inrank_fx.materialize` initialises them. For a model that barely fits in host
+    memory, pass `inplace=True` (the copy holds the model twice at its peak) or build it on the
+    meta device (benchmarks/bench_scale.py measures both).
     """
     if not isinstance(model, nn.Module):
         raise InRankTypeError(f"transform expects an nn.Module, got {type(model).__name__}")

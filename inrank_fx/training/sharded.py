@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 from contextlib import contextmanager
 
 import torch
@@ -44,6 +45,11 @@ from .distributed import (
 from .resize import RankChange
 
 FACTORS = ("U", "V")
+# What the re-shard reads of FSDP2's parameter groups and parameters (checked at attach).
+GROUP_INTERNALS = ("fsdp_params", "mesh_info", "post_forward_mesh_info", "mp_policy",
+                   "offload_policy", "device", "_module_fqn")
+PARAM_INTERNALS = ("_module_info", "_post_load_hook_handle", "_param_fqn", "init_dtype_attrs",
+                   "sharded_param")
 
 
 def is_fully_sharded(model: nn.Module) -> bool:
@@ -79,17 +85,18 @@ def check_shardable(model: nn.Module) -> None:
         from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam  # noqa: F401
 
         groups = list(_param_groups(model))
-        for group in groups:
-            for fsdp_param in group.fsdp_params:
-                fsdp_param._module_info.module, fsdp_param._module_info.param_name  # noqa: B018
-                fsdp_param._post_load_hook_handle, fsdp_param._param_fqn  # noqa: B018
-            group.mesh_info, group.post_forward_mesh_info, group.mp_policy  # noqa: B018
-            group.offload_policy, group.device  # noqa: B018
     except (ImportError, AttributeError) as error:
+        missing = [str(error)]
+    else:
+        missing = sorted({f"FSDPParamGroup.{a}" for g in groups for a in GROUP_INTERNALS
+                          if not hasattr(g, a)} |
+                         {f"FSDPParam.{a}" for g in groups for p in g.fsdp_params
+                          for a in PARAM_INTERNALS if not hasattr(p, a)})
+    if missing:
         raise InRankDistributedError(
             f"this torch {torch.__version__} lacks the FSDP2 internals that inrank_fx uses to "
-            f"re-shard a resized factor ({error}); adapt ranks under DDP, detach and fully_shard "
-            "the fixed-rank model instead (docs/DISTRIBUTED.md)") from error
+            f"re-shard a resized factor ({', '.join(missing)}); adapt ranks under DDP, detach "
+            "and fully_shard the fixed-rank model instead (docs/DISTRIBUTED.md)")
     for group in groups:
         if isinstance(group.offload_policy, CPUOffloadPolicy):
             raise InRankDistributedError(
@@ -159,7 +166,7 @@ class ShardedCoordinator(ProcessGroupCoordinator):
             del self._gathered[(name, factor)]
 
     def describe(self) -> str:
-        return super().describe().replace("ddp=False", "fully_shard=True")
+        return f", process={self.process} of {self.processes}, fully_shard=True"
 
     def _reshard_all(self) -> None:
         """A forward under no_grad leaves the root's parameters unsharded: shard them first."""
@@ -243,16 +250,34 @@ def _reshard_param(model: nn.Module, layer: nn.Module, factor: str, old: nn.Para
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, controller) -> None:
     """Save a sharded model, its optimizer and the controller with torch.distributed.checkpoint
-    (every process writes its shards; call it on every process)."""
+    (every process writes its shards; call it on every process). The folder is written as
+    `<path>.incomplete` and renamed by process 0 once every process has finished, so a failed
+    save leaves no half-written checkpoint at `path`."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
+    path = os.fspath(path)
+    staging = f"{path}.incomplete"
+    first = not dist.is_initialized() or dist.get_rank() == 0
+    if first:
+        shutil.rmtree(staging, ignore_errors=True)
+    _barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
     inrank = io.BytesIO()  # one opaque entry: the history's length changes between checkpoints
     torch.save(controller.state_dict(), inrank)
     inrank.seek(0)
     dcp.save({"model": model_state, "optim": optim_state, "inrank": inrank},
-             checkpoint_id=os.fspath(path))
+             checkpoint_id=staging)
+    _barrier()
+    if first:
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(staging, path)
+    _barrier()
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, controller) -> None:
@@ -281,5 +306,3 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, contro
                    optim_state_dict=state["optim"])
     state["inrank"].seek(0)
     controller.load_state_dict(torch.load(state["inrank"]))
-    if dist.is_initialized():
-        dist.barrier()
