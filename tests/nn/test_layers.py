@@ -47,7 +47,7 @@ def test_large_layers_take_a_randomized_svd_close_to_the_optimum(spectrum):
     linear_module.top_singular(weight, 24)
     assert torch.equal(torch.get_rng_state(), rng_before)  # the sketch has its own generator
     layer = InRankLinear.from_weight(weight, None, rank=4, buffer=20)
-    assert 2 * (layer.width + linear_module.OVERSAMPLE) <= 512  # the randomized path was taken
+    assert 4 * (layer.width + linear_module.OVERSAMPLE) <= 512  # the randomized path was taken
     s = torch.linalg.svdvals(weight.double())
     err = torch.linalg.matrix_norm((weight - layer.weight.detach()).double(), ord=2)
     assert s[4] <= err <= 1.03 * s[4]
