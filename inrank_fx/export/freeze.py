@@ -15,6 +15,7 @@ from torch import nn
 
 from ..config import REPORT_ATTR
 from ..nn.conv import InRankConv2d
+from ..nn.experts import FactoredExperts, InRankExperts
 from ..nn.frozen import FactoredConv2d, FactoredLinear
 from ..nn.linear import FactoredLayer
 from ..nn.modules import carry_hooks, factored_layers, replace_module
@@ -70,7 +71,12 @@ def freeze(model: nn.Module, *, merge: bool | str = "auto") -> nn.Module:
                 raise ValueError(f"freeze(merge=True): '{name}' has a {activation} between its "
                                  "factors and is no single matrix; use merge='auto' or False")
             merged = False  # a nonlinear layer has no dense form
-        if merged:
+        if isinstance(layer, InRankExperts):  # stays factored: what reads it takes .weight
+            if layer.width > r:
+                layer.truncate(r)
+            plain = FactoredExperts(layer.U, layer.V)
+            merged = False
+        elif merged:
             plain = _merged(layer)
         else:
             if layer.width > r:

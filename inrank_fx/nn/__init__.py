@@ -1,11 +1,12 @@
 """The factored layers, at the bottom of the package: they import nothing from inrank_fx above.
 
-InRankLinear / InRankConv2d / InRankMultiheadAttention (training), FactoredLinear /
-FactoredConv2d (frozen), the nn.Transformer substitutes, the spectrum of a pair of factors, and
+InRankLinear / InRankConv2d / InRankMultiheadAttention / InRankExperts (training), FactoredLinear /
+FactoredConv2d / FactoredExperts (frozen), the nn.Transformer substitutes, the spectrum of a pair of factors, and
 the module-tree helpers every stage uses.
 """
 from .attention import InRankMultiheadAttention
 from .conv import InRankConv2d
+from .experts import FactoredExperts, InRankExperts
 from .frozen import FactoredConv2d, FactoredLinear
 from .linear import ACTIVATIONS, INITS, FactoredLayer, InRankLinear
 from .modules import factored_layers, ranks
@@ -14,9 +15,11 @@ __all__ = [
     "ACTIVATIONS",
     "INITS",
     "FactoredConv2d",
+    "FactoredExperts",
     "FactoredLayer",
     "FactoredLinear",
     "InRankConv2d",
+    "InRankExperts",
     "InRankLinear",
     "InRankMultiheadAttention",
     "factored_layers",

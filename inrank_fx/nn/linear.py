@@ -319,11 +319,11 @@ class FactoredLayer(nn.Module):
                               unexpected_keys, error_msgs):
         # Factors (or a reference) saved at another width: take the checkpoint's shapes first.
         u, v = state_dict.get(prefix + "U"), state_dict.get(prefix + "V")
-        if self._factor_pair(u, v) and u.shape[1] != self.width:
+        if self._factor_pair(u, v) and u.shape[-1] != self.width:
             self.U = nn.Parameter(self.U.new_empty(u.shape))
             self.V = nn.Parameter(self.V.new_empty(v.shape))
         u0, v0 = state_dict.get(prefix + "U0"), state_dict.get(prefix + "V0")
-        if self._factor_pair(u0, v0) and u0.shape[1] != self.U0.shape[1]:
+        if self._factor_pair(u0, v0) and u0.shape[-1] != self.U0.shape[-1]:
             self.U0, self.V0 = self.U0.new_empty(u0.shape), self.V0.new_empty(v0.shape)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
@@ -335,11 +335,12 @@ class FactoredLayer(nn.Module):
             self.mark_reference()
 
     def _factor_pair(self, u, v) -> bool:
-        """Whether u, v are an out×k and in×k pair of factors for this layer."""
+        """Whether u, v are an out×k and in×k pair of factors for this layer (for a stack, of
+        every expert: the leading dimensions must match too)."""
         return (
-            u is not None and v is not None and u.dim() == v.dim() == 2
-            and u.shape[0] == self.out_features and v.shape[0] == self.in_features
-            and u.shape[1] == v.shape[1]
+            u is not None and v is not None and u.dim() == v.dim() == self.U.dim()
+            and u.shape[:-1] == self.U.shape[:-1] and v.shape[:-1] == self.V.shape[:-1]
+            and u.shape[-1] == v.shape[-1]
         )
 
     # -- accounting -------------------------------------------------------------------------

@@ -256,7 +256,7 @@ def _read_at(user: fx.Node, pnode: fx.Node, candidates: set, path: str, where_mo
         if user.op == "call_function" and user.target is getattr:  # w.data, w.grad, ...
             return Read("opaque", f"its attribute .{user.args[1]} read in {where_mod}", path)
         if user.op == "call_function" and pnode in (*user.args, *user.kwargs.values()):
-            if _is_torch_op(user.target):  # an op with no matmul handler (bmm, einsum, ...)
+            if _is_torch_op(user.target) or batched:  # no matmul handler (bmm, einsum, w[e])
                 return Read("opaque", f"passed to {_describe(user)}() in {where_mod}", path,
                             batched=batched)
             where = (f"passed to {_describe(user)}(), a function fx keeps as a leaf "

@@ -139,7 +139,11 @@ BATCHED_METHODS = frozenset({"bmm", "baddbmm", "matmul"})
 
 
 def is_batched_matmul(node: fx.Node) -> bool:
-    """Is `node` a batched matmul (bmm, baddbmm, matmul, einsum, grouped mm)?"""
+    """Is `node` a batched matmul (bmm, baddbmm, matmul, einsum, grouped mm), or one expert
+    indexed out of a stack and then multiplied (`F.linear(x, w[e])`: a loop over experts)?"""
+    if node.op == "call_function" and node.target is operator.getitem:
+        return any(is_batched_matmul(user) or function_handler(user) is not None
+                   for user in node.users)
     if node.op == "call_function":
         return node.target in BATCHED_MATMULS
     return node.op == "call_method" and node.target in BATCHED_METHODS

@@ -96,3 +96,18 @@ def install_layer(root: nn.Module, param_name: str, layer: nn.Module) -> None:
     if attr in parent._parameters:
         del parent._parameters[attr]
     parent.add_module(attr, layer)
+
+
+def read_through_weight(gm: fx.GraphModule, targets: list[str]) -> fx.GraphModule:
+    """Point every read of a parameter that became a factored stack (mixture-of-experts weights,
+    `InRankExperts`) at the layer's `.weight`, the stacked product of its factors:
+    get_attr(target) → getattr(get_attr(target), "weight"). Whatever op read the parameter (bmm,
+    einsum, grouped mm, indexing one expert) reads a tensor of the same shape."""
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and node.target in targets:
+            with gm.graph.inserting_after(node):
+                product = gm.graph.call_function(getattr, (node, "weight"))
+            node.replace_all_uses_with(product, delete_user_cb=lambda user: user is not product)
+    gm.recompile()
+    return gm
+

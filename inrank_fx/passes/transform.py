@@ -23,12 +23,13 @@ from torch import nn
 
 from ..config import REPORT_ATTR, InRankConfig
 from ..errors import InRankTypeError
+from ..nn.experts import InRankExperts
 from ..nn.linear import FactoredLayer, InRankLinear
 from ..nn.modules import carry_hooks, replace_module
 from ..nn.spectrum import select_rank
 from .analysis import Analysis, WeightUse, analyse
 from .matchers import MatmulSite, handled_weights
-from .rewrite import factor_matmul_sites, graph_module_like, install_layer
+from .rewrite import factor_matmul_sites, graph_module_like, install_layer, read_through_weight
 from .substitutes import apply_substitutes, restore_unused
 
 log = logging.getLogger("inrank_fx")
@@ -260,12 +261,12 @@ def _unread(weight: WeightUse, opaque: list, ctx: PlanContext) -> Dense | None:
         return Dense(weight.name, reason)
     batched = [r for r in opaque if r.batched]
     if weight.param.dim() == 3 and batched:
+        return _expert_stack(weight, opaque, batched, ctx)
+    if weight.param.dim() == 3 and any(r.untraced for r in opaque):
         experts, n_out, n_in = weight.param.shape
-        where = batched[0].where
-        where = f"read by {where}" if where.startswith("node") else where
-        return Dense(weight.name, f"a stack of {experts} matrices ({experts}x{n_out}x{n_in}, "
-                                  f"mixture-of-experts weights) {where}: stacked weights are "
-                                  f"not factored yet", expert_stack=True)
+        return Dense(weight.name, f"a 3-D parameter ({experts}x{n_out}x{n_in}; mixture-of-experts "
+                                  f"weights are stored so) {opaque[0].where}: its reads cannot be "
+                                  "seen or rewritten", expert_stack=True)
     if weight.param.dim() == 2 and any(r.untraced for r in opaque):
         # Possibly a matmul weight that no frontend could see.
         hint = "" if ctx.captured else \
@@ -293,6 +294,28 @@ def _called(weight: WeightUse, calls: list, ctx: PlanContext) -> Candidate | Den
     return Candidate(name, handler.kind, weight, handler.matrix(module), module, handler)
 
 
+def _expert_stack(weight: WeightUse, opaque: list, batched: list,
+                  ctx: PlanContext) -> Candidate | Dense:
+    """A 3-D parameter read by batched matmuls: mixture-of-experts weights (E × out × in). It is
+    factored where every forward that reads it was traced by fx, whose reads can then be pointed
+    at the factored stack's product (`InRankExperts.weight`)."""
+    experts, n_out, n_in = weight.param.shape
+    where = batched[0].where
+    where = f"read by {where}" if where.startswith("node") else where
+    stack = f"a stack of {experts} matrices ({experts}x{n_out}x{n_in}, mixture-of-experts weights)"
+    unseen = [r for r in opaque if r.untraced
+              or r.owner in ctx.exported or not weight.name.startswith(_prefix(r.owner))]
+    if unseen:
+        return Dense(weight.name, f"{stack} {where}; also {unseen[0].where}, a read that cannot "
+                                  "be rewritten (not traced by fx)", expert_stack=True)
+    found = Candidate(weight.name, "experts", weight, weight.param, asked=True)
+    return _filtered(found, ctx)
+
+
+def _prefix(owner: str) -> str:
+    return f"{owner}." if owner else ""
+
+
 def _functional(weight: WeightUse, sites: list, ctx: PlanContext) -> Candidate | Dense:
     """A weight read by matmul nodes (F.linear, @, matmul, mm, addmm) in traced forwards."""
     if len({r.site.transposed for r in sites}) > 1:
@@ -307,15 +330,17 @@ def _functional(weight: WeightUse, sites: list, ctx: PlanContext) -> Candidate |
 
 def _filtered(candidate: Candidate, ctx: PlanContext) -> Candidate | Dense:
     """The size floor, then the user's filters."""
-    out_features, in_features = candidate.matrix.shape
+    out_features, in_features = candidate.matrix.shape[-2:]
     full_rank = min(out_features, in_features)
     if full_rank < ctx.config.min_features:
         return Dense(candidate.name, f"{out_features}x{in_features}: full rank {full_rank} is "
                                      f"below min_features={ctx.config.min_features}")
     if not ctx.config.selects(candidate.name):
         return Dense(candidate.name, "not selected by targets/exclude", asked=True)
-    subject = candidate.module if candidate.module is not None else \
-        candidate.weight.reads_of("site")[0].site.node
+    sites = candidate.weight.reads_of("site")
+    # the module, the matmul node, or for an expert stack the stacked parameter
+    subject = (candidate.module if candidate.module is not None
+               else sites[0].site.node if sites else candidate.weight.param)
     if ctx.filter_fn is not None and not ctx.filter_fn(candidate.name, subject):
         return Dense(candidate.name, "rejected by filter_fn", asked=True)
     return _sized(candidate, ctx.config)
@@ -328,7 +353,7 @@ def _sized(candidate: Candidate, config: InRankConfig) -> Candidate | Dense:
     if config.init_rank != "auto":
         return candidate
     rank, _ = _initial_rank(candidate.matrix, candidate.name, config)
-    n_out, n_in = candidate.matrix.shape
+    n_out, n_in = candidate.matrix.shape[-2:]
     factored, dense = rank * (n_out + n_in), n_out * n_in
     if factored > dense:
         return Dense(candidate.name,
@@ -349,7 +374,7 @@ def build_layer(candidate: Candidate, config: InRankConfig,
     (`DenseTemplate`), for `inrank_fx.materialize` to initialise later."""
     rank, requested = ((candidate.rank, None) if candidate.rank is not None
                        else _initial_rank(candidate.matrix, candidate.name, config))
-    width = config.width_for(rank, min(candidate.matrix.shape))
+    width = config.width_for(rank, min(candidate.matrix.shape[-2:]))
     template = DenseTemplate(candidate.module, None, candidate.transposed, candidate.handler,
                              rank, width - rank, config, candidate.name)
     if candidate.module is None:  # a weight read by functional matmuls
@@ -391,9 +416,13 @@ class DenseTemplate:
                                        name=self.name)
         else:
             weight = getattr(module, self.weight_attr)
-            matrix = weight.T if self.transposed else weight
-            layer = InRankLinear.from_weight(matrix, None, self.rank, buffer=self.buffer,
-                                             init=config.init, name=self.name)
+            if weight.dim() == 3:  # a stack of experts' matrices
+                layer = InRankExperts.from_stack(weight, self.rank, buffer=self.buffer,
+                                                 init=config.init, name=self.name)
+            else:
+                matrix = weight.T if self.transposed else weight
+                layer = InRankLinear.from_weight(matrix, None, self.rank, buffer=self.buffer,
+                                                 init=config.init, name=self.name)
         for part in layer.modules():  # a handler may build several (nn.MultiheadAttention)
             if config.activation is not None and type(part) is InRankLinear:
                 part.activation = config.activation  # convolutions stay linear
@@ -413,7 +442,7 @@ def weight_holder(owner: nn.Module, attr: str, weight: nn.Parameter) -> nn.Modul
 
 
 def _record(candidate: Candidate, layer: nn.Module, requested: int | None) -> FactoredRecord:
-    out_features, in_features = candidate.matrix.shape
+    out_features, in_features = candidate.matrix.shape[-2:]
     return FactoredRecord(candidate.name, candidate.kind, out_features, in_features, layer.rank,
                           layer.width, requested)
 
@@ -430,7 +459,9 @@ def _leaf_hint(read, ctx: PlanContext) -> str:
 
 def _initial_rank(matrix: torch.Tensor, name: str, config: InRankConfig) -> tuple[int, int | None]:
     """(rank, the requested rank if it had to be capped)."""
-    full_rank = min(matrix.shape)
+    full_rank = min(matrix.shape[-2:])
+    if config.init_rank == "auto" and matrix.dim() == 3:  # experts: the largest rank any asks
+        return max(_initial_rank(m, name, config)[0] for m in matrix), None
     if config.init_rank == "auto":
         if matrix.is_meta:
             raise ValueError(f"{name}: weights on the meta device have no spectrum to choose a rank from")
@@ -446,25 +477,34 @@ def _initial_rank(matrix: torch.Tensor, name: str, config: InRankConfig) -> tupl
 
 def _rewrite_forwards(model: nn.Module, analysis: Analysis,
                       installs: list) -> tuple[nn.Module, list[str]]:
-    """Rewrite the forwards that hold functional matmuls on installed weights, deepest first;
-    (the model, the paths of the rewritten forwards)."""
+    """Rewrite the forwards that hold functional matmuls on installed weights, or reads of
+    factored expert stacks, deepest first; (the model, the paths of the rewritten forwards)."""
     rewritten = []
     by_owner: dict[str, list[tuple[MatmulSite, str, nn.Module]]] = {}
+    stacks: dict[str, list[str]] = {}  # owner → get_attr targets of factored expert stacks
     for weight, layer in installs:
         for read in weight.reads_of("site"):
             target = read.site.param_node.target
             by_owner.setdefault(read.owner, []).append((read.site, target, layer))
-    for owner in sorted(by_owner, key=lambda p: -p.count(".") if p else 1):
+        if isinstance(layer, InRankExperts):
+            for read in weight.reads_of("opaque"):
+                targets = stacks.setdefault(read.owner, [])
+                targets += [n[len(_prefix(read.owner)):] for n in weight.names
+                            if n.startswith(_prefix(read.owner))]
+    for owner in sorted({*by_owner, *stacks}, key=lambda p: -p.count(".") if p else 1):
         module = model.get_submodule(owner)
         trace = analysis.traces[owner]
+        sites = by_owner.get(owner, [])
         if trace.frontend == "torch.export":
             gm = trace.module  # the exported module holds the same parameters at the same paths
-            for _, target, layer in by_owner[owner]:
+            for _, target, layer in sites:
                 install_layer(gm, target, layer)
             carry_hooks(module, gm)
         else:
             gm = graph_module_like(module, trace.graph)
-        gm = factor_matmul_sites(gm, [(site, target) for site, target, _ in by_owner[owner]])
+        gm = factor_matmul_sites(gm, [(site, target) for site, target, _ in sites])
+        if owner in stacks:
+            gm = read_through_weight(gm, stacks[owner])
         model = replace_module(model, module, gm)
         rewritten.append(owner)
     return model, rewritten

@@ -8,6 +8,7 @@ from torch import nn
 
 from .._table import format_table
 from ..config import REPORT_ATTR
+from ..nn.experts import InRankExperts
 from ..nn.modules import factored_layers
 from ..passes.transform import DenseRecord, TransformReport, larger_factored_note
 
@@ -166,7 +167,9 @@ def flop_coverage(model: nn.Module, example_inputs) -> FlopCoverage:
     tied_paths = [d.name.rpartition(".")[0] for d in (report.dense if report else []) if "tied" in d.reason]
     tied = sum(flops(p) for p in tied_paths)
     left = flops("") - sum(flops(name) for name in layers) - tied
-    # stacked expert weights left dense run as batched matmuls in the module that holds them
+    # Stacked expert weights run as batched matmuls in the module that holds them: dense work,
+    # whether the stack was left dense or factored (its matmuls run on the stacked product).
     stacks = {d.name.rpartition(".")[0] for d in (report.dense if report else []) if d.expert_stack}
+    stacks |= {n.rpartition(".")[0] for n, l in layers.items() if isinstance(l, InRankExperts)}
     left += sum(flops(p, kind=_is_batched_matmul) for p in stacks)
     return FlopCoverage(int(equivalent), sum(actual.values()), max(left, 0), tied)

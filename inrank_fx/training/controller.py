@@ -157,8 +157,18 @@ class RankController:
         return layer.singular_values()
 
     def _explained(self, layer, s: torch.Tensor, k: int) -> float:
+        if s.dim() == 2:  # a stack of experts: the least explained expert
+            return min(self._explained(layer, row, k) for row in s)
         ratios = explained_ratios(s, self.config.criterion, layer.full_rank)
         return float(ratios[min(k, s.numel())])
+
+    def _select(self, layer, s: torch.Tensor, floor: int) -> int:
+        """The rule's rank for a spectrum; for a stack of experts (one spectrum per expert), the
+        largest rank any expert asks for, so that none is cut below what it needs."""
+        if s.dim() == 2:
+            return max(self._select(layer, row, floor) for row in s)
+        return select_rank(s, self.config.threshold, self.config.criterion, min_rank=floor,
+                           full_rank=layer.full_rank)
 
     @torch.no_grad()
     def check(self) -> list[RankChange]:
@@ -202,8 +212,7 @@ class RankController:
         for name, layer in factored_layers(self.model).items():
             s = self.spectrum(layer)
             floor = layer.rank if cfg.ranks_only_grow else self.start_ranks.get(name, layer.rank)
-            rank = select_rank(s, cfg.threshold, cfg.criterion, min_rank=floor,
-                               full_rank=layer.full_rank)
+            rank = self._select(layer, s, floor)
             rank = min(rank, layer.width)  # the buffer bounds growth per check
             width = max(cfg.width_for(rank, layer.full_rank), layer.width)
             decisions[name] = (rank, width, self._explained(layer, s, rank))

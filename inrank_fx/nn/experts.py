@@ -1,0 +1,218 @@
+"""`InRankExperts`: a stack of E matrices (mixture-of-experts weights, E × out × in) held as E
+pairs of factors with one common, adapting width.
+
+    W[e] ≈ U[e]·V[e]ᵀ        U: E × out × w,  V: E × in × w
+
+Mixture-of-experts layers store their experts' weights stacked and run them with batched or
+grouped matmuls (bmm, einsum, grouped mm, or a loop that indexes one expert at a time). The pass
+puts this layer where the stacked parameter was and points every read of it at `.weight`, the
+stacked product (E × out × in, in the parameter's own layout), so every kernel the model uses
+keeps working: the parameters (and optimizer state) follow the rank, the matmuls still run on
+the product. Ranks are measured per expert and applied per stack: the stack's rank is the
+largest any of its experts asks for, so that no expert is cut below what its spectrum needs.
+Everything else is `FactoredLayer`'s: silent buffer, W_0 for the update spectrum, growth,
+truncation with the optimizer's column maps, the rank in checkpoints.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .linear import INITS, FactoredLayer, _finite, top_singular
+
+
+class InRankExperts(FactoredLayer):
+    """E factored matrices of one shape (out × in each), at one rank and width."""
+
+    def __init__(self, experts: int, in_features: int, out_features: int, rank: int, *,
+                 buffer: int = 0, device=None, dtype=None) -> None:
+        nn.Module.__init__(self)  # FactoredLayer's constructor makes 2-D factors
+        if min(experts, in_features, out_features) < 1:
+            raise ValueError(f"InRankExperts needs positive sizes, got experts={experts}, "
+                             f"in={in_features}, out={out_features}")
+        if rank < 1 or buffer < 0:
+            raise ValueError(f"InRankExperts needs rank >= 1 and buffer >= 0, got {rank}, {buffer}")
+        self.activation = None
+        self.experts, self.in_features, self.out_features = experts, in_features, out_features
+        self.rank = min(rank, self.full_rank)
+        width = min(self.rank + buffer, self.full_rank)
+        factory = {"device": device, "dtype": dtype}
+        self.U = nn.Parameter(torch.empty(experts, out_features, width, **factory))
+        self.V = nn.Parameter(torch.empty(experts, in_features, width, **factory))
+        self.register_parameter("bias", None)
+        self.register_buffer("U0", torch.empty(experts, out_features, self.rank, **factory))
+        self.register_buffer("V0", torch.empty(experts, in_features, self.rank, **factory))
+        self.reset_parameters()
+
+    @classmethod
+    def from_stack(cls, stack: torch.Tensor, rank: int, *, buffer: int = 0, init: str = "svd",
+                   name: str = "experts") -> "InRankExperts":
+        """Factor a stacked E × out × in tensor expert by expert ("svd", "random", "iid" as
+        `InRankLinear.from_weight`)."""
+        if stack.dim() != 3:
+            raise ValueError(f"{name}: expected a 3-D stack (experts x out x in), got shape "
+                             f"{tuple(stack.shape)}")
+        experts, out_features, in_features = stack.shape
+        layer = cls(experts, in_features, out_features, rank, buffer=buffer, device=stack.device,
+                    dtype=stack.dtype)
+        return layer._init_from(stack, None, init, name)
+
+    @torch.no_grad()
+    def _init_from(self, stack: torch.Tensor, bias, init: str, name: str) -> "InRankExperts":
+        if init not in INITS:
+            raise ValueError(f"{name}: init must be one of {INITS}, got {init!r}")
+        if stack.is_meta:  # no values yet: inrank_fx.materialize initialises the layer later
+            return self
+        if init != "iid":
+            w = _finite(stack, name)
+            for e in range(self.experts):
+                u, s, v = top_singular(w[e], self.width)
+                if init == "random":  # random orthonormal directions, the expert's scale
+                    u = torch.linalg.qr(torch.randn(u.shape, dtype=u.dtype)).Q.to(u.device)
+                    v = torch.linalg.qr(torch.randn(v.shape, dtype=v.dtype)).Q.to(v.device)
+                root = s.sqrt()
+                self.U[e] = (u * root).to(self.U.dtype)
+                self.V[e] = (v * root).to(self.V.dtype)
+            self.U[..., self.rank:] = 0.0  # the buffer starts silent
+        self.mark_reference()
+        return self
+
+    def reset_parameters(self) -> None:
+        """i.i.d. factors with nn.Linear's default weight variance per expert; buffer silent."""
+        std = (1.0 / (3.0 * self.in_features) / self.rank) ** 0.25
+        with torch.no_grad():
+            nn.init.normal_(self.U, 0.0, std)
+            nn.init.normal_(self.V, 0.0, std)
+            self.U[..., self.rank:] = 0.0
+        self.mark_reference()
+
+    @torch.no_grad()
+    def mark_reference(self) -> None:
+        used = self.U.any(dim=0).any(dim=0).nonzero() if not self.U.is_meta else None
+        active = self.width if used is None else (int(used.max()) + 1 if used.numel() else 0)
+        self.U0 = self.U[..., :active].detach().clone()
+        self.V0 = self.V[..., :active].detach().clone()
+
+    # -- the stack --------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Every expert on its own rows: x (E × T × in) → (E × T × out), as two batched matmuls."""
+        return torch.bmm(torch.bmm(x, self.V), self.U.mT)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The stacked product, E × out × in (differentiable): what reads of the parameter get."""
+        return self.U @ self.V.mT
+
+    @property
+    def width(self) -> int:
+        return self.U.shape[-1]
+
+    def singular_values(self) -> torch.Tensor:
+        """Per expert (E × width, descending), from QR of the factors and the small cores."""
+        return _stacked_singular_values(self.U.detach(), self.V.detach())
+
+    def update_singular_values(self) -> torch.Tensor:
+        """Per expert, of the cumulative update U·Vᵀ − U0·V0ᵀ (E × up to full rank)."""
+        u = torch.cat([self.U.detach(), self.U0.to(self.U.dtype)], dim=-1).double()
+        v = torch.cat([self.V.detach(), -self.V0.to(self.V.dtype)], dim=-1).double()
+        s = _stacked_singular_values(u, v)
+        scale = torch.linalg.matrix_norm(u) * torch.linalg.matrix_norm(v)
+        s = torch.where(s > 1e-12 * scale[:, None], s, torch.zeros_like(s))
+        return s[:, : self.full_rank]
+
+    # -- resizing ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def grow(self, width: int, *, init: str = "zero", generator: torch.Generator | None = None) -> None:
+        extra = width - self.width
+        if extra < 0 or width > self.full_rank:
+            raise ValueError(f"grow: width {width} must be in [{self.width}, {self.full_rank}]")
+        if init not in ("zero", "random"):
+            raise ValueError(f"grow: init must be 'zero' or 'random', got {init!r}")
+        if extra == 0:
+            return
+        new_v = _random_columns(self.V, extra, generator)
+        new_u = (self.U.new_zeros(self.experts, self.out_features, extra) if init == "zero"
+                 else _random_columns(self.U, extra, generator))
+        self.U = nn.Parameter(torch.cat([self.U, new_u], dim=-1))
+        self.V = nn.Parameter(torch.cat([self.V, new_v], dim=-1))
+
+    @torch.no_grad()
+    def truncate(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each expert keeps its `width` leading components (QR of the factors, SVD of the
+        core, split as U√S, V√S); returns the per-expert column maps (E × w × width)."""
+        if not 1 <= width <= self.width:
+            raise ValueError(f"truncate: width {width} must be in [1, {self.width}]")
+        dtype = self.U.dtype
+        q_u, r_u = torch.linalg.qr(self.U.double())
+        q_v, r_v = torch.linalg.qr(self.V.double())
+        p, s, qh = torch.linalg.svd(r_u @ r_v.mT)
+        root = s[:, :width].sqrt()
+        left, right = p[..., :width] * root[:, None], qh[:, :width].mT * root[:, None]
+        self.U = nn.Parameter((q_u @ left).to(dtype))
+        self.V = nn.Parameter((q_v @ right).to(dtype))
+        self.rank = min(self.rank, width)
+        keep = s[:, :width] > s[:, :1] * 1e-12
+        inv_root = torch.where(keep, 1 / root, torch.zeros_like(root))
+        u_map = r_v.mT @ qh[:, :width].mT * inv_root[:, None]
+        v_map = r_u.mT @ p[..., :width] * inv_root[:, None]
+        return u_map.to(dtype), v_map.to(dtype)
+
+    # -- accounting -------------------------------------------------------------------------
+
+    def factored_params(self) -> int:
+        return self.experts * self.width * (self.in_features + self.out_features)
+
+    def dense_params(self) -> int:
+        return self.experts * self.in_features * self.out_features
+
+    def flops_per_row(self) -> int:
+        """The matmuls that read the stack run on its product (`.weight`): dense work per row.
+        Only the parameters (and optimizer state) follow the rank."""
+        return self.dense_flops_per_row()
+
+    def extra_repr(self) -> str:
+        ratio = self.factored_params() / self.dense_params()
+        return (f"experts={self.experts}, in_features={self.in_features}, "
+                f"out_features={self.out_features}, rank={self.rank}, buffer={self.buffer}, "
+                f"full_rank={self.full_rank}, params={ratio:.1%} of dense")
+
+
+class FactoredExperts(nn.Module):
+    """A frozen stack of factored experts (what `freeze` makes of InRankExperts): U, V at the
+    final rank, `.weight` the stacked product; no rank state."""
+
+    def __init__(self, U: torch.Tensor, V: torch.Tensor) -> None:
+        super().__init__()
+        self.U = nn.Parameter(U.detach().clone())
+        self.V = nn.Parameter(V.detach().clone())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.U @ self.V.mT
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(torch.bmm(x, self.V), self.U.mT)
+
+    def extra_repr(self) -> str:
+        e, out_features, rank = self.U.shape
+        return f"experts={e}, in_features={self.V.shape[1]}, out_features={out_features}, rank={rank}"
+
+
+def _stacked_singular_values(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    dtype = torch.float64 if U.dtype == torch.float64 else torch.float32
+    r_u = torch.linalg.qr(U.to(dtype), mode="r").R
+    r_v = torch.linalg.qr(V.to(dtype), mode="r").R
+    return torch.linalg.svdvals(r_u @ r_v.mT)
+
+
+def _random_columns(factor: torch.Tensor, columns: int, generator) -> torch.Tensor:
+    """New random columns for every expert at the RMS scale of the factor's entries."""
+    scale = factor.detach().float().pow(2).mean().sqrt().item() if factor.numel() else 0.0
+    if scale == 0.0:
+        scale = 1.0 / math.sqrt(factor.shape[1])
+    noise = torch.randn(factor.shape[0], factor.shape[1], columns, generator=generator)
+    return (noise * scale).to(device=factor.device, dtype=factor.dtype)
