@@ -68,7 +68,7 @@ def _hf(config_name, model_name, inputs="tokens", **config):
     return build
 
 
-TINY = dict(vocab_size=256)
+TINY = dict(vocab_size=256, use_cache=False)  # no key/value cache in the outputs (export)
 DECODER = dict(TINY, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                num_attention_heads=4, max_position_embeddings=64)
 
