@@ -63,14 +63,15 @@ def _hf(config_name, model_name, inputs="tokens", **config):
             return model, (torch.randint(0, 256, (1, 16)),)
         if inputs == "seq2seq":
             ids = torch.randint(0, 256, (1, 16))
-            return model, (ids, None, ids[:, :8])  # input_ids, attention_mask, decoder_input_ids
+            # input_ids, attention_mask, decoder_input_ids
+            return model, (ids, torch.ones_like(ids), ids[:, :8])
         return model, (torch.randn(1, 3, config.get("image_size", 32), config.get("image_size", 32)),)
     return build
 
 
 TINY = dict(vocab_size=256, use_cache=False)  # no key/value cache in the outputs (export)
 DECODER = dict(TINY, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-               num_attention_heads=4, max_position_embeddings=64)
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
 
 MODELS = {
     # torchvision

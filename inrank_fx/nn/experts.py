@@ -110,6 +110,24 @@ class InRankExperts(FactoredLayer):
     def width(self) -> int:
         return self.U.shape[-1]
 
+    # Read as the stacked parameter was, where a forward could not be rewritten (a loop over the
+    # experts that fx cannot trace, transformers' MixtralExperts): `layer[e]` is expert e's
+    # matrix, formed alone; shape, dtype and device are the stack's.
+    def __getitem__(self, index) -> torch.Tensor:
+        return self.U[index] @ self.V[index].mT
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.experts, self.out_features, self.in_features))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.U.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.U.device
+
     def singular_values(self) -> torch.Tensor:
         """Per expert (E × width, descending), from QR of the factors and the small cores."""
         return _stacked_singular_values(self.U.detach(), self.V.detach())
@@ -193,6 +211,21 @@ class FactoredExperts(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         return self.U @ self.V.mT
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return self.U[index] @ self.V[index].mT
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.U.shape[0], self.U.shape[1], self.V.shape[1]))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.U.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.U.device
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.bmm(torch.bmm(x, self.V), self.U.mT)

@@ -77,3 +77,15 @@ class FactoredConv2d(nn.Sequential):
                 up.bias.copy_(layer.bias)
         super().__init__(down, up)
         self.rank = w
+
+    # What code written for nn.Conv2d reads (EdgeNeXt's position encoding reads
+    # `.weight.dtype`): the dense kernel and the bias, on demand.
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense kernel (out, in, kh, kw): the 1×1 conv's matrix times the k×k kernels."""
+        down, up = self[0].weight, self[1].weight
+        return (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self[1].bias

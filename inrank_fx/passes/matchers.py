@@ -11,9 +11,12 @@ editing the core.
 """
 from __future__ import annotations
 
+import ast
 import builtins
 import contextlib
+import inspect
 import operator
+import textwrap
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Union
 
@@ -372,3 +375,35 @@ def unregister_function_handler(op: str, target) -> None:
     if (op, target) not in _FUNCTION_HANDLERS:
         raise KeyError(f"no function handler is registered for {op} {target!r}")
     del _FUNCTION_HANDLERS[(op, target)]
+
+
+MATMUL_NAMES = frozenset({"linear", "matmul", "mm", "bmm", "einsum", "_grouped_mm", "grouped_mm"})
+
+
+def indexed_only(module: nn.Module, attr: str) -> bool:
+    """Does every method of `module`'s class use `self.<attr>` only by indexing it (`self.w[e]`)
+    or reading its metadata (`self.w.shape`), and hand at least one indexed expert to a matmul
+    (`F.linear(x, self.w[e])`)? What a loop over the experts of a stack does (transformers'
+    MixtralExperts) in a forward fx cannot trace: the source says what the graph cannot.
+    Assignments (in __init__) are not uses."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(type(module))))
+    except (OSError, TypeError, SyntaxError):
+        return False
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    uses = [n for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr == attr
+            and isinstance(n.value, ast.Name) and n.value.id == "self"
+            and isinstance(n.ctx, ast.Load)]
+    multiplied = False
+    for use in uses:
+        parent = parents.get(use)
+        if isinstance(parent, ast.Attribute) and parent.attr in METADATA_ATTRS:
+            continue
+        if not (isinstance(parent, ast.Subscript) and parent.value is use):
+            return False
+        call = parents.get(parent)
+        if isinstance(call, ast.Call) and parent in call.args:
+            name = getattr(call.func, "attr", getattr(call.func, "id", ""))
+            multiplied |= name in MATMUL_NAMES
+    return multiplied
+

@@ -111,3 +111,19 @@ def read_through_weight(gm: fx.GraphModule, targets: list[str]) -> fx.GraphModul
     gm.recompile()
     return gm
 
+
+def read_as_property(owner: nn.Module, attr: str) -> None:
+    """Make `owner.<attr>` (now a factored stack, `InRankExperts`) read as the stacked product
+    it replaced, for forwards that cannot be rewritten: the owner's class is swapped (as
+    torch.nn.utils.parametrize does) for a subclass whose property `attr` returns
+    `owner._modules[attr].weight`, so any code reading the attribute gets a tensor of the
+    parameter's shape, whatever it does with it."""
+    base = type(owner)
+    reads = dict(getattr(base, "_inrank_stack_reads", ()))
+    reads[attr] = property(lambda self, _attr=attr: self._modules[_attr].weight)
+    cls = type(base.__name__, (getattr(base, "_inrank_base", base),),
+               {**reads, "_inrank_stack_reads": tuple(reads.items()),
+                "_inrank_base": getattr(base, "_inrank_base", base),
+                "__module__": base.__module__, "__qualname__": base.__qualname__})
+    owner.__class__ = cls
+

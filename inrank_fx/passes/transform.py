@@ -28,8 +28,14 @@ from ..nn.linear import FactoredLayer, InRankLinear
 from ..nn.modules import carry_hooks, replace_module
 from ..nn.spectrum import select_rank
 from .analysis import Analysis, WeightUse, analyse
-from .matchers import MatmulSite, handled_weights
-from .rewrite import factor_matmul_sites, graph_module_like, install_layer, read_through_weight
+from .matchers import MatmulSite, handled_weights, indexed_only
+from .rewrite import (
+    factor_matmul_sites,
+    graph_module_like,
+    install_layer,
+    read_as_property,
+    read_through_weight,
+)
 from .substitutes import apply_substitutes, restore_unused
 
 log = logging.getLogger("inrank_fx")
@@ -146,6 +152,9 @@ def transform(
     for weight, layer in installs:  # functional reads: the layer goes where the weight was
         for name in weight.names:
             install_layer(model, name, layer)
+            if isinstance(layer, InRankExperts) and weight.reads_of("opaque")[0].untraced:
+                owner, _, attr = name.rpartition(".")  # read in a forward that did not trace
+                read_as_property(model.get_submodule(owner), attr)
     model, rewritten = _rewrite_forwards(model, analysis, installs)
     restore_unused(substituted, lambda m: isinstance(m, FactoredLayer))
 
@@ -262,7 +271,15 @@ def _unread(weight: WeightUse, opaque: list, ctx: PlanContext) -> Dense | None:
     batched = [r for r in opaque if r.batched]
     if weight.param.dim() == 3 and batched:
         return _expert_stack(weight, opaque, batched, ctx)
-    if weight.param.dim() == 3 and any(r.untraced for r in opaque):
+    if weight.param.dim() == 3 and weight.param.shape[0] > 1 and any(r.untraced for r in opaque):
+        # (a leading 1 is a class token or a position embedding, not a stack)
+        holder, _, attr = weight.name.rpartition(".")
+        if (all(r.untraced and r.owner == holder for r in opaque) and owner is not None
+                and indexed_only(owner, attr)):
+            # a loop over the experts (transformers' MixtralExperts): the layer is indexed as
+            # the stack was, one expert's product at a time
+            return _filtered(Candidate(weight.name, "experts (indexed)", weight, weight.param),
+                             ctx)
         experts, n_out, n_in = weight.param.shape
         return Dense(weight.name, f"a 3-D parameter ({experts}x{n_out}x{n_in}; mixture-of-experts "
                                   f"weights are stored so) {opaque[0].where}: its reads cannot be "
@@ -487,7 +504,7 @@ def _rewrite_forwards(model: nn.Module, analysis: Analysis,
             target = read.site.param_node.target
             by_owner.setdefault(read.owner, []).append((read.site, target, layer))
         if isinstance(layer, InRankExperts):
-            for read in weight.reads_of("opaque"):
+            for read in [r for r in weight.reads_of("opaque") if not r.untraced]:
                 targets = stacks.setdefault(read.owner, [])
                 targets += [n[len(_prefix(read.owner)):] for n in weight.names
                             if n.startswith(_prefix(read.owner))]

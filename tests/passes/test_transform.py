@@ -534,3 +534,43 @@ def test_experts_run_in_a_loop_over_a_stack_are_factored(rel_err):
     assert rel_err(out(x), model(x)) < 1e-5
     low = transform(model, InRankConfig(init_rank=4, buffer=0, min_features=1))
     assert low.w.U.shape == (3, 48, 4) and torch.isfinite(low(x)).all()
+
+
+class RoutedExperts(nn.Module):
+    """Experts run in a loop over the experts that tokens were routed to, as transformers'
+    MixtralExperts: data-dependent control flow, so fx cannot trace the forward."""
+
+    def __init__(self, dim=32, hidden=48, experts=4):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(experts, hidden, dim) / dim ** 0.5)
+        self.table = nn.Parameter(torch.randn(experts, hidden, 1))  # indexed, never multiplied
+        self.router = nn.Linear(dim, experts)
+
+    def forward(self, x):
+        choice = self.router(x).argmax(-1)
+        out = x.new_zeros(x.shape[0], self.w.shape[1])
+        for e in choice.unique():  # data-dependent: fx cannot trace this
+            rows = choice == e
+            out[rows] = F.linear(x[rows], self.w[e]) + self.table[e].T
+        return out
+
+
+def test_experts_in_a_loop_fx_cannot_trace_are_factored_and_read_as_the_stack(rel_err):
+    torch.manual_seed(0)
+    model, x = RoutedExperts(), torch.randn(12, 32)
+    out = transform(model, InRankConfig(init_rank=1.0, buffer=0, min_features=1))
+    assert isinstance(out, RoutedExperts)  # still the model's own class and forward
+    assert isinstance(out.w, torch.Tensor) and out.w.shape == (4, 48, 32)  # read as the stack
+    assert set(ranks(out)) == {"w", "router"}  # the table is indexed but never multiplied
+    assert rel_err(out(x), model(x)) < 1e-5
+    low = transform(model, InRankConfig(init_rank=4, buffer=2, min_features=1, warmup_steps=0,
+                                        check_every=1, measure="update", threshold=0.999,
+                                        stop_after=None))
+    opt = torch.optim.AdamW(low.parameters(), lr=1e-3)
+    inrank_fx.attach(low, opt)
+    low(x).square().mean().backward()
+    opt.step()
+    assert ranks(low)["w"] > 4  # the stack's factors trained and grew
+    frozen = inrank_fx.freeze(low)
+    with torch.no_grad():
+        assert rel_err(frozen(x), low(x)) < 1e-5
