@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import inrank_fx
 from inrank_fx._io import atomic_destination
-from inrank_fx.demo.corpus import batches, split, stdlib_corpus
+from inrank_fx.demo.corpus import split, stdlib_corpus, step_batch
 from inrank_fx.demo.gpt import GPT, GPTConfig, lm_loss
 
 QUICK = dict(n_layer=2, n_embd=32, n_head=2, block_size=32, steps=40, warmup=5, check_every=5,
@@ -79,11 +79,6 @@ def start_processes(backend: str | None) -> tuple[int, int, torch.device]:
         device = torch.device("cpu")
     dist.init_process_group(backend)
     return dist.get_rank(), dist.get_world_size(), device
-
-
-def global_batch(ids: torch.Tensor, block: int, batch: int, seed: int, step: int):
-    """The same (input, target) batch for `step` on every process and in every run."""
-    return next(batches(ids, block, batch, torch.Generator().manual_seed(seed * 1_000_003 + step)))
 
 
 def build(args, device, processes):
@@ -135,7 +130,7 @@ def train(args, process, processes, device, model, trained, optimizer, controlle
     forward = torch.compile(trained) if args.compile else trained
     losses, seconds = [], []
     for step in range(start, args.steps):
-        x, y = global_batch(train_ids, args.sizes["block_size"], args.batch, args.seed, step)
+        x, y = step_batch(train_ids, args.sizes["block_size"], args.batch, args.seed, step)
         x, y = (t[process * local : (process + 1) * local].to(device) for t in (x, y))
         began = time.perf_counter()
         loss = lm_loss(forward(x), y)

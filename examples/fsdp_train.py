@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 import inrank_fx
 from inrank_fx._io import atomic_destination
-from inrank_fx.demo.corpus import batches, split, stdlib_corpus
+from inrank_fx.demo.corpus import split, stdlib_corpus, step_batch
 from inrank_fx.demo.gpt import GPT, GPTConfig, lm_loss
 from inrank_fx.training.sharded import load_checkpoint, save_checkpoint
 
@@ -100,11 +100,6 @@ def build(args, device, processes):
     return model, optimizer, controller
 
 
-def global_batch(ids: torch.Tensor, block: int, batch: int, seed: int, step: int):
-    """The same (input, target) batch for `step` on every process and in every run."""
-    return next(batches(ids, block, batch, torch.Generator().manual_seed(seed * 1_000_003 + step)))
-
-
 def train(args, process, processes, device, model, optimizer, controller, start):
     """The training loop from `start` to args.steps: (global losses, ranks after each step,
     seconds per step)."""
@@ -115,7 +110,7 @@ def train(args, process, processes, device, model, optimizer, controller, start)
     forward = torch.compile(model) if args.compile else model
     losses, ranks, seconds = [], [], []
     for step in range(start, args.steps):
-        x, y = global_batch(train_ids, args.sizes["block_size"], args.batch, args.seed, step)
+        x, y = step_batch(train_ids, args.sizes["block_size"], args.batch, args.seed, step)
         x, y = (t[process * local : (process + 1) * local].to(device) for t in (x, y))
         began = time.perf_counter()
         loss = lm_loss(forward(x), y)

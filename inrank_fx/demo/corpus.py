@@ -47,3 +47,11 @@ def batches(ids: torch.Tensor, block: int, batch: int, generator: torch.Generato
         starts = torch.randint(0, len(ids) - block - 1, (batch,), generator=generator)
         window = torch.stack([ids[s : s + block + 1] for s in starts])
         yield window[:, :-1], window[:, 1:]
+
+
+def step_batch(ids: torch.Tensor, block: int, batch: int, seed: int, step: int):
+    """The (input, target) batch for optimizer step `step`: the same on every process and in
+    every run (seeded by seed and step), so that N processes training on its slices compute what
+    one process computes on the whole batch, and a resumed run sees the batches it would have."""
+    return next(batches(ids, block, batch, torch.Generator().manual_seed(seed * 1_000_003 + step)))
+

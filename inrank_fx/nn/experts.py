@@ -15,15 +15,43 @@ truncation with the optimizer's column maps, the rank in checkpoints.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from .linear import INITS, FactoredLayer, _finite, top_singular
+from .linear import INITS, FactoredLayer, _random_factors, _random_like, _svd_factors
+from .spectrum import factor_singular_values, update_singular_values
 
 
-class InRankExperts(FactoredLayer):
+class StackReads:
+    """How a factored stack reads as the stacked parameter it replaced (both InRankExperts and
+    its frozen form): `.weight` is the product (E × out × in, differentiable), `layer[e]` is
+    expert e's matrix formed alone (for a loop over experts that could not be rewritten, such as
+    transformers' MixtralExperts), and shape, dtype and device are the stack's."""
+
+    U: torch.Tensor
+    V: torch.Tensor
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.U @ self.V.mT
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return self.U[index] @ self.V[index].mT
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.U.shape[0], self.U.shape[1], self.V.shape[1]))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.U.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.U.device
+
+
+class InRankExperts(StackReads, FactoredLayer):
     """E factored matrices of one shape (out × in each), at one rank and width."""
 
     def __init__(self, experts: int, in_features: int, out_features: int, rank: int, *,
@@ -66,15 +94,9 @@ class InRankExperts(FactoredLayer):
         if stack.is_meta:  # no values yet: inrank_fx.materialize initialises the layer later
             return self
         if init != "iid":
-            w = _finite(stack, name)
+            make = _svd_factors if init == "svd" else _random_factors
             for e in range(self.experts):
-                u, s, v = top_singular(w[e], self.width)
-                if init == "random":  # random orthonormal directions, the expert's scale
-                    u = torch.linalg.qr(torch.randn(u.shape, dtype=u.dtype)).Q.to(u.device)
-                    v = torch.linalg.qr(torch.randn(v.shape, dtype=v.dtype)).Q.to(v.device)
-                root = s.sqrt()
-                self.U[e] = (u * root).to(self.U.dtype)
-                self.V[e] = (v * root).to(self.V.dtype)
+                self.U[e], self.V[e] = make(stack[e], self.width, f"{name}[{e}]")
             self.U[..., self.rank:] = 0.0  # the buffer starts silent
         self.mark_reference()
         return self
@@ -95,50 +117,23 @@ class InRankExperts(FactoredLayer):
         self.U0 = self.U[..., :active].detach().clone()
         self.V0 = self.V[..., :active].detach().clone()
 
-    # -- the stack --------------------------------------------------------------------------
+    # -- the stack ---------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert on its own rows: x (E × T × in) → (E × T × out), as two batched matmuls."""
         return torch.bmm(torch.bmm(x, self.V), self.U.mT)
 
     @property
-    def weight(self) -> torch.Tensor:
-        """The stacked product, E × out × in (differentiable): what reads of the parameter get."""
-        return self.U @ self.V.mT
-
-    @property
     def width(self) -> int:
         return self.U.shape[-1]
 
-    # Read as the stacked parameter was, where a forward could not be rewritten (a loop over the
-    # experts that fx cannot trace, transformers' MixtralExperts): `layer[e]` is expert e's
-    # matrix, formed alone; shape, dtype and device are the stack's.
-    def __getitem__(self, index) -> torch.Tensor:
-        return self.U[index] @ self.V[index].mT
-
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size((self.experts, self.out_features, self.in_features))
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.U.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.U.device
-
     def singular_values(self) -> torch.Tensor:
         """Per expert (E × width, descending), from QR of the factors and the small cores."""
-        return _stacked_singular_values(self.U.detach(), self.V.detach())
+        return factor_singular_values(self.U.detach(), self.V.detach())
 
     def update_singular_values(self) -> torch.Tensor:
         """Per expert, of the cumulative update U·Vᵀ − U0·V0ᵀ (E × up to full rank)."""
-        u = torch.cat([self.U.detach(), self.U0.to(self.U.dtype)], dim=-1).double()
-        v = torch.cat([self.V.detach(), -self.V0.to(self.V.dtype)], dim=-1).double()
-        s = _stacked_singular_values(u, v)
-        scale = torch.linalg.matrix_norm(u) * torch.linalg.matrix_norm(v)
-        s = torch.where(s > 1e-12 * scale[:, None], s, torch.zeros_like(s))
+        s = update_singular_values(self.U.detach(), self.V.detach(), self.U0, self.V0)
         return s[:, : self.full_rank]
 
     # -- resizing ---------------------------------------------------------------------------
@@ -152,9 +147,9 @@ class InRankExperts(FactoredLayer):
             raise ValueError(f"grow: init must be 'zero' or 'random', got {init!r}")
         if extra == 0:
             return
-        new_v = _random_columns(self.V, extra, generator)
+        new_v = _random_like(self.V, extra, generator)
         new_u = (self.U.new_zeros(self.experts, self.out_features, extra) if init == "zero"
-                 else _random_columns(self.U, extra, generator))
+                 else _random_like(self.U, extra, generator))
         self.U = nn.Parameter(torch.cat([self.U, new_u], dim=-1))
         self.V = nn.Parameter(torch.cat([self.V, new_v], dim=-1))
 
@@ -199,33 +194,14 @@ class InRankExperts(FactoredLayer):
                 f"full_rank={self.full_rank}, params={ratio:.1%} of dense")
 
 
-class FactoredExperts(nn.Module):
+class FactoredExperts(StackReads, nn.Module):
     """A frozen stack of factored experts (what `freeze` makes of InRankExperts): U, V at the
-    final rank, `.weight` the stacked product; no rank state."""
+    final rank, read as the stack (StackReads); no rank state."""
 
     def __init__(self, U: torch.Tensor, V: torch.Tensor) -> None:
         super().__init__()
         self.U = nn.Parameter(U.detach().clone())
         self.V = nn.Parameter(V.detach().clone())
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.U @ self.V.mT
-
-    def __getitem__(self, index) -> torch.Tensor:
-        return self.U[index] @ self.V[index].mT
-
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size((self.U.shape[0], self.U.shape[1], self.V.shape[1]))
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.U.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.U.device
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.bmm(torch.bmm(x, self.V), self.U.mT)
@@ -233,19 +209,3 @@ class FactoredExperts(nn.Module):
     def extra_repr(self) -> str:
         e, out_features, rank = self.U.shape
         return f"experts={e}, in_features={self.V.shape[1]}, out_features={out_features}, rank={rank}"
-
-
-def _stacked_singular_values(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-    dtype = torch.float64 if U.dtype == torch.float64 else torch.float32
-    r_u = torch.linalg.qr(U.to(dtype), mode="r").R
-    r_v = torch.linalg.qr(V.to(dtype), mode="r").R
-    return torch.linalg.svdvals(r_u @ r_v.mT)
-
-
-def _random_columns(factor: torch.Tensor, columns: int, generator) -> torch.Tensor:
-    """New random columns for every expert at the RMS scale of the factor's entries."""
-    scale = factor.detach().float().pow(2).mean().sqrt().item() if factor.numel() else 0.0
-    if scale == 0.0:
-        scale = 1.0 / math.sqrt(factor.shape[1])
-    noise = torch.randn(factor.shape[0], factor.shape[1], columns, generator=generator)
-    return (noise * scale).to(device=factor.device, dtype=factor.dtype)

@@ -394,11 +394,12 @@ class InRankLinear(FactoredLayer):
 
 
 def _random_like(factor: torch.Tensor, columns: int, generator) -> torch.Tensor:
-    """`columns` new random columns at the RMS scale of the existing factor's entries."""
+    """`columns` new random columns at the RMS scale of the existing factor's entries (for a
+    stack of factors, E×rows×w, new columns for every matrix)."""
     scale = factor.detach().float().pow(2).mean().sqrt().item() if factor.numel() else 0.0
     if scale == 0.0:
-        scale = 1.0 / math.sqrt(factor.shape[0])
-    noise = torch.randn(factor.shape[0], columns, generator=generator, dtype=torch.float32)
+        scale = 1.0 / math.sqrt(factor.shape[-2])
+    noise = torch.randn(*factor.shape[:-1], columns, generator=generator, dtype=torch.float32)
     return (noise * scale).to(device=factor.device, dtype=factor.dtype)
 
 

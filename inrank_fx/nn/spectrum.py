@@ -18,32 +18,34 @@ CRITERIA = ("variance", "variance_padded", "energy")
 
 @torch.no_grad()
 def factor_singular_values(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-    """Singular values (descending) of U @ V.T, for U: out×k and V: in×k, without forming it."""
-    if U.shape[1] != V.shape[1]:
+    """Singular values (descending) of U @ V.T, for U: out×k and V: in×k, without forming it.
+    Batched: for stacks U: E×out×k, V: E×in×k, one spectrum per matrix (E×k)."""
+    if U.shape[-1] != V.shape[-1]:
         raise ValueError(f"factors disagree on the inner dimension: U {tuple(U.shape)}, V {tuple(V.shape)}")
     # Half precision has no QR kernel and too little precision for a spectrum.
     dtype = torch.float64 if U.dtype == torch.float64 else torch.float32
     U, V = U.to(dtype), V.to(dtype)
     r_u = torch.linalg.qr(U, mode="r").R
     r_v = torch.linalg.qr(V, mode="r").R
-    return torch.linalg.svdvals(r_u @ r_v.T)
+    return torch.linalg.svdvals(r_u @ r_v.mT)
 
 
 @torch.no_grad()
 def update_singular_values(
     U: torch.Tensor, V: torch.Tensor, U0: torch.Tensor, V0: torch.Tensor
 ) -> torch.Tensor:
-    """Singular values of the cumulative update U·Vᵀ − U0·V0ᵀ (length k + k0), from factors.
+    """Singular values of the cumulative update U·Vᵀ − U0·V0ᵀ (length k + k0), from factors
+    (batched like `factor_singular_values`).
 
     Computed in float64: the update is a small difference of two large products, and float32
     round-off would show up as a spectrum of noise. Values below round-off of the products'
     scale are set to zero, so an unchanged layer has an all-zero update spectrum.
     """
-    stacked_u = torch.cat([U, U0.to(device=U.device, dtype=U.dtype)], dim=1).to(torch.float64)
-    stacked_v = torch.cat([V, -V0.to(device=V.device, dtype=V.dtype)], dim=1).to(torch.float64)
+    stacked_u = torch.cat([U, U0.to(device=U.device, dtype=U.dtype)], dim=-1).to(torch.float64)
+    stacked_v = torch.cat([V, -V0.to(device=V.device, dtype=V.dtype)], dim=-1).to(torch.float64)
     s = factor_singular_values(stacked_u, stacked_v)
     scale = torch.linalg.matrix_norm(stacked_u) * torch.linalg.matrix_norm(stacked_v)
-    return torch.where(s > 1e-12 * scale, s, torch.zeros_like(s))
+    return torch.where(s > 1e-12 * scale[..., None], s, torch.zeros_like(s))
 
 
 def explained_ratios(
