@@ -12,8 +12,10 @@ sweep's). The columns:
   parity     output relative error of the full-rank transform against the dense model
   train      one AdamW step at 25% rank with a rank check (attach, every layer may grow)
   freeze     the 25% model frozen (`freeze`) against the unfrozen one (rel. error)
-  onnx       the frozen 25% model through `to_onnx` (ONNX Runtime parity) — or why not, with
-             the dense model tried too ("dense fails too": torch.onnx's limit, not ours)
+  onnx       the frozen 25% model through `to_onnx` (ONNX Runtime parity; "TS": written by
+             torch.onnx's TorchScript exporter, where the dynamo one could not translate the
+             graph) — or why not, with the dense model tried too ("dense fails too": torch's
+             limit, not ours)
 
 A failed column holds the error's first line. Needs the `[test]` extra (timm, torchvision,
 transformers); models of a library that is missing are skipped. About 20 minutes on 2 cores.
@@ -237,8 +239,11 @@ def sweep_one(name: str, onnx: bool) -> dict:
 
         with tempfile.TemporaryDirectory() as folder:
             try:
-                result = to_onnx(quarter, inputs, Path(folder) / "model.onnx")
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # a fallback exporter is in the record
+                    result = to_onnx(quarter, inputs, Path(folder) / "model.onnx")
                 record["onnx"] = result.max_rel_error
+                record["onnx_exporter"] = result.exporter
             except Exception as error:
                 try:
                     to_onnx(model, inputs, Path(folder) / "dense.onnx", verify=False)
@@ -282,8 +287,10 @@ def table(records: list[dict], markdown: bool = False) -> str:
         if "error" in r:
             rows.append([r["model"], library, "-", r["error"], *[""] * (len(COLUMNS) - 1)])
             continue
-        rows.append([r["model"], library, f"{r['params_m']:.1f}",
-                     *[cell(r.get(c), c) for c in COLUMNS]])
+        cells = [cell(r.get(c), c) for c in COLUMNS]
+        if r.get("onnx_exporter") == "torchscript":
+            cells[-1] += " (TS)"
+        rows.append([r["model"], library, f"{r['params_m']:.1f}", *cells])
     if not markdown:
         return format_table(header, rows, left=3)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from ._common import (
 from .freeze import freeze, frozen_ranks
 
 RANKS_METADATA_KEY = "inrank_fx.ranks"
+EXPORTERS = ("auto", "dynamo", "torchscript")
 
 
 @dataclass
@@ -39,10 +41,13 @@ class OnnxExportReport:
     batch_sizes: list[int] = field(default_factory=list)
     max_abs_error: float | None = None
     max_rel_error: float | None = None
+    exporter: str = "dynamo"  # which torch.onnx exporter wrote the file
+    notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [
-            f"ONNX file     {self.path} ({self.file_bytes / 1e6:.2f} MB, opset {self.opset})",
+            f"ONNX file     {self.path} ({self.file_bytes / 1e6:.2f} MB, opset {self.opset}, "
+            f"{self.exporter} exporter)",
             f"parameters    {self.parameters:,}",
             f"factored      {len(self.ranks)} layer(s)"
             + (f", ranks {min(self.ranks.values())}..{max(self.ranks.values())}" if self.ranks else "")
@@ -56,6 +61,7 @@ class OnnxExportReport:
             )
         else:
             lines.append("verified      no (verify=False)")
+        lines += [f"note          {note}" for note in self.notes]
         return "\n".join(lines)
 
 
@@ -69,18 +75,26 @@ def to_onnx(
     verify: bool = True,
     rtol: float = 1e-4,
     debug_info: bool = False,
+    exporter: str = "auto",
 ) -> OnnxExportReport:
     """Export `model` (frozen first if it still has InRank layers) to an ONNX file.
 
-    Uses torch.onnx's dynamo exporter; the file is written atomically (nothing is left at `path`
-    if anything fails) and carries the per-layer ranks in its metadata_props under
-    "inrank_fx.ranks". With `verify`, ONNX Runtime (CPU, and CUDA where available) runs the file
-    on the example inputs and, with `dynamic_batch`, on a second batch size, and the outputs must
-    match the frozen PyTorch model to `rtol` relative to the output's largest magnitude; otherwise
-    ExportParityError says by how much they differ. The exporter's per-node debug metadata
-    (Python stack traces with local paths, module hierarchy) is dropped unless `debug_info`: it
-    can outweigh the weights of a small factored model.
+    `exporter="dynamo"` uses torch.onnx's torch.export-based exporter. `"auto"` (the default)
+    does the same, and where torch.export captured the model but torch.onnx could not translate
+    the graph (an upstream limit: e.g. its decomposition of scaled_dot_product_attention in
+    transformers' T5 on torch 2.14) exports with torch.onnx's TorchScript exporter instead,
+    with a warning and the reason in the report's notes; `"torchscript"` uses that exporter
+    alone. Either way the file is checked the same way. The file is written atomically (nothing
+    is left at `path` if anything fails) and carries the per-layer ranks in its metadata_props
+    under "inrank_fx.ranks". With `verify`, ONNX Runtime (CPU, and CUDA where available) runs
+    the file on the example inputs and, with `dynamic_batch`, on a second batch size, and the
+    outputs must match the frozen PyTorch model to `rtol` relative to the output's largest
+    magnitude; otherwise ExportParityError says by how much they differ. The dynamo exporter's
+    per-node debug metadata (Python stack traces with local paths, module hierarchy) is dropped
+    unless `debug_info`: it can outweigh the weights of a small factored model.
     """
+    if exporter not in EXPORTERS:
+        raise ValueError(f"to_onnx: exporter={exporter!r}; expected one of {EXPORTERS}")
     missing = missing_modules({"onnx": "onnx", "onnxscript": "onnx",
                                **({"onnxruntime": "onnx"} if verify else {})})
     if missing:
@@ -89,29 +103,67 @@ def to_onnx(
     inputs = check_inputs(example_inputs)
     frozen = freeze(model)  # a copy: the caller's model keeps its mode and layers
     ranks, merged = frozen_ranks(frozen)
+    report = OnnxExportReport(path, 0, count_params(frozen), ranks, merged, exporter=exporter)
 
-    with torch.no_grad():
-        program = export_program(frozen, inputs, dynamic_batch)
-    try:
-        onnx_program = torch.onnx.export(
-            program, inputs, dynamo=True, opset_version=opset, optimize=True, verbose=False
-        )
-    except Exception as err:  # torch.export took the model; its ONNX translation did not
-        reason = _root_cause(err)
-        raise ExportError(f"torch.onnx could not translate {type(model).__name__} (traced "
-                          f"by torch.export) to ONNX: {reason}") from err
-    if not debug_info:
-        _drop_node_metadata(onnx_program.model)
-    onnx_program.model.metadata_props[RANKS_METADATA_KEY] = json.dumps(ranks)
-    report = OnnxExportReport(path, 0, count_params(frozen), ranks, merged,
-                              opset=_opset_of(onnx_program))
+    onnx_program = None
+    if exporter != "torchscript":
+        with torch.no_grad():
+            program = export_program(frozen, inputs, dynamic_batch)
+        try:
+            onnx_program = torch.onnx.export(
+                program, inputs, dynamo=True, opset_version=opset, optimize=True, verbose=False
+            )
+        except Exception as err:  # torch.export took the model; its ONNX translation did not
+            message = (f"torch.onnx could not translate {type(model).__name__} (traced by "
+                       f"torch.export) to ONNX: {_root_cause(err)}")
+            if exporter == "dynamo":
+                raise ExportError(message + '; exporter="torchscript" may export it') from err
+            report.exporter = "torchscript"
+            report.notes.append(message + "; exported with the TorchScript exporter instead")
+            warnings.warn(report.notes[-1], stacklevel=2)
+        else:
+            report.exporter = "dynamo"
+            if not debug_info:
+                _drop_node_metadata(onnx_program.model)
+            onnx_program.model.metadata_props[RANKS_METADATA_KEY] = json.dumps(ranks)
+            report.opset = _opset_of(onnx_program)
+
     with atomic_destination(path) as tmp:
-        onnx_program.save(tmp)
+        if onnx_program is not None:
+            onnx_program.save(tmp)
+        else:
+            report.opset = _torchscript_export(frozen, inputs, tmp, dynamic_batch, opset, ranks)
         if verify:
             _verify(frozen, inputs, tmp, dynamic_batch, rtol, report)
         written = list(tmp.parent.iterdir())
         report.file_bytes = sum(p.stat().st_size for p in written)
     return report
+
+
+def _torchscript_export(frozen: nn.Module, inputs, file: Path, dynamic_batch: bool,
+                        opset: int | None, ranks: dict[str, int]) -> int | None:
+    """torch.onnx's TorchScript exporter (torch.jit.trace): for graphs torch.export captures but
+    the dynamo exporter cannot translate. Returns the file's opset."""
+    import onnx
+
+    names = [f"input_{i}" for i in range(len(inputs))]
+    dynamic_axes = ({n: {0: "batch"} for n, x in zip(names, inputs) if x.dim()}
+                    if dynamic_batch else None)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # The tracer's notes on Python values it bakes in; the ONNX Runtime check at a
+            # second batch size is what tells whether the trace generalises.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(frozen, inputs, str(file), dynamo=False, input_names=names,
+                              opset_version=opset, dynamic_axes=dynamic_axes)
+    except Exception as err:
+        raise ExportError(f"torch.onnx's TorchScript exporter could not export "
+                          f"{type(frozen).__name__} either: {_root_cause(err)}") from err
+    proto = onnx.load(str(file), load_external_data=False)
+    onnx.helper.set_model_props(proto, {RANKS_METADATA_KEY: json.dumps(ranks)})
+    onnx.save(proto, str(file))
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
 def _root_cause(err: BaseException) -> str:
