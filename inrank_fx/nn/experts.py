@@ -5,11 +5,14 @@ pairs of factors with one common, adapting width.
 
 Mixture-of-experts layers store their experts' weights stacked and run them with batched or
 grouped matmuls (bmm, einsum, grouped mm, or a loop that indexes one expert at a time). The pass
-puts this layer where the stacked parameter was and points every read of it at `.weight`, the
-stacked product (E × out × in, in the parameter's own layout), so every kernel the model uses
-keeps working: the parameters (and optimizer state) follow the rank, the matmuls still run on
-the product. Ranks are measured per expert and applied per stack: the stack's rank is the
-largest any of its experts asks for, so that no expert is cut below what its spectrum needs.
+puts this layer where the stacked parameter was. A read it recognises as a matmul against the
+stack (`bmm(x, w.mT)`, `x @ w`, a two-operand einsum that is one of those, `F.linear(x, w[e])`)
+becomes a call of the layer, two thin matmuls (`(x·V)·Uᵀ`: compute follows the rank); any other
+read gets `.weight`, the stacked product (E × out × in, in the parameter's own layout), so every
+kernel the model uses keeps working, and only the parameters (and optimizer state) follow the
+rank there (`product_reads` says so, and the FLOP accounting follows it). Ranks are measured
+per expert and applied per stack: the stack's rank is the largest any of its experts asks for,
+so that no expert is cut below what its spectrum needs.
 Everything else is `FactoredLayer`'s: silent buffer, W_0 for the update spectrum, growth,
 truncation with the optimizer's column maps, the rank in checkpoints.
 """
@@ -22,11 +25,17 @@ from .linear import INITS, FactoredLayer, _random_factors, _random_like, _svd_fa
 from .spectrum import factor_singular_values, update_singular_values
 
 
+# What StackReads answers from the factors' metadata, without forming the product.
+STACK_METADATA = frozenset({"shape", "dtype", "device", "ndim", "requires_grad", "is_cuda",
+                            "size", "dim", "numel"})
+
+
 class StackReads:
     """How a factored stack reads as the stacked parameter it replaced (both InRankExperts and
     its frozen form): `.weight` is the product (E × out × in, differentiable), `layer[e]` is
     expert e's matrix formed alone (for a loop over experts that could not be rewritten, such as
-    transformers' MixtralExperts), and shape, dtype and device are the stack's."""
+    transformers' MixtralExperts), and the metadata reads (shape, size(), dtype, device, ...)
+    are the stack's, answered without forming it."""
 
     U: torch.Tensor
     V: torch.Tensor
@@ -34,6 +43,16 @@ class StackReads:
     @property
     def weight(self) -> torch.Tensor:
         return self.U @ self.V.mT
+
+    def forward(self, x: torch.Tensor, transposed: bool = True, expert=None) -> torch.Tensor:
+        """A matmul against the stack as two thin ones: `x @ W.mT` (every expert on its own
+        rows: E × T × in → E × T × out, as bmm against the transposed stack) or, with
+        `transposed=False`, `x @ W` (x's last dimension is out); `expert=e` multiplies by
+        expert e's matrix alone (`F.linear(x, w[e])`). Broadcasts as torch.matmul does."""
+        u, v = (self.U, self.V) if expert is None else (self.U[expert], self.V[expert])
+        if transposed:
+            return torch.matmul(torch.matmul(x, v), u.mT)
+        return torch.matmul(torch.matmul(x, u), v.mT)
 
     def __getitem__(self, index) -> torch.Tensor:
         return self.U[index] @ self.V[index].mT
@@ -50,6 +69,27 @@ class StackReads:
     def device(self) -> torch.device:
         return self.U.device
 
+    @property
+    def ndim(self) -> int:
+        return 3
+
+    @property
+    def requires_grad(self) -> bool:
+        return self.U.requires_grad
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.U.is_cuda
+
+    def size(self, dim: int | None = None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def dim(self) -> int:
+        return 3
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
 
 class InRankExperts(StackReads, FactoredLayer):
     """E factored matrices of one shape (out × in each), at one rank and width."""
@@ -63,6 +103,9 @@ class InRankExperts(StackReads, FactoredLayer):
         if rank < 1 or buffer < 0:
             raise ValueError(f"InRankExperts needs rank >= 1 and buffer >= 0, got {rank}, {buffer}")
         self.activation = None
+        # Set by the pass where the model reads the stack as its product (a read it could not
+        # turn into a call of this layer): then the matmuls do dense work, whatever the rank.
+        self.product_reads = False
         self.experts, self.in_features, self.out_features = experts, in_features, out_features
         self.rank = min(rank, self.full_rank)
         width = min(self.rank + buffer, self.full_rank)
@@ -118,10 +161,6 @@ class InRankExperts(StackReads, FactoredLayer):
         self.V0 = self.V[..., :active].detach().clone()
 
     # -- the stack ---------------------------------------------------------------------------
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Every expert on its own rows: x (E × T × in) → (E × T × out), as two batched matmuls."""
-        return torch.bmm(torch.bmm(x, self.V), self.U.mT)
 
     @property
     def width(self) -> int:
@@ -183,15 +222,18 @@ class InRankExperts(StackReads, FactoredLayer):
         return self.experts * self.in_features * self.out_features
 
     def flops_per_row(self) -> int:
-        """The matmuls that read the stack run on its product (`.weight`): dense work per row.
-        Only the parameters (and optimizer state) follow the rank."""
-        return self.dense_flops_per_row()
+        """Per row through one expert: two thin matmuls, or, where the model reads the stack's
+        product (`product_reads`), the dense work (only parameters follow the rank there)."""
+        if self.product_reads:
+            return self.dense_flops_per_row()
+        return super().flops_per_row()
 
     def extra_repr(self) -> str:
         ratio = self.factored_params() / self.dense_params()
+        reads = ", product_reads=True" if self.product_reads else ""
         return (f"experts={self.experts}, in_features={self.in_features}, "
                 f"out_features={self.out_features}, rank={self.rank}, buffer={self.buffer}, "
-                f"full_rank={self.full_rank}, params={ratio:.1%} of dense")
+                f"full_rank={self.full_rank}, params={ratio:.1%} of dense{reads}")
 
 
 class FactoredExperts(StackReads, nn.Module):
@@ -202,9 +244,6 @@ class FactoredExperts(StackReads, nn.Module):
         super().__init__()
         self.U = nn.Parameter(U.detach().clone())
         self.V = nn.Parameter(V.detach().clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.bmm(torch.bmm(x, self.V), self.U.mT)
 
     def extra_repr(self) -> str:
         e, out_features, rank = self.U.shape

@@ -12,6 +12,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ..nn.experts import STACK_METADATA
 from ..nn.modules import carry_hooks
 from .matchers import MatmulSite, view_chain
 
@@ -98,18 +99,145 @@ def install_layer(root: nn.Module, param_name: str, layer: nn.Module) -> None:
     parent.add_module(attr, layer)
 
 
-def read_through_weight(gm: fx.GraphModule, targets: list[str]) -> fx.GraphModule:
-    """Point every read of a parameter that became a factored stack (mixture-of-experts weights,
-    `InRankExperts`) at the layer's `.weight`, the stacked product of its factors:
-    get_attr(target) → getattr(get_attr(target), "weight"). Whatever op read the parameter (bmm,
-    einsum, grouped mm, indexing one expert) reads a tensor of the same shape."""
-    for node in list(gm.graph.nodes):
-        if node.op == "get_attr" and node.target in targets:
-            with gm.graph.inserting_after(node):
-                product = gm.graph.call_function(getattr, (node, "weight"))
-            node.replace_all_uses_with(product, delete_user_cb=lambda user: user is not product)
+def read_through_weight(gm: fx.GraphModule, targets: list[str]) -> set[str]:
+    """Rewrite the reads of parameters that became factored stacks (mixture-of-experts weights,
+    `InRankExperts`) in place: a matmul against the stack (`bmm(x, w)`, `x @ w.mT`, a
+    two-operand einsum that is one of those, `F.linear(x, w[e], b)`) becomes a call of the
+    layer (two thin matmuls); every other read (grouped mm, an op not recognised) is pointed at
+    the layer's `.weight`, the stacked product: get_attr(target) → getattr(get_attr(target),
+    "weight"), a tensor of the parameter's shape. Returns the targets so read (dense work)."""
+    if not targets:
+        return set()
+    graph, product_reads = gm.graph, set()
+    for node in list(graph.nodes):
+        if node.op != "get_attr" or node.target not in targets:
+            continue
+        for view, user, call in _stack_matmuls(node):
+            with graph.inserting_before(user):
+                y = graph.call_module(node.target, call["args"], call["kwargs"])
+                if call.get("bias") is not None:
+                    y = graph.call_function(operator.add, (y, call["bias"]))
+            y.meta.update(user.meta)
+            user.replace_all_uses_with(y)
+            graph.erase_node(user)
+            if view is not node and not view.users:
+                graph.erase_node(view)
+        if any(not _stack_metadata_read(user) for user in node.users):
+            product_reads.add(node.target)
+            with graph.inserting_after(node):
+                product = graph.call_function(getattr, (node, "weight"))
+            node.replace_all_uses_with(
+                product, delete_user_cb=lambda user: user is not product
+                and not _stack_metadata_read(user))
+        elif not node.users:
+            graph.erase_node(node)
+    graph.lint()
     gm.recompile()
-    return gm
+    return product_reads
+
+
+def _stack_matmuls(stack: fx.Node) -> list[tuple[fx.Node, fx.Node, dict]]:
+    """The reads of a stack (E × out × in) that are matmuls against it, as (the node read: the
+    stack, its transpose or one expert; the matmul node; the layer call replacing it)."""
+    found = []
+    for view in list(stack.users):
+        if _swaps_last_two(view, stack):  # w.mT, w.transpose(1, 2), w.permute(0, 2, 1)
+            calls = [(u, _matmul_call(u, view, transposed=True)) for u in view.users]
+        elif view.op == "call_function" and view.target is operator.getitem \
+                and view.args[0] is stack and isinstance(view.args[1], (int, fx.Node)):
+            calls = [(u, _linear_call(u, view, view.args[1])) for u in view.users]
+        else:
+            continue
+        if calls and all(call is not None for _, call in calls):
+            found += [(view, user, call) for user, call in calls]
+    for user in list(stack.users):
+        call = _matmul_call(user, stack, transposed=False)
+        if call is not None:
+            found.append((stack, user, call))
+    return found
+
+
+def _stack_metadata_read(node: fx.Node) -> bool:
+    """A read of the stack's metadata that the layer answers itself (StackReads)."""
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) == 2 and node.args[1] in STACK_METADATA
+    return node.op == "call_method" and node.target in STACK_METADATA
+
+
+_MATMUL_FUNCTIONS = (torch.bmm, torch.matmul, operator.matmul)
+
+
+def _matmul_call(node: fx.Node, operand: fx.Node, transposed: bool) -> dict | None:
+    """`node` as a layer call, if it multiplies rows by `operand` (the stack or its transpose):
+    bmm / matmul / @ with the operand on the right, or a two-operand einsum spelling one."""
+    if node.kwargs:
+        return None
+    is_matmul = ((node.op == "call_function" and node.target in _MATMUL_FUNCTIONS)
+                 or (node.op == "call_method" and node.target in ("bmm", "matmul")))
+    if is_matmul and len(node.args) == 2 and node.args[1] is operand \
+            and node.args[0] is not operand:
+        return {"args": (node.args[0],), "kwargs": {"transposed": transposed}}
+    if node.op == "call_function" and node.target is torch.einsum and not transposed:
+        return _einsum_call(node, operand)
+    return None
+
+
+def _einsum_call(node: fx.Node, stack: fx.Node) -> dict | None:
+    """`einsum("eti,eoi->eto", x, w)` is bmm(x, w.mT); `"eto,eoi->eti"` is bmm(x, w): one
+    batch letter shared, one contracted, the rest passed through, operands in any order."""
+    equation, *operands = node.args
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = list(operands[0])
+    if not isinstance(equation, str) or len(operands) != 2 or operands.count(stack) != 1:
+        return None
+    terms, arrow, out = equation.replace(" ", "").partition("->")
+    pair = terms.split(",")
+    if not arrow or len(pair) != 2 or "." in equation:
+        return None
+    x_term, w_term = pair if operands[1] is stack else pair[::-1]
+    x = operands[0] if operands[1] is stack else operands[1]
+    if len(w_term) != 3 or len(x_term) != 3 or len(out) != 3:
+        return None
+    batch, rows, cols = w_term  # the stack is E × out(rows) × in(cols)
+    contracted = x_term[2]
+    if x_term[0] != batch or out[:2] != x_term[:2] or contracted not in (rows, cols):
+        return None
+    kept = cols if contracted == rows else rows
+    if out[2] != kept or x_term[1] in w_term:
+        return None
+    return {"args": (x,), "kwargs": {"transposed": contracted == cols}}
+
+
+def _linear_call(node: fx.Node, expert: fx.Node, index) -> dict | None:
+    """`F.linear(x, w[e], b)` as the layer's call for expert e (plus the bias)."""
+    if node.op != "call_function" or node.target is not torch.nn.functional.linear:
+        return None
+    args = dict(zip(("input", "weight", "bias"), node.args), **node.kwargs)
+    if args.get("weight") is not expert or args.get("input") is expert \
+            or args.get("bias") is expert:
+        return None
+    return {"args": (args["input"],), "kwargs": {"expert": index}, "bias": args.get("bias")}
+
+
+def _swaps_last_two(node: fx.Node, source: fx.Node) -> bool:
+    """Is `node` the 3-D `source` with its last two dimensions swapped?"""
+    if not node.args or node.args[0] is not source:
+        return False
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1:] == ("mT",)
+    dims = node.args[1:]
+    if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+        dims = tuple(dims[0])
+    if not all(isinstance(d, int) for d in dims):
+        return False
+    dims = tuple(d % 3 for d in dims)
+    if node.op == "call_method" and node.target == "transpose" or \
+            node.op == "call_function" and node.target in (torch.transpose, torch.ops.aten.transpose.int):
+        return sorted(dims) == [1, 2]
+    if node.op == "call_method" and node.target == "permute" or \
+            node.op == "call_function" and node.target in (torch.permute, torch.ops.aten.permute.default):
+        return dims == (0, 2, 1)
+    return False
 
 
 def read_as_property(owner: nn.Module, attr: str) -> None:

@@ -155,6 +155,7 @@ def transform(
             if isinstance(layer, InRankExperts) and weight.reads_of("opaque")[0].untraced:
                 owner, _, attr = name.rpartition(".")  # read in a forward that did not trace
                 read_as_property(model.get_submodule(owner), attr)
+                layer.product_reads = True
     model, rewritten = _rewrite_forwards(model, analysis, installs)
     restore_unused(substituted, lambda m: isinstance(m, FactoredLayer))
 
@@ -520,8 +521,8 @@ def _rewrite_forwards(model: nn.Module, analysis: Analysis,
         else:
             gm = graph_module_like(module, trace.graph)
         gm = factor_matmul_sites(gm, [(site, target) for site, target, _ in sites])
-        if owner in stacks:
-            gm = read_through_weight(gm, stacks[owner])
+        for target in read_through_weight(gm, stacks.get(owner, [])):
+            gm.get_submodule(target).product_reads = True  # a read takes the product
         model = replace_module(model, module, gm)
         rewritten.append(owner)
     return model, rewritten

@@ -167,9 +167,12 @@ def flop_coverage(model: nn.Module, example_inputs) -> FlopCoverage:
     tied_paths = [d.name.rpartition(".")[0] for d in (report.dense if report else []) if "tied" in d.reason]
     tied = sum(flops(p) for p in tied_paths)
     left = flops("") - sum(flops(name) for name in layers) - tied
-    # Stacked expert weights run as batched matmuls in the module that holds them: dense work,
-    # whether the stack was left dense or factored (its matmuls run on the stacked product).
+    # Stacked expert weights run as batched matmuls in the module that holds them: dense work
+    # where the stack was left dense or its product is read; a factored stack's own calls (thin
+    # matmuls, counted above) are not.
     stacks = {d.name.rpartition(".")[0] for d in (report.dense if report else []) if d.expert_stack}
-    stacks |= {n.rpartition(".")[0] for n, l in layers.items() if isinstance(l, InRankExperts)}
+    experts = [n for n, l in layers.items() if isinstance(l, InRankExperts)]
+    stacks |= {n.rpartition(".")[0] for n in experts}
     left += sum(flops(p, kind=_is_batched_matmul) for p in stacks)
+    left -= sum(flops(n, kind=_is_batched_matmul) for n in experts)
     return FlopCoverage(int(equivalent), sum(actual.values()), max(left, 0), tied)

@@ -455,9 +455,17 @@ def test_expert_stacks_are_factored_per_expert_adapt_freeze_and_export(rel_err, 
     assert set(stacks) == {"experts.w_in", "experts.w_out"} and not summary(full).dense
     assert stacks["experts.w_in"].U.shape == (4, 64, 32)  # experts x out x rank
     assert rel_err(full(x), model(x)) < 1e-5  # full rank: the function itself
-    # the batched matmuls still run on the stacked product: counted as dense work
+    # the batched matmuls became calls of the stacks (two thin matmuls each); .shape is answered
+    # by the layer without forming the product
+    assert not any(m.product_reads for m in stacks.values())
+    code = full.experts.code
+    assert "bmm" not in code and ".weight" not in code and "w_in.shape" in code
     s = summary(full, (x,))
-    assert s.flops.left_dense >= 2 * 2 * 10 * 4 * 64 * 32 and s.flops.share < 0.1
+    assert s.flops.left_dense == 0 and s.flops.share == 1.0
+    dense_work = 2 * 2 * 10 * 4 * 64 * 32  # two stacks, every expert on every token
+    assert s.flops.factored_dense_equivalent >= dense_work
+    quarter = summary(transform(model, InRankConfig(init_rank=4, buffer=0, min_features=1)), (x,))
+    assert quarter.flops.factored_actual < 0.25 * quarter.flops.factored_dense_equivalent
 
     low = transform(model, InRankConfig(init_rank=2, min_features=1, warmup_steps=2,
                                         check_every=2, stop_after=8))
@@ -532,8 +540,45 @@ def test_experts_run_in_a_loop_over_a_stack_are_factored(rel_err):
     out = transform(model, InRankConfig(init_rank=1.0, buffer=0, min_features=1))
     assert isinstance(out.w, inrank_fx.nn.InRankExperts) and ranks(out) == {"w": 32}
     assert rel_err(out(x), model(x)) < 1e-5
+    assert not out.w.product_reads and "expert = 2" in out.code  # F.linear(x, w[e]): thin
     low = transform(model, InRankConfig(init_rank=4, buffer=0, min_features=1))
     assert low.w.U.shape == (3, 48, 4) and torch.isfinite(low(x)).all()
+
+
+class EinsumExperts(nn.Module):
+    """Expert stacks stored both ways round and multiplied through einsum and @."""
+
+    def __init__(self, dim=32, hidden=48, experts=3):
+        super().__init__()
+        self.w_up = nn.Parameter(torch.randn(experts, dim, hidden) / dim ** 0.5)  # E x in x out
+        self.w_down = nn.Parameter(torch.randn(experts, dim, hidden) / hidden ** 0.5)
+        self.w_gate = nn.Parameter(torch.randn(experts, hidden, dim) / dim ** 0.5)
+        self.w_odd = nn.Parameter(torch.randn(experts, dim, dim) / dim ** 0.5)
+
+    def forward(self, x):  # x: E x T x dim
+        h = torch.einsum("etd,edh->eth", x, self.w_up)  # x @ w_up
+        h = h * torch.einsum("ehd,etd->eth", self.w_gate, x).sigmoid()  # x @ w_gate.mT
+        y = torch.einsum("eth,edh->etd", h, self.w_down)  # h @ w_down.mT
+        return torch.baddbmm(y, x, self.w_odd)  # not rewritten: reads the product
+
+
+def test_expert_stacks_read_by_einsum_and_matmul_run_thin_and_others_read_the_product(rel_err):
+    torch.manual_seed(0)
+    model, x = EinsumExperts(), torch.randn(3, 7, 32)
+    out = transform(model, InRankConfig(init_rank=1.0, buffer=0, min_features=1))
+    assert rel_err(out(x), model(x)) < 1e-5
+    assert {n: out.get_submodule(n).product_reads for n in ("w_up", "w_gate", "w_down", "w_odd")} \
+        == {"w_up": False, "w_gate": False, "w_down": False, "w_odd": True}
+    assert "einsum" not in out.code and out.code.count(".weight") == 1
+    s = summary(out, (x,))
+    # baddbmm ran on w_odd's product, and forming the product (full rank 32) is work too
+    assert s.flops.left_dense == 2 * 3 * 7 * 32 * 32 + 2 * 3 * 32 * 32 * 32
+    low = transform(model, InRankConfig(init_rank=4, buffer=0, min_features=1))
+    assert low.w_up.U.shape == (3, 32, 4)  # the parameter's layout: E x in(32) x out(48)
+    loss = low(x).square().mean()
+    loss.backward()
+    assert all(p.grad is not None for p in low.parameters())
+    assert rel_err(inrank_fx.freeze(low)(x), low(x)) < 1e-5
 
 
 class RoutedExperts(nn.Module):
@@ -561,6 +606,7 @@ def test_experts_in_a_loop_fx_cannot_trace_are_factored_and_read_as_the_stack(re
     out = transform(model, InRankConfig(init_rank=1.0, buffer=0, min_features=1))
     assert isinstance(out, RoutedExperts)  # still the model's own class and forward
     assert isinstance(out.w, torch.Tensor) and out.w.shape == (4, 48, 32)  # read as the stack
+    assert out._modules["w"].product_reads  # the loop's matmuls run on the product
     assert set(ranks(out)) == {"w", "router"}  # the table is indexed but never multiplied
     assert rel_err(out(x), model(x)) < 1e-5
     low = transform(model, InRankConfig(init_rank=4, buffer=2, min_features=1, warmup_steps=0,
