@@ -1,0 +1,22 @@
+"""benchmarks/bench_expert_ranks.py at a toy length: a mixture-of-experts GPT transformed with
+the defaults runs every expert matmul thin, trains, and each stack's per-expert ranks and the
+two schemes' parameters and times are reported."""
+import json
+
+
+def test_expert_ranks_are_measured_per_expert_and_per_stack(load_example, tmp_path, capsys):
+    bench = load_example("bench_expert_ranks", "benchmarks")
+    out = tmp_path / "ranks.json"
+    assert bench.main(["--steps", "30", "--seeds", "0", "--corpus-bytes", "200000",
+                       "--stop-after", "25", "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    rows = record["rows"]
+    assert len(rows) == 8  # two stacks in each of 4 blocks
+    for row in rows:
+        assert len(row["experts"]) == 4 and row["stack_rank"] >= max(row["experts"]) >= 1
+        assert 0 < row["params_per_expert_over_stack"] <= 1
+        assert row["seconds"]["stack"] > 0 and row["seconds"]["per_expert"] > 0
+    run = record["runs"][0]
+    assert run["stop_step"] == 25  # after the stop a stack's width is its rank: no expert above
+    assert run["checks"] and all(c["stacks"] for c in run["checks"])
+    assert "per-expert ranks would hold" in capsys.readouterr().out
