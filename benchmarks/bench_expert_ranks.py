@@ -11,8 +11,10 @@ the rule is applied to each expert's spectrum on its own (what per-expert ranks 
 to the stack's decision (the largest of them: what the library applies). Reported per stack at
 the InRank-Efficient stop: the experts' own ranks, the stack's, and the parameters of both
 schemes; then the time of one forward + backward of a stack at those ranks, side by side in one
-loop: the batched thin matmuls at the stack's rank (what the library runs) against a loop over
-the experts, each at its own rank (what per-expert ranks would need without ragged kernels).
+loop: the batched thin matmuls at the stack's rank (`expert_ranks="stack"`) against a loop over
+the experts, each at its own rank (`expert_ranks="expert"`, no ragged kernels), also for more
+experts (`--experts`). Then the same runs trained with `expert_ranks="expert"`: validation
+loss, the stacks' factor parameters and the median step time of both.
 """
 from __future__ import annotations
 
@@ -28,8 +30,8 @@ from torch import nn
 import inrank_fx
 from inrank_fx.demo.corpus import split, stdlib_corpus, step_batch
 from inrank_fx.demo.gpt import GPT, GPTConfig
-from inrank_fx.demo.training import recipe_optimizer, train_steps, warmup_cosine
-from inrank_fx.nn import InRankExperts, factored_layers
+from inrank_fx.demo.training import evaluate, recipe_optimizer, train_steps, warmup_cosine
+from inrank_fx.nn import ExpertList, InRankExperts, factored_layers
 from inrank_fx.nn.spectrum import select_rank
 
 GPT_CONFIG = GPTConfig(block_size=64, n_layer=4, n_head=4, n_embd=128)
@@ -97,12 +99,34 @@ def train(seed: int, steps: int, data, stop_after) -> dict:
                 n: {"stack": m.rank, "experts": expert_ranks(ctrl, m)} for n, m in stacks.items()}})
 
     stream = (step_batch(train_ids, GPT_CONFIG.block_size, BATCH, seed, s) for s in range(steps))
-    losses, _ = train_steps(model, opt, stream, steps, on_step=on_step, scheduler=sched,
-                            clip_norm=1.0)
+    losses, seconds = train_steps(model, opt, stream, steps, on_step=on_step, scheduler=sched,
+                                  clip_norm=1.0)
     final = {n: {"stack": m.rank, "experts": expert_ranks(ctrl, m), "in": m.in_features,
                  "out": m.out_features} for n, m in stacks.items()}
     return {"seed": seed, "stop_step": ctrl.stop_step, "final_loss": statistics.mean(losses[-50:]),
-            "checks": checks, "final": final}
+            "val_loss": evaluate(model, data[1], GPT_CONFIG.block_size, seed=1234),
+            "stack_params": sum(m.factored_params() for m in stacks.values()),
+            "median_step_s": statistics.median(seconds[-100:]), "checks": checks, "final": final}
+
+
+def train_per_expert(seed: int, steps: int, data, stop_after) -> dict:
+    """The same run with ranks applied per expert (`expert_ranks="expert"`)."""
+    train_ids, val_ids = data
+    config = inrank_fx.InRankConfig(expert_ranks="expert", **(
+        {} if stop_after is None else {"stop_after": stop_after}))
+    model = inrank_fx.transform(moe_gpt(seed), config)
+    lists = {n: m for n, m in model.named_modules() if isinstance(m, ExpertList)}
+    assert lists and not any(m.product_reads for m in lists.values())
+    opt = recipe_optimizer(model.parameters(), LR)
+    ctrl = inrank_fx.attach(model, opt)
+    sched = warmup_cosine(opt, steps, min(WARMUP, steps // 10))
+    stream = (step_batch(train_ids, GPT_CONFIG.block_size, BATCH, seed, s) for s in range(steps))
+    losses, seconds = train_steps(model, opt, stream, steps, scheduler=sched, clip_norm=1.0)
+    return {"seed": seed, "stop_step": ctrl.stop_step, "final_loss": statistics.mean(losses[-50:]),
+            "val_loss": evaluate(model, val_ids, GPT_CONFIG.block_size, seed=1234),
+            "stack_params": sum(e.factored_params() for m in lists.values() for e in m),
+            "median_step_s": statistics.median(seconds[-100:]),
+            "final": {n: [e.rank for e in m] for n, m in lists.items()}}
 
 
 def time_stack(out_f: int, in_f: int, stack_rank: int, ranks: list[int], tokens: int,
@@ -134,6 +158,23 @@ def time_stack(out_f: int, in_f: int, stack_rank: int, ranks: list[int], tokens:
     return {k: statistics.median(v[repeats // 6:]) for k, v in times.items()}
 
 
+def expert_count_scaling(rows: list[dict], counts: list[int]) -> list[dict]:
+    """Per-expert against per-stack as the number of experts grows: each expert's rank drawn
+    (seeded) from the ranks measured on the w_in stacks, the stack at their largest."""
+    measured = [r for row in rows if row["stack"].endswith("w_in") for r in row["experts"]]
+    g = torch.Generator().manual_seed(0)
+    result = []
+    for experts in counts:
+        ranks = [measured[i] for i in torch.randint(len(measured), (experts,), generator=g)]
+        tokens = max(1, BATCH * GPT_CONFIG.block_size * TOP_K // experts)
+        t = time_stack(HIDDEN, GPT_CONFIG.n_embd, max(ranks), ranks, tokens, repeats=30)
+        result.append({"experts": experts, "tokens": tokens, "ranks": ranks,
+                       "params_per_expert_over_stack": sum(ranks) / (experts * max(ranks)),
+                       "time_per_expert_over_stack": t["per_expert"] / t["stack"],
+                       "seconds": t})
+    return result
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=600)
@@ -141,11 +182,14 @@ def main(argv=None) -> int:
     parser.add_argument("--corpus-bytes", type=int, default=2_000_000)
     parser.add_argument("--stop-after", type=int, default=None,
                         help="InRank-Efficient stop step (default: the library's, 'settled')")
+    parser.add_argument("--experts", type=int, nargs="+", default=[4, 16, 64],
+                        help="expert counts for the timing of more experts")
     parser.add_argument("--json", help="write every run's record here")
     args = parser.parse_args(argv)
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     data = split(stdlib_corpus(args.corpus_bytes))
     runs = [train(seed, args.steps, data, args.stop_after) for seed in args.seeds]
+    expert_runs = [train_per_expert(seed, args.steps, data, args.stop_after) for seed in args.seeds]
 
     tokens = BATCH * GPT_CONFIG.block_size * TOP_K // EXPERTS  # tokens an expert gets, routed
     rows = []
@@ -169,9 +213,23 @@ def main(argv=None) -> int:
     slow = statistics.median(r["seconds"]["per_expert"] / r["seconds"]["stack"] for r in rows)
     print(f"mean: per-expert ranks would hold {saving:.3f}x the stacks' factor parameters; "
           f"run as a loop over experts, a stack's forward+backward takes {slow:.2f}x (median)")
+    print("\ntrained both ways (validation loss, the stacks' factor parameters, median step):")
+    for arm, arm_runs in (("per stack", runs), ("per expert", expert_runs)):
+        for r in arm_runs:
+            print(f"  {arm:<10} seed {r['seed']}: val {r['val_loss']:.4f}  stop {r['stop_step']}  "
+                  f"stack params {r['stack_params']:,}  step {r['median_step_s'] * 1e3:.1f} ms")
+    scaling = expert_count_scaling(rows, args.experts)
+    print("\nmore experts (ranks drawn from those measured above; a top-2 router's tokens "
+          "spread over them; stack 256 x 128):")
+    print(f"{'experts':>7}  {'tokens each':>11}  {'params per-expert/stack':>23}  "
+          f"{'time per-expert/stack':>21}")
+    for r in scaling:
+        print(f"{r['experts']:>7}  {r['tokens']:>11}  {r['params_per_expert_over_stack']:>23.3f}  "
+              f"{r['time_per_expert_over_stack']:>20.2f}x")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"runs": runs, "rows": rows}, f, indent=1)
+            json.dump({"runs": runs, "per_expert_runs": expert_runs, "rows": rows,
+                       "scaling": scaling}, f, indent=1)
     return 0
 
 

@@ -28,6 +28,7 @@ REPORT_ATTR = "_inrank_report"
 TRUNCATE_STATES = ("rotated", "reset")
 GROW_INITS = ("zero", "random")
 CONVS = ("1x1", "all", "none")
+EXPERT_RANKS = ("stack", "expert")
 
 RankSpec = Union[int, float, str]
 
@@ -59,6 +60,10 @@ class InRankConfig:
         min_features: layers with min(in, out) below this stay dense.
         convs: which nn.Conv2d to factor (groups=1 only): "1x1" (channel matmuls, the default),
             "all" (k×k too, as a k×k conv to r channels then a 1×1 conv), or "none".
+        expert_ranks: mixture-of-experts stacks (E × out × in): "stack" (the default: one rank
+            for the stack, the largest any expert asks for; its matmuls stay batched) or
+            "expert" (each expert its own rank, run one expert after another). Measured in
+            docs/MODELS.md ("Ranks per stack or per expert").
         targets / exclude: layer-name patterns, PEFT-style. A list entry matches a name equal to
             it, ending in "." + it, or matching it as a glob; a single string is a regex that
             must match the whole name. None targets every layer.
@@ -113,11 +118,13 @@ class InRankConfig:
     activation: str | None = None
     min_features: int = 16
     convs: str = "1x1"
+    expert_ranks: str = "stack"
     targets: Union[Sequence[str], str, None] = None
     exclude: Union[Sequence[str], str, None] = field(default=None)
 
     def __post_init__(self) -> None:
-        for name in ("init", "measure", "criterion", "grow_init", "truncate_state", "convs"):
+        for name in ("init", "measure", "criterion", "grow_init", "truncate_state", "convs",
+                     "expert_ranks"):
             if not isinstance(getattr(self, name), str):  # a wrong type; a wrong word is below
                 raise InRankTypeError(f"InRankConfig.{name} must be a string, "
                                       f"got {getattr(self, name)!r}")
@@ -187,6 +194,9 @@ class InRankConfig:
         _check_int("min_features", self.min_features, minimum=1)
         if self.convs not in CONVS:
             raise InRankValueError(f"InRankConfig.convs must be one of {CONVS}, got {self.convs!r}")
+        if self.expert_ranks not in EXPERT_RANKS:
+            raise InRankValueError(f"InRankConfig.expert_ranks must be one of {EXPERT_RANKS}, "
+                                   f"got {self.expert_ranks!r}")
         for name in ("targets", "exclude"):
             patterns = getattr(self, name)
             if patterns is None:

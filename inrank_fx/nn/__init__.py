@@ -1,12 +1,12 @@
 """The factored layers, at the bottom of the package: they import nothing from inrank_fx above.
 
-InRankLinear / InRankConv2d / InRankMultiheadAttention / InRankExperts (training), FactoredLinear /
-FactoredConv2d / FactoredExperts (frozen), the nn.Transformer substitutes, the spectrum of a pair of factors, and
-the module-tree helpers every stage uses.
+InRankLinear / InRankConv2d / InRankMultiheadAttention / InRankExperts / ExpertList (training),
+FactoredLinear / FactoredConv2d / FactoredExperts (frozen), the nn.Transformer substitutes, the
+spectrum of a pair of factors, and the module-tree helpers every stage uses.
 """
 from .attention import InRankMultiheadAttention
 from .conv import InRankConv2d
-from .experts import FactoredExperts, InRankExperts
+from .experts import ExpertList, FactoredExperts, InRankExperts
 from .frozen import FactoredConv2d, FactoredLinear
 from .linear import ACTIVATIONS, INITS, FactoredLayer, InRankLinear
 from .modules import factored_layers, ranks
@@ -15,6 +15,7 @@ __all__ = [
     "ACTIVATIONS",
     "INITS",
     "FactoredConv2d",
+    "ExpertList",
     "FactoredExperts",
     "FactoredLayer",
     "FactoredLinear",

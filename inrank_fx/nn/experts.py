@@ -248,3 +248,86 @@ class FactoredExperts(StackReads, nn.Module):
     def extra_repr(self) -> str:
         e, out_features, rank = self.U.shape
         return f"experts={e}, in_features={self.V.shape[1]}, out_features={out_features}, rank={rank}"
+
+
+class ExpertList(nn.ModuleList):
+    """A stack of E matrices (E × out × in) held as E factored layers with ranks of their own:
+    ranks applied per expert (`InRankConfig(expert_ranks="expert")`), where `InRankExperts`
+    applies one rank per stack. Each expert is an `InRankLinear` (after `freeze`, a
+    FactoredLinear or an nn.Linear), so the controller, optimizer state, checkpoints and
+    `freeze` treat it as any linear layer; this list reads as the stack it replaced (`.weight`
+    the E × out × in product, metadata from the experts) and its call runs the experts one
+    after another at their own ranks (`forward` as StackReads.forward)."""
+
+    product_reads = False  # set by the pass where the model reads the stack's product
+
+    @classmethod
+    def from_stack(cls, stack: torch.Tensor, rank: int, *, buffer: int = 0, init: str = "svd",
+                   name: str = "experts") -> "ExpertList":
+        if stack.dim() != 3:
+            raise ValueError(f"{name}: expected a 3-D stack (experts x out x in), got shape "
+                             f"{tuple(stack.shape)}")
+        if stack.is_meta:
+            raise ValueError(f"{name}: expert_ranks='expert' needs the stack's values (a meta "
+                             "model: use expert_ranks='stack')")
+        from .linear import InRankLinear
+
+        return cls(InRankLinear.from_weight(stack[e], None, rank, buffer=buffer, init=init,
+                                            name=f"{name}[{e}]") for e in range(stack.shape[0]))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return torch.stack([expert.weight for expert in self])
+
+    def forward(self, x: torch.Tensor, transposed: bool = True, expert=None) -> torch.Tensor:
+        if expert is not None:
+            return _times(self[expert], x, transposed)
+        experts = len(self)
+        x = x.expand(*x.shape[:-3], experts, *x.shape[-2:]) if x.dim() >= 3 else \
+            x.expand(experts, *x.shape)
+        return torch.stack([_times(layer, x.select(-3, e), transposed)
+                            for e, layer in enumerate(self)], dim=-3)
+
+    @property
+    def rank(self) -> int:
+        """The largest expert's rank (what a per-stack rank would have to be)."""
+        return max(expert.rank if hasattr(expert, "rank") else min(expert.weight.shape)
+                   for expert in self)
+
+    @property
+    def width(self) -> int:
+        return max(getattr(expert, "width", self.rank) for expert in self)
+
+    @property
+    def shape(self) -> torch.Size:
+        first = self[0]
+        return torch.Size((len(self), first.out_features, first.in_features))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    ndim = StackReads.ndim
+    requires_grad = property(lambda self: next(self.parameters()).requires_grad)
+    is_cuda = property(lambda self: self.device.type == "cuda")
+    size, dim, numel = StackReads.size, StackReads.dim, StackReads.numel
+
+
+def _times(layer: nn.Module, x: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """x @ Wᵀ (`transposed`, the layer's own call) or x @ W for one expert's layer, through its
+    factors: an InRankLinear (U, V), a frozen FactoredLinear (up, down) or a merged nn.Linear."""
+    if transposed:
+        return layer(x)
+    if hasattr(layer, "U"):
+        return torch.matmul(torch.matmul(x, layer.U), layer.V.mT)
+    if hasattr(layer, "up"):
+        return torch.matmul(torch.matmul(x, layer.up.weight), layer.down.weight)
+    return torch.matmul(x, layer.weight)
+
+
+# The modules that take a stacked parameter's place: one rank per stack, or per expert.
+FACTORED_STACKS = (InRankExperts, ExpertList)

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..config import REPORT_ATTR, InRankConfig
 from ..errors import InRankTypeError
-from ..nn.experts import InRankExperts
+from ..nn.experts import FACTORED_STACKS, ExpertList, InRankExperts
 from ..nn.linear import FactoredLayer, InRankLinear
 from ..nn.modules import carry_hooks, replace_module
 from ..nn.spectrum import select_rank
@@ -152,7 +152,7 @@ def transform(
     for weight, layer in installs:  # functional reads: the layer goes where the weight was
         for name in weight.names:
             install_layer(model, name, layer)
-            if isinstance(layer, InRankExperts) and weight.reads_of("opaque")[0].untraced:
+            if isinstance(layer, FACTORED_STACKS) and weight.reads_of("opaque")[0].untraced:
                 owner, _, attr = name.rpartition(".")  # read in a forward that did not trace
                 read_as_property(model.get_submodule(owner), attr)
                 layer.product_reads = True
@@ -434,15 +434,17 @@ class DenseTemplate:
                                        name=self.name)
         else:
             weight = getattr(module, self.weight_attr)
-            if weight.dim() == 3:  # a stack of experts' matrices
-                layer = InRankExperts.from_stack(weight, self.rank, buffer=self.buffer,
-                                                 init=config.init, name=self.name)
+            if weight.dim() == 3:  # a stack of experts' matrices: one rank, or one each
+                kind = ExpertList if config.expert_ranks == "expert" else InRankExperts
+                layer = kind.from_stack(weight, self.rank, buffer=self.buffer, init=config.init,
+                                        name=self.name)
             else:
                 matrix = weight.T if self.transposed else weight
                 layer = InRankLinear.from_weight(matrix, None, self.rank, buffer=self.buffer,
                                                  init=config.init, name=self.name)
         for part in layer.modules():  # a handler may build several (nn.MultiheadAttention)
-            if config.activation is not None and type(part) is InRankLinear:
+            if config.activation is not None and type(part) is InRankLinear \
+                    and not isinstance(layer, ExpertList):  # experts stay linear, as stacks do
                 part.activation = config.activation  # convolutions stay linear
             if not config.silent_buffer and isinstance(part, FactoredLayer):
                 part.randomize_buffer()
@@ -504,7 +506,7 @@ def _rewrite_forwards(model: nn.Module, analysis: Analysis,
         for read in weight.reads_of("site"):
             target = read.site.param_node.target
             by_owner.setdefault(read.owner, []).append((read.site, target, layer))
-        if isinstance(layer, InRankExperts):
+        if isinstance(layer, FACTORED_STACKS):
             for read in [r for r in weight.reads_of("opaque") if not r.untraced]:
                 targets = stacks.setdefault(read.owner, [])
                 targets += [n[len(_prefix(read.owner)):] for n in weight.names

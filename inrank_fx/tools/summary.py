@@ -8,7 +8,7 @@ from torch import nn
 
 from .._table import format_table
 from ..config import REPORT_ATTR
-from ..nn.experts import InRankExperts
+from ..nn.experts import FACTORED_STACKS
 from ..nn.modules import factored_layers
 from ..passes.transform import DenseRecord, TransformReport, larger_factored_note
 
@@ -171,8 +171,8 @@ def flop_coverage(model: nn.Module, example_inputs) -> FlopCoverage:
     # where the stack was left dense or its product is read; a factored stack's own calls (thin
     # matmuls, counted above) are not.
     stacks = {d.name.rpartition(".")[0] for d in (report.dense if report else []) if d.expert_stack}
-    experts = [n for n, l in layers.items() if isinstance(l, InRankExperts)]
-    stacks |= {n.rpartition(".")[0] for n in experts}
+    factored_stacks = [n for n, m in model.named_modules() if isinstance(m, FACTORED_STACKS)]
+    stacks |= {n.rpartition(".")[0] for n in factored_stacks}
     left += sum(flops(p, kind=_is_batched_matmul) for p in stacks)
-    left -= sum(flops(n, kind=_is_batched_matmul) for n in experts)
+    left -= sum(flops(n, kind=_is_batched_matmul) for n in factored_stacks)
     return FlopCoverage(int(equivalent), sum(actual.values()), max(left, 0), tied)

@@ -491,6 +491,42 @@ def test_expert_stacks_are_factored_per_expert_adapt_freeze_and_export(rel_err, 
     assert report.max_rel_error < 1e-4
 
 
+def test_expert_ranks_per_expert_adapt_apart_freeze_and_export(rel_err, tmp_path):
+    torch.manual_seed(0)
+    per_expert = InRankConfig(init_rank=1.0, buffer=0, min_features=1, expert_ranks="expert")
+    for model, x in ((TinyMoE(), torch.randn(10, 32)), (EinsumExperts(), torch.randn(3, 7, 32)),
+                     (RoutedExperts(), torch.randn(12, 32))):
+        full = transform(model, per_expert)
+        assert rel_err(full(x), model(x)) < 1e-5, type(model).__name__
+    assert isinstance(full._modules["w"], inrank_fx.nn.ExpertList)  # read through the property
+    assert {"w.0", "w.3"} <= set(ranks(full))  # each expert is a layer of its own
+
+    model, x = TinyMoE(), torch.randn(10, 32)
+    low = transform(model, InRankConfig(init_rank=2, min_features=1, warmup_steps=2,
+                                        check_every=2, stop_after=8, expert_ranks="expert"))
+    stack = low.experts.w_in
+    assert isinstance(stack, inrank_fx.nn.ExpertList) and stack.shape == (4, 64, 32)
+    assert summary(low, (x,)).flops.left_dense == 0  # every expert matmul ran thin
+    opt = torch.optim.AdamW(low.parameters(), lr=1e-2)
+    ctrl = inrank_fx.attach(low, opt)
+    for _ in range(10):
+        loss = (low(x) - torch.sin(x)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    experts = [ranks(low)[f"experts.w_in.{e}"] for e in range(4)]
+    assert ctrl.frozen and min(experts) > 2 and len(set(experts)) > 1  # grew, each its own way
+    assert [e.U.shape[-1] for e in stack] == experts  # truncated to their own ranks
+    frozen = inrank_fx.freeze(low)
+    with torch.no_grad():
+        assert rel_err(frozen(x), low(x)) < 1e-5
+    from inrank_fx.export import to_onnx
+
+    assert to_onnx(low, (x,), tmp_path / "moe.onnx").max_rel_error < 1e-4
+    with pytest.raises(ValueError, match="expert_ranks must be one of"):
+        InRankConfig(expert_ranks="per-expert")
+
+
 def test_an_expert_stack_read_where_fx_cannot_see_stays_dense_with_the_reason():
     class Opaque(ExpertStack):
         def forward(self, x):  # data-dependent control flow: fx cannot trace this forward

@@ -8,7 +8,7 @@ def test_expert_ranks_are_measured_per_expert_and_per_stack(load_example, tmp_pa
     bench = load_example("bench_expert_ranks", "benchmarks")
     out = tmp_path / "ranks.json"
     assert bench.main(["--steps", "30", "--seeds", "0", "--corpus-bytes", "200000",
-                       "--stop-after", "25", "--json", str(out)]) == 0
+                       "--stop-after", "25", "--experts", "4", "8", "--json", str(out)]) == 0
     record = json.loads(out.read_text())
     rows = record["rows"]
     assert len(rows) == 8  # two stacks in each of 4 blocks
@@ -20,3 +20,9 @@ def test_expert_ranks_are_measured_per_expert_and_per_stack(load_example, tmp_pa
     assert run["stop_step"] == 25  # after the stop a stack's width is its rank: no expert above
     assert run["checks"] and all(c["stacks"] for c in run["checks"])
     assert "per-expert ranks would hold" in capsys.readouterr().out
+    assert [r["experts"] for r in record["scaling"]] == [4, 8]
+    both = record["runs"][0], record["per_expert_runs"][0]
+    assert all(r["stop_step"] == 25 and r["val_loss"] > 0 for r in both)
+    assert all(r["stack_params"] > 0 for r in both)
+    assert all(len(ranks) == 4 for ranks in both[1]["final"].values())  # one rank per expert
+    assert all(r["time_per_expert_over_stack"] > 0 for r in record["scaling"])
