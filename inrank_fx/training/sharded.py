@@ -67,7 +67,11 @@ def _param_groups(model: nn.Module):
 
     for module in model.modules():
         if isinstance(module, FSDPModule):
-            yield from module._get_fsdp_state()._fsdp_param_groups
+            state = module._get_fsdp_state()
+            if hasattr(state, "_fsdp_param_groups"):  # newer torch: a list per module
+                yield from state._fsdp_param_groups
+            elif state._fsdp_param_group is not None:  # torch 2.11: at most one
+                yield state._fsdp_param_group
 
 
 def check_shardable(model: nn.Module) -> None:
