@@ -30,12 +30,51 @@ STACK_METADATA = frozenset({"shape", "dtype", "device", "ndim", "requires_grad",
                             "size", "dim", "numel"})
 
 
-class StackReads:
+class StackMetadata:
+    """A stack's metadata (E × out × in) answered without forming it, as a tensor's: shape,
+    size(), dim(), ndim, numel(), and dtype, device, requires_grad, is_cuda of its factors."""
+
+    shape: torch.Size
+
+    def _a_factor(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._a_factor().dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._a_factor().device
+
+    @property
+    def requires_grad(self) -> bool:
+        return self._a_factor().requires_grad
+
+    @property
+    def is_cuda(self) -> bool:
+        return self._a_factor().is_cuda
+
+    @property
+    def ndim(self) -> int:
+        return 3
+
+    def size(self, dim: int | None = None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def dim(self) -> int:
+        return 3
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+
+class StackReads(StackMetadata):
     """How a factored stack reads as the stacked parameter it replaced (both InRankExperts and
-    its frozen form): `.weight` is the product (E × out × in, differentiable), `layer[e]` is
-    expert e's matrix formed alone (for a loop over experts that could not be rewritten, such as
-    transformers' MixtralExperts), and the metadata reads (shape, size(), dtype, device, ...)
-    are the stack's, answered without forming it."""
+    its frozen form): its call is a matmul against the stack as two thin ones, `.weight` is the
+    product (E × out × in, differentiable), `layer[e]` is expert e's matrix formed alone (for a
+    loop over experts that could not be rewritten, such as transformers' MixtralExperts), and
+    the metadata reads are the stack's, answered without forming it."""
 
     U: torch.Tensor
     V: torch.Tensor
@@ -61,34 +100,8 @@ class StackReads:
     def shape(self) -> torch.Size:
         return torch.Size((self.U.shape[0], self.U.shape[1], self.V.shape[1]))
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.U.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.U.device
-
-    @property
-    def ndim(self) -> int:
-        return 3
-
-    @property
-    def requires_grad(self) -> bool:
-        return self.U.requires_grad
-
-    @property
-    def is_cuda(self) -> bool:
-        return self.U.is_cuda
-
-    def size(self, dim: int | None = None):
-        return self.shape if dim is None else self.shape[dim]
-
-    def dim(self) -> int:
-        return 3
-
-    def numel(self) -> int:
-        return self.shape.numel()
+    def _a_factor(self) -> torch.Tensor:
+        return self.U
 
 
 class InRankExperts(StackReads, FactoredLayer):
@@ -250,7 +263,7 @@ class FactoredExperts(StackReads, nn.Module):
         return f"experts={e}, in_features={self.V.shape[1]}, out_features={out_features}, rank={rank}"
 
 
-class ExpertList(nn.ModuleList):
+class ExpertList(StackMetadata, nn.ModuleList):
     """A stack of E matrices (E × out × in) held as E factored layers with ranks of their own:
     ranks applied per expert (`InRankConfig(expert_ranks="expert")`), where `InRankExperts`
     applies one rank per stack. Each expert is an `InRankLinear` (after `freeze`, a
@@ -303,18 +316,8 @@ class ExpertList(nn.ModuleList):
         first = self[0]
         return torch.Size((len(self), first.out_features, first.in_features))
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    ndim = StackReads.ndim
-    requires_grad = property(lambda self: next(self.parameters()).requires_grad)
-    is_cuda = property(lambda self: self.device.type == "cuda")
-    size, dim, numel = StackReads.size, StackReads.dim, StackReads.numel
+    def _a_factor(self) -> torch.Tensor:
+        return next(self.parameters())
 
 
 def _times(layer: nn.Module, x: torch.Tensor, transposed: bool) -> torch.Tensor:
