@@ -26,3 +26,21 @@ def test_expert_ranks_are_measured_per_expert_and_per_stack(load_example, tmp_pa
     assert all(r["stack_params"] > 0 for r in both)
     assert all(len(ranks) == 4 for ranks in both[1]["final"].values())  # one rank per expert
     assert all(r["time_per_expert_over_stack"] > 0 for r in record["scaling"])
+
+
+def test_each_experts_own_rank_is_read_from_its_own_spectrum(load_example):
+    import torch
+
+    import inrank_fx
+
+    bench = load_example("bench_expert_ranks", "benchmarks")
+    g = torch.Generator().manual_seed(0)
+    # expert e has exact rank e + 1; the stack holds them at width 6 (rank 4 plus a buffer)
+    stack = torch.stack([torch.randn(24, e + 1, generator=g) @ torch.randn(e + 1, 16, generator=g)
+                         for e in range(4)])
+    layer = inrank_fx.nn.InRankExperts.from_stack(stack, 4, buffer=2)
+    model = torch.nn.Sequential(layer)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    ctrl = inrank_fx.attach(model, opt, inrank_fx.InRankConfig(min_features=1))
+    assert bench.expert_ranks(ctrl, layer) == [1, 2, 3, 4]
+    ctrl.detach()
