@@ -23,6 +23,7 @@ _PUBLIC = {
                      "unregister_function_handler", "unregister_module_handler"), ".passes"),
     "TransformReport": ".passes.transform", "transform": ".passes.transform",
     "materialize": ".passes.materialize",
+    "Compression": ".passes.compress", "compress": ".passes.compress",
     "summary": ".tools.summary",
     **dict.fromkeys(("DistributedRankController", "InRankDistributedError",
                      "OptimizerStateError", "RankChange", "RankController", "attach",
@@ -53,6 +54,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .errors import InRankError, InRankTypeError, InRankValueError
     from .export.freeze import freeze
     from .nn import FactoredLayer, InRankConv2d, InRankLinear, ranks
+    from .passes.compress import Compression, compress
     from .passes.materialize import materialize
     from .passes import (
         handlers_restored,

@@ -1,4 +1,4 @@
-"""The `inrank-fx` command (also `python -m inrank_fx`): demo, bench, summary.
+"""The `inrank-fx` command (also `python -m inrank_fx`): demo, bench, compress, summary.
 
 Bad input is one line on stderr naming the value, exit status 2, no traceback.
 """
@@ -13,9 +13,10 @@ from pathlib import Path
 from .errors import InRankError
 
 # Parsing and --help come before any import of torch (seconds): every import of torch or of the
-# rest of inrank_fx is inside the command that needs it. INITS mirrors nn.linear.INITS (a test
-# keeps them equal).
+# rest of inrank_fx is inside the command that needs it. INITS mirrors nn.linear.INITS and
+# ALLOCATIONS passes.compress.ALLOCATIONS (a test keeps them equal).
 INITS = ("svd", "random", "iid")
+ALLOCATIONS = ("global", "uniform")  # passes.compress.ALLOCATIONS (a test keeps them equal)
 
 
 class UsageError(InRankError):
@@ -80,6 +81,35 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-malloc-tuning", action="store_true",
                        help="keep glibc's default of returning large freed blocks to the OS")
     bench.set_defaults(run=run_bench_command)
+
+    compress = commands.add_parser(
+        "compress", help="make a trained model smaller to a parameter budget, fine-tune, export",
+        description="Factor a trained model so that its factored layers hold at most --budget of "
+                    "their dense parameters, each layer's rank allocated from its measured "
+                    "spectrum and truncated where its outputs change least on calibration "
+                    "inputs; fine-tune a GPT on text; freeze; export to ONNX (verified in ONNX "
+                    "Runtime); write model.pt, model.onnx, compression.txt and results.json.")
+    compress.add_argument("--model", required=True,
+                          help="the demo's dense checkpoint (inrank-demo/dense.pt: calibration and "
+                               "fine-tune on the demo corpus or --data) or an importable factory "
+                               "'package.module:function' (with --input)")
+    compress.add_argument("--budget", type=float, required=True,
+                          help="the factored layers' share of their dense parameters, in (0, 1], "
+                               "e.g. 0.4")
+    compress.add_argument("--allocation", default="global", choices=ALLOCATIONS,
+                          help="global: ranks where the spectra say rank is cheapest (default); "
+                               "uniform: one rank fraction for every layer")
+    compress.add_argument("--data", type=Path, help="text for a GPT's calibration and fine-tune "
+                                                   "(default: the Python stdlib sources)")
+    compress.add_argument("--input", default=None, help="a factory model's input shape, e.g. "
+                                                        "1x3x224x224 (random calibration inputs)")
+    compress.add_argument("--finetune-steps", type=int, default=None,
+                          help="fine-tune steps for a GPT (default 300; 0 skips)")
+    compress.add_argument("--lr", type=float, default=None, help="fine-tune peak learning rate")
+    compress.add_argument("--out", type=Path, default=Path("inrank-slim"),
+                          help="output folder (replaced if it exists; default ./inrank-slim)")
+    compress.add_argument("--seed", type=int, default=0)
+    compress.set_defaults(run=run_compress_command)
 
     summary = commands.add_parser(
         "summary", help="what transform would factor in a model, and at what cost",
@@ -154,6 +184,57 @@ def run_bench_command(args) -> int:
         result.to_json(args.out / "bench.json")
         result.plot(args.out / "bench.png")
         print(f"wrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")
+    return 0
+
+
+# -- compress -------------------------------------------------------------------------------------
+
+def run_compress_command(args) -> int:
+    if not 0.0 < args.budget <= 1.0:
+        raise UsageError(f"--budget {args.budget}: a fraction in (0, 1], e.g. 0.4")
+    if not args.out.parent.is_dir():
+        raise UsageError(f"--out {args.out}: folder {args.out.parent} does not exist")
+    if args.finetune_steps is not None and args.finetune_steps < 0:
+        raise UsageError(f"--finetune-steps {args.finetune_steps}: must be >= 0")
+    if args.lr is not None and args.lr <= 0:
+        raise UsageError(f"--lr {args.lr}: must be > 0")
+    import dataclasses
+
+    import torch
+
+    from .demo.slim import FineTune, run_compress, text_calibration
+
+    if args.model.endswith(".pt"):
+        from .demo.corpus import split
+        from .demo.gpt import load_checkpoint
+        from .demo.job import load_text
+
+        if not Path(args.model).is_file():
+            raise UsageError(f"--model {args.model}: no such file")
+        try:
+            model = load_checkpoint(args.model)
+            text, _ = load_text(args.data, 5_000_000)
+        except (OSError, ValueError) as err:
+            raise UsageError(f"--model/--data: {err}") from None
+        train_ids, val_ids = split(text)
+        block = model.config.block_size
+        calibration = text_calibration(train_ids, block, seed=args.seed)
+        example = (calibration[0][:1],)
+        recipe = FineTune()
+        if args.finetune_steps is not None:
+            recipe = dataclasses.replace(recipe, steps=args.finetune_steps)
+        if args.lr is not None:
+            recipe = dataclasses.replace(recipe, lr=args.lr)
+        text_ids = (train_ids, val_ids)
+    else:
+        if args.data is not None or args.finetune_steps or args.lr is not None:
+            raise UsageError("--data, --finetune-steps and --lr need a GPT checkpoint as --model")
+        model, example = _model_and_inputs(args.model, args.input)
+        torch.manual_seed(args.seed)
+        calibration = [torch.randn_like(example[0]) for _ in range(8)]
+        recipe, text_ids = None, None
+    run_compress(args.out, model.eval(), args.budget, calibration, example,
+                 allocation=args.allocation, text=text_ids, recipe=recipe, seed=args.seed)
     return 0
 
 

@@ -7,11 +7,14 @@ an nn.Linear, which is what `inrank_fx.transform` factors; the tied head stays d
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from inrank_fx._io import atomic_destination, check_destination
 
 
 @dataclass
@@ -123,6 +126,31 @@ class GPT(nn.Module):
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return lm_loss(self(idx), targets)
+
+
+CHECKPOINT_FORMAT = "inrank_fx.demo.gpt/1"
+
+
+def save_checkpoint(model: GPT, path) -> Path:
+    """Write a dense GPT's config and weights (nanoGPT's checkpoint: model args and state_dict),
+    atomically; `load_checkpoint` builds it again. The demo leaves its trained dense model so."""
+    path = check_destination(path)
+    payload = {"format": CHECKPOINT_FORMAT, "gpt": asdict(model.config),
+               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    with atomic_destination(path) as tmp:
+        torch.save(payload, tmp)
+    return path
+
+
+def load_checkpoint(path) -> GPT:
+    """The GPT a `save_checkpoint` file holds (on the CPU)."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a demo GPT checkpoint (written by save_checkpoint, "
+                         f"as the demo's dense.pt)")
+    model = GPT(GPTConfig(**payload["gpt"]))
+    model.load_state_dict(payload["state_dict"])
+    return model
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

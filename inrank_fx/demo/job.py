@@ -10,8 +10,8 @@
 2. Compare validation loss / perplexity, parameters, final ranks, wall-clock and tokens/s.
 3. Freeze the InRank model, export it to ONNX and verify it in ONNX Runtime.
 4. Compare inference of the two models on every available backend (inrank_fx.bench).
-5. Write the report folder: results.json, ranks.csv, summary.txt, model.onnx and PNG plots of the
-   loss curves, the rank trajectories and the inference comparison. Everything is written to a
+5. Write the report folder: results.json, ranks.csv, summary.txt, model.onnx, dense.pt (the
+   trained dense model, for `inrank-fx compress`) and PNG plots of the loss curves, the rank trajectories and the inference comparison. Everything is written to a
    temp folder first and renamed into place at the end, so an interruption leaves no half report.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ from inrank_fx._io import atomic_folder
 from inrank_fx._table import format_table
 from inrank_fx._timing import median_ratio_interval, ratio_flags
 from inrank_fx.demo.corpus import batches, file_corpus, split, stdlib_corpus
-from inrank_fx.demo.gpt import GPT, GPTConfig, lm_loss
+from inrank_fx.demo.gpt import GPT, GPTConfig, lm_loss, save_checkpoint
 from inrank_fx.demo.training import evaluate, recipe_optimizer, train_steps, warmup_cosine
 from inrank_fx.export import to_onnx
 from inrank_fx.tools import bench
@@ -142,6 +142,7 @@ def _run(tmp, out, train_ids, val_ids, source, device, s: DemoSettings, seed, co
         runs[name]["model"] = model
 
     dense, inrank = runs["dense"], runs["inrank"]
+    save_checkpoint(dense["model"], tmp / "dense.pt")  # for `inrank-fx compress --model`
     controller.to_csv(tmp / "ranks.csv")
     summary_text = str(inrank_fx.summary(inrank["model"]))
 

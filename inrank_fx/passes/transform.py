@@ -26,7 +26,7 @@ from ..errors import InRankTypeError
 from ..nn.experts import FACTORED_STACKS, ExpertList, InRankExperts
 from ..nn.linear import FactoredLayer, InRankLinear
 from ..nn.modules import carry_hooks, replace_module
-from ..nn.spectrum import select_rank
+from ..nn.spectrum import explained_ratios, select_rank
 from .analysis import Analysis, WeightUse, analyse
 from .matchers import MatmulSite, handled_weights, indexed_only
 from .rewrite import (
@@ -62,6 +62,8 @@ class DenseRecord:
     larger_factored: bool = False
     # a 3-D stack of matrices (mixture-of-experts weights, experts × out × in): not factored yet
     expert_stack: bool = False
+    # with larger_factored: init_rank="auto" factors the layer at a threshold below this
+    factor_threshold: float | None = None
 
 
 @dataclass
@@ -79,6 +81,7 @@ class TransformReport:
     candidates: list[str] = field(default_factory=list)  # every layer the filters were asked about
     exported: list[str] = field(default_factory=list)  # forwards captured by torch.export instead
     captured: bool = False  # example inputs were given (the torch.export frontend was available)
+    compression: object = None  # a passes.compress.Compression where `compress` made the model
 
     def __str__(self) -> str:
         lines = [f"factored {len(self.factored)} weight(s), left {len(self.dense)} dense"]
@@ -99,6 +102,8 @@ class TransformReport:
                          + ", ".join(map(_label, self.exported)))
         if self.already_factored:
             lines.append(f"already factored (left as they are): {', '.join(self.already_factored)}")
+        if self.compression is not None:
+            lines.append(str(self.compression))
         return "\n".join(lines)
 
 
@@ -162,7 +167,8 @@ def transform(
     report = TransformReport(
         config=config,
         factored=[_record(c, layer, requested) for c, layer, requested in built],
-        dense=[DenseRecord(p.name, p.reason, p.larger_factored, p.expert_stack)
+        dense=[DenseRecord(p.name, p.reason, p.larger_factored, p.expert_stack,
+                           p.factor_threshold)
                for p in plans if isinstance(p, Dense)],
         traced=traced,
         not_traced={p: t.error for p, t in analysis.traces.items() if not t.ok},
@@ -239,6 +245,7 @@ class Dense:
     asked: bool = False
     larger_factored: bool = False
     expert_stack: bool = False
+    factor_threshold: float | None = None
 
 
 def plan_weight(weight: WeightUse, ctx: PlanContext) -> Candidate | Dense | None:
@@ -367,19 +374,33 @@ def _filtered(candidate: Candidate, ctx: PlanContext) -> Candidate | Dense:
 def _sized(candidate: Candidate, config: InRankConfig) -> Candidate | Dense:
     """init_rank="auto" measures each layer's rank from its weight, and never makes a layer
     bigger: where the factored form at that rank would hold more parameters than the dense
-    weight, the layer stays dense (an explicit init_rank factors it anyway)."""
+    weight, the layer stays dense, and the reason says which threshold would factor it (an
+    explicit init_rank, or `inrank_fx.compress` to a budget, factors it anyway)."""
     if config.init_rank != "auto":
         return candidate
     rank, _ = _initial_rank(candidate.matrix, candidate.name, config)
     n_out, n_in = candidate.matrix.shape[-2:]
     factored, dense = rank * (n_out + n_in), n_out * n_in
     if factored > dense:
+        below = _threshold_to_factor(candidate.matrix, config)
+        hint = f"a threshold below {below:.4g} factors it, " if below is not None else ""
         return Dense(candidate.name,
-                     f"init_rank='auto' measured rank {rank} of {min(n_out, n_in)}: factored, it "
-                     f"would hold {factored:,} parameters against {dense:,} dense (a spectrum "
-                     f"this flat is what an untrained layer has; an explicit init_rank factors "
-                     f"it anyway)", asked=True, larger_factored=True)
+                     f"init_rank='auto' measured rank {rank} of {min(n_out, n_in)} at threshold "
+                     f"{config.threshold}: factored, it would hold {factored:,} parameters "
+                     f"against {dense:,} dense ({hint}inrank_fx.compress(model, budget) factors "
+                     f"it to a size)", asked=True, larger_factored=True, factor_threshold=below)
     return replace(candidate, rank=rank)
+
+
+def _threshold_to_factor(matrix: torch.Tensor, config: InRankConfig) -> float | None:
+    """The explained ratio at the largest rank that is not bigger than dense: below it as the
+    threshold, init_rank="auto" factors the layer (None for a stack of experts)."""
+    if matrix.dim() != 2:
+        return None
+    n_out, n_in = matrix.shape
+    ceiling = max(1, (n_out * n_in) // (n_out + n_in))
+    s = torch.linalg.svdvals(matrix.detach().to(torch.float64))
+    return float(explained_ratios(s, config.criterion, min(n_out, n_in))[ceiling])
 
 
 # -- building the layers ------------------------------------------------------------------------
@@ -570,11 +591,15 @@ def larger_factored_note(report: TransformReport) -> str | None:
     if not larger:
         return None
     asked = len(larger) + len(report.factored)
-    return (f"init_rank='auto' kept {len(larger)} of {asked} layers dense: at the ranks their "
-            f"spectra show, factoring them would add parameters. Flat spectra are what an "
-            f"untrained model has; 'auto' is for compressing trained weights. To train this "
-            f"model from scratch, use a small init_rank (e.g. 2) and let attach() grow the "
-            f"ranks.")
+    below = [d.factor_threshold for d in larger if d.factor_threshold is not None]
+    threshold = (f"a threshold below {min(below):.4g} factors every one of them; "
+                 if below else "")
+    return (f"init_rank='auto' kept {len(larger)} of {asked} layers dense: at threshold "
+            f"{report.config.threshold} their spectra ask for ranks at which factoring would add "
+            f"parameters (a flat spectrum: a layer that uses most of its rank). To make a "
+            f"trained model smaller to a size, use inrank_fx.compress(model, budget); "
+            f"{threshold}to train from scratch, a small init_rank (e.g. 2) and attach() "
+            f"grow the ranks.")
 
 
 def _announce(model: nn.Module, report: TransformReport) -> None:

@@ -20,13 +20,19 @@ TINY = job.DemoSettings(
     inrank_lr=3e-3, corpus_bytes=100_000,
 )
 REPORT_FILES = {"results.json", "ranks.csv", "summary.txt", "model.onnx", "loss_curves.png",
-                "rank_trajectories.png", "inference.png"}
+                "rank_trajectories.png", "inference.png", "dense.pt"}
 
 
-def test_demo_writes_the_report(tmp_path):
-    out = tmp_path / "report"
+@pytest.fixture(scope="module")
+def demo_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "report"
     results = job.run_demo(out, settings=TINY, compile=False, progress=False,
                            backends=("eager", "onnxruntime"), log=lambda *a: None)
+    return out, results
+
+
+def test_demo_writes_the_report(demo_report):
+    out, results = demo_report
     assert {p.name for p in out.iterdir()} == REPORT_FILES
     saved = json.loads((out / "results.json").read_text())
     assert saved["ratios"] == results["ratios"]
@@ -49,7 +55,7 @@ def test_demo_writes_the_report(tmp_path):
         (saved["ratios"]["steady_step_seconds"] < saved["ratios"]["step_flops"])
     # a second run replaces the report
     job.run_demo(out, settings=TINY, compile=False, progress=False, backends=("eager",), log=lambda *a: None)
-    assert [p.name for p in tmp_path.iterdir()] == ["report"]
+    assert [p.name for p in out.parent.iterdir()] == ["report"]
 
 
 def test_ctrl_c_leaves_no_report(tmp_path, monkeypatch, capsys):
@@ -177,17 +183,59 @@ def fresh_python(code: str) -> str:
 def test_help_and_usage_errors_come_before_torch():
     # --help and a bad argument are answered without importing torch
     out = fresh_python("import sys\nfrom inrank_fx.cli import main\n"
-                       "for argv in (['--help'], ['summary', '--help'], ['bench', '--nope']):\n"
+                       "for argv in (['--help'], ['summary', '--help'], ['bench', '--nope'],\n"
+                       "             ['compress', '--help']):\n"
                        "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
                        "print('torch' in sys.modules)")
     assert "usage: inrank-fx" in out and out.strip().endswith("False")
+    assert "usage: inrank-fx compress" in out and "--budget BUDGET" in out
 
 
 def test_cli_init_choices_match_the_layers():
     from inrank_fx import cli
     from inrank_fx.nn.linear import INITS
+    from inrank_fx.passes.compress import ALLOCATIONS
 
-    assert cli.INITS == INITS
+    assert cli.INITS == INITS and cli.ALLOCATIONS == ALLOCATIONS
+
+
+def test_compress_command_makes_the_demo_model_smaller_and_exports_it(demo_report, tmp_path,
+                                                                       capsys):
+    import onnxruntime as ort
+
+    from inrank_fx.demo.gpt import load_checkpoint
+
+    dense = load_checkpoint(demo_report[0] / "dense.pt")
+    x = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():  # the checkpoint is the demo's trained dense model
+        assert torch.isfinite(dense(x)).all()
+    out = tmp_path / "slim"
+    assert main(["compress", "--model", str(demo_report[0] / "dense.pt"), "--budget", "0.4",
+                 "--finetune-steps", "3", "--out", str(out)]) == 0
+    assert {p.name for p in out.iterdir()} == {"model.pt", "model.onnx", "compression.txt",
+                                               "results.json"}
+    results = json.loads((out / "results.json").read_text())
+    assert 0.38 <= results["fraction"] <= 0.4 and results["calibrated"]
+    assert set(results["val_loss"]) == {"dense", "compressed", "fine_tuned"}
+    assert results["parameters"]["frozen"] < results["parameters"]["dense"]
+    frozen = torch.load(out / "model.pt", weights_only=False)
+    assert not any(isinstance(m, inrank_fx.FactoredLayer) for m in frozen.modules())
+    session = ort.InferenceSession(str(out / "model.onnx"))
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert torch.allclose(torch.from_numpy(got), frozen(x), atol=1e-4)
+    assert "budget 0.4" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--budget", "0"], "--budget 0.0: a fraction in (0, 1]"),
+    (["--budget", "0.4", "--model", "nope.pt"], "--model nope.pt: no such file"),
+    (["--budget", "0.4", "--model", "torch.nn:Linear"], "calling Linear() failed"),
+])
+def test_compress_command_names_bad_input(argv, message, capsys):
+    argv = ["compress", *argv] + ([] if "--model" in argv else ["--model", "x.pt"])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
 
 
 def test_import_is_lazy_and_every_public_name_resolves():
@@ -200,8 +248,9 @@ def test_import_is_lazy_and_every_public_name_resolves():
         inrank_fx.nope  # noqa: B018
 
 
-def test_summary_command_does_not_enlarge_an_untrained_model(capsys):
+def test_summary_command_does_not_enlarge_a_model_with_flat_spectra(capsys):
     pytest.importorskip("torchvision")
     assert main(["summary", "--model", "torchvision.models:resnet18"]) == 0
     first = capsys.readouterr().out.splitlines()[0]
-    assert first.startswith("note: init_rank='auto' kept") and "untrained" in first
+    assert first.startswith("note: init_rank='auto' kept") and "untrained" not in first
+    assert "inrank_fx.compress(model, budget)" in first and "a threshold below 0." in first

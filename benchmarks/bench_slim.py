@@ -1,0 +1,356 @@
+"""Slim models against the narrower dense model: compress a trained GPT to a budget, fine-tune it,
+and compare with dense GPTs of every width trained from scratch.
+
+    python benchmarks/bench_slim.py [--budget 0.4] [--seeds 0 1] [--json FILE] [--plot FILE.png]
+                                    [--quick]
+
+The protocol (bench_convergence's: the demo GPT, 4 layers, n_embd 128, context 64, batch 16,
+AdamW, warm-up + cosine, clipping, the stdlib corpus):
+- the teacher: dense width 128 trained for `steps` (2000) at the peak learning rate its own
+  sweep chose on the first seed;
+- the dense-width frontier: dense GPTs of narrower widths trained from scratch for as many
+  steps as the teacher plus its fine-tune (2300), each width at the learning rate its own sweep
+  chose; loss against shipped parameters and against training FLOPs;
+- slim models: the teacher compressed to `budget` of its factored layers' parameters by each
+  method below, then fine-tuned for `finetune_steps` (300, 15% of training; warm-up + cosine, each
+  method at the learning rate its own sweep chose), ranks fixed:
+    uniform-svd   one rank fraction for every layer, plain SVD (AIMET-style)
+    uniform-act   the same ranks, each layer truncated on its calibration inputs (whitened)
+    global-svd    ranks allocated from the spectra (`compress`, no calibration)
+    global-act    `compress(model, budget, calibration)`: allocated and whitened
+  Every method gets uniform's parameter count (the budget that uniform's one fraction reaches),
+  so that they are compared at equal shipped parameters; calibration is 16 training batches.
+Prints the sweeps and the table: validation loss before and after the fine-tune per seed, shipped
+parameters (the whole model as `freeze` gives it), training FLOPs (teacher + fine-tune), and the
+distance to the dense-width frontier at the same shipped parameters. `--json` keeps every run and
+is read back, so an interrupted run resumes; `--plot` draws loss against shipped parameters and
+against training FLOPs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+import inrank_fx
+from inrank_fx.demo.corpus import batches, split, stdlib_corpus
+from inrank_fx.demo.gpt import GPT
+from inrank_fx.demo.training import evaluate, recipe_optimizer, train_steps, warmup_cosine
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_convergence import QUICK as QUICK_PROTOCOL  # noqa: E402
+from bench_convergence import Protocol, frontier_loss, step_flops, tune  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Slim:
+    protocol: Protocol = field(default_factory=Protocol)
+    finetune_steps: int = 300
+    budget: float = 0.4
+    widths: tuple = (64, 80, 96, 112)  # the frontier; n_head 4 divides each
+    dense_lrs: tuple = (2e-3, 4e-3, 8e-3)
+    finetune_lrs: tuple = (3e-4, 1e-3, 3e-3)
+    calibration_batches: int = 16
+
+
+QUICK = Slim(protocol=QUICK_PROTOCOL, finetune_steps=10, widths=(32, 48), dense_lrs=(4e-3,),
+             finetune_lrs=(1e-3,), calibration_batches=2)
+
+METHODS = {  # name → (allocation, calibrated)
+    "uniform-svd": ("uniform", False),
+    "uniform-act": ("uniform", True),
+    "global-svd": ("global", False),
+    "global-act": ("global", True),
+}
+
+
+# -- training -----------------------------------------------------------------------------------
+
+def train(model, lr: float, steps: int, seed: int, protocol: Protocol, train_ids) -> None:
+    """The recipe for `steps` steps (warm-up over 5% of them, cosine to 10% of the peak)."""
+    opt = recipe_optimizer(model.parameters(), lr, protocol.weight_decay)
+    sched = warmup_cosine(opt, steps, max(1, int(protocol.warmup_fraction * steps)),
+                          protocol.floor)
+    stream = batches(train_ids, protocol.gpt.block_size, protocol.batch,
+                     torch.Generator().manual_seed(seed))
+    train_steps(model, opt, stream, steps, scheduler=sched, clip_norm=protocol.clip_norm)
+
+
+def val_loss(model, seed: int, protocol: Protocol, val_ids) -> float:
+    loss = evaluate(model, val_ids, protocol.gpt.block_size, 10_000 + seed, protocol.eval_batches)
+    return loss if math.isfinite(loss) else math.inf
+
+
+def params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+class Bench:
+    """Every run, keyed by a string, kept in `path` (JSON) after each run and read back from it;
+    the teachers' weights beside it, so that an interrupted benchmark resumes."""
+
+    def __init__(self, slim: Slim, data, path: str | None, log=print) -> None:
+        self.slim, self.data, self.path, self.log = slim, data, path, log
+        self.runs: dict[str, dict] = {}
+        self.teachers: dict[tuple, dict] = {}
+        if path and os.path.exists(path):
+            saved = json.loads(Path(path).read_text())
+            if saved.get("slim") == _jsonable(asdict(slim)):
+                self.runs = saved["runs"]
+                log(f"resuming: {len(self.runs)} runs read from {path}")
+
+    def save(self, extra: dict | None = None) -> None:
+        if not self.path:
+            return
+        tmp = f"{self.path}.tmp"
+        Path(tmp).write_text(json.dumps({"slim": _jsonable(asdict(self.slim)), "runs": self.runs,
+                                         **(extra or {})}, indent=1))
+        os.replace(tmp, self.path)  # never a half-written file
+
+    def _cached(self, key: str, compute) -> dict:
+        if key not in self.runs:
+            self.runs[key] = compute()
+            self.log(f"  {key:<44} val {self.runs[key]['val']:.4f}")
+            self.save()
+        return self.runs[key]
+
+    # -- dense models from scratch ------------------------------------------------------------
+
+    def dense(self, width: int, lr: float, seed: int, steps: int) -> dict:
+        def compute():
+            model = self._trained_dense(width, lr, seed, steps)
+            return {"val": val_loss(model, seed, self.slim.protocol, self.data[1]),
+                    "params": params(model), "flops": steps * _step_flops(model, self.slim)}
+        return self._cached(f"dense w{width} lr{lr:g} s{seed} n{steps}", compute)
+
+    def _trained_dense(self, width: int, lr: float, seed: int, steps: int):
+        protocol = self.slim.protocol
+        torch.manual_seed(seed)
+        model = GPT(replace(protocol.gpt, n_embd=width))
+        train(model, lr, steps, seed, protocol, self.data[0])
+        return model
+
+    def teacher(self, lr: float, seed: int):
+        """The trained dense model of the teacher's width, its weights kept beside the JSON."""
+        protocol = self.slim.protocol
+        width, steps = protocol.gpt.n_embd, protocol.steps
+        path = self.path and Path(f"{self.path}.teacher-lr{lr:g}-s{seed}.pt")
+        if (width, lr, seed) not in self.teachers:
+            if path and path.exists():
+                state = torch.load(path)
+            else:
+                state = self._trained_dense(width, lr, seed, steps).state_dict()
+                if path:
+                    torch.save(state, f"{path}.tmp")
+                    os.replace(f"{path}.tmp", path)
+            self.teachers[(width, lr, seed)] = state
+        torch.manual_seed(seed)
+        model = GPT(protocol.gpt)
+        model.load_state_dict(self.teachers[(width, lr, seed)])
+        key = f"dense w{width} lr{lr:g} s{seed} n{steps}"
+        if key not in self.runs:
+            self.runs[key] = {"val": val_loss(model, seed, protocol, self.data[1]),
+                              "params": params(model),
+                              "flops": steps * _step_flops(model, self.slim)}
+            self.log(f"  {key:<44} val {self.runs[key]['val']:.4f}")
+            self.save()
+        return model
+
+    # -- slim models --------------------------------------------------------------------------
+
+    def slim_model(self, method: str, teacher_lr: float, seed: int, budget: float):
+        allocation, calibrated = METHODS[method]
+        protocol = self.slim.protocol
+        calibration = None
+        if calibrated:
+            stream = batches(self.data[0], protocol.gpt.block_size, protocol.batch,
+                             torch.Generator().manual_seed(20_000 + seed))
+            calibration = [next(stream)[0] for _ in range(self.slim.calibration_batches)]
+        return inrank_fx.compress(self.teacher(teacher_lr, seed), budget, calibration,
+                                  allocation=allocation)
+
+    def finetuned(self, method: str, teacher_lr: float, lr: float, seed: int,
+                  budget: float) -> dict:
+        def compute():
+            protocol = self.slim.protocol
+            model = self.slim_model(method, teacher_lr, seed, budget)
+            before = val_loss(model, seed, protocol, self.data[1])
+            compression = model._inrank_report.compression
+            teacher_flops = self.runs[f"dense w{protocol.gpt.n_embd} lr{teacher_lr:g} s{seed} "
+                                      f"n{protocol.steps}"]["flops"]
+            flops = teacher_flops + self.slim.finetune_steps * _step_flops(model, self.slim)
+            train(model, lr, self.slim.finetune_steps, 30_000 + seed, protocol, self.data[0])
+            shipped = inrank_fx.freeze(model)
+            return {"val": val_loss(shipped, seed, protocol, self.data[1]), "before": before,
+                    "params": params(shipped), "fraction": compression.fraction,
+                    "ranks": inrank_fx.ranks(model), "flops": flops}
+        return self._cached(f"{method} b{budget:.4f} lr{lr:g} s{seed}", compute)
+
+
+def _step_flops(model, slim: Slim) -> int:
+    return step_flops(model, slim.protocol)[0]
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value))
+
+
+# -- the protocol -------------------------------------------------------------------------------
+
+def run(slim: Slim, seeds: list[int], bench: Bench, methods=tuple(METHODS)) -> dict:
+    protocol = slim.protocol
+    total = protocol.steps + slim.finetune_steps
+    width = protocol.gpt.n_embd
+    first = seeds[0]
+
+    def tuned(name, lrs, loss_of):
+        return tune(SimpleNamespace(name=name, lrs=lrs), loss_of)
+
+    teacher_lr, teacher_sweep = tuned(
+        "teacher", slim.dense_lrs, lambda lr: bench.dense(width, lr, first, protocol.steps)["val"])
+    for seed in seeds:
+        bench.teacher(teacher_lr, seed)
+    result = {"teacher_lr": teacher_lr, "sweeps": {"teacher": teacher_sweep}, "chosen": {},
+              "frontier": [], "slim": [], "teachers": []}
+    result["teachers"] = [bench.dense(width, teacher_lr, s, protocol.steps) | {"seed": s}
+                          for s in seeds]
+    for w in slim.widths:
+        lr, sweep = tuned(f"dense-{w}", slim.dense_lrs,
+                          lambda lr, w=w: bench.dense(w, lr, first, total)["val"])
+        result["sweeps"][f"dense-{w}"], result["chosen"][f"dense-{w}"] = sweep, lr
+        result["frontier"] += [bench.dense(w, lr, s, total) | {"seed": s, "width": w}
+                               for s in seeds]
+    # every method at the parameter count that uniform's one rank fraction reaches
+    probe = bench.slim_model("uniform-svd", teacher_lr, first, slim.budget)
+    budget = probe._inrank_report.compression.fraction
+    result["budget"] = budget
+    for method in methods:
+        lr, sweep = tuned(method, slim.finetune_lrs,
+                          lambda lr, m=method: bench.finetuned(m, teacher_lr, lr, first,
+                                                               budget)["val"])
+        result["sweeps"][method], result["chosen"][method] = sweep, lr
+        result["slim"] += [bench.finetuned(method, teacher_lr, lr, s, budget)
+                           | {"seed": s, "method": method} for s in seeds]
+    return result
+
+
+def frontier_at(result: dict, seed: int, shipped: float, key: str = "params") -> float | None:
+    """The dense-width frontier's loss (trained from scratch, same seed) at `shipped` params."""
+    points = [(r[key], r["val"]) for r in result["frontier"] if r["seed"] == seed]
+    return frontier_loss(points, shipped)
+
+
+def report(result: dict) -> str:
+    teachers = {r["seed"]: r for r in result["teachers"]}
+    seeds = sorted(teachers)
+    lines = ["learning-rate sweeps (validation loss, first seed; * = chosen)"]
+    chosen = {"teacher": result["teacher_lr"], **result["chosen"]}
+    for name, sweep in result["sweeps"].items():
+        cells = "  ".join(f"{float(lr):.2g}: {v:.4f}{'*' if float(lr) == chosen[name] else ' '}"
+                          for lr, v in sweep.items())
+        lines.append(f"  {name:<12} {cells}")
+    base = statistics.mean(r["params"] for r in teachers.values())
+    base_flops = statistics.mean(r["flops"] for r in teachers.values())
+    header = (f"{'model':<22} {'params':>6} {'FLOPs':>6} {'before':>7} "
+              + " ".join(f"{'seed ' + str(s):>7}" for s in seeds)
+              + f" {'mean':>7} {'vs narrower dense':>18}")
+    lines += ["", header, "-" * len(header)]
+
+    def row(name, rs, gaps=None, before=None):
+        vals = [r["val"] for r in rs]
+        gap = "" if gaps is None else " ".join("out" if g is None else f"{g:+.3f}" for g in gaps)
+        lines.append(f"{name:<22} {statistics.mean(r['params'] for r in rs) / base:>6.3f} "
+                     f"{statistics.mean(r['flops'] for r in rs) / base_flops:>6.3f} "
+                     f"{before if before is not None else '':>7} "
+                     + " ".join(f"{v:>7.4f}" for v in vals)
+                     + f" {statistics.mean(vals):>7.4f} {gap:>18}")
+
+    row(f"dense 128 (teacher)", [teachers[s] for s in seeds])
+    for w in sorted({r["width"] for r in result["frontier"]}, reverse=True):
+        row(f"dense {w} from scratch", sorted((r for r in result["frontier"] if r["width"] == w),
+                                              key=lambda r: r["seed"]))
+    for method in result["chosen"]:
+        if method.startswith("dense-"):
+            continue
+        rs = sorted((r for r in result["slim"] if r["method"] == method), key=lambda r: r["seed"])
+        gaps = [_gap(result, r) for r in rs]
+        before = f"{statistics.mean(r['before'] for r in rs):.4f}"
+        row(f"{method} + fine-tune", rs, gaps, before)
+    lines += ["", f"params: the whole model as shipped (frozen), relative to the teacher; FLOPs: "
+              f"training (teacher + fine-tune, or from scratch), relative to the teacher's; "
+              f"before: validation loss right after compression; vs narrower dense: loss minus "
+              f"the dense-width frontier's (trained from scratch as long as teacher + fine-tune) "
+              f"at the same shipped parameters, per seed. Factored layers at "
+              f"{result['budget']:.3f} of their dense parameters."]
+    return "\n".join(lines)
+
+
+def _gap(result: dict, r: dict) -> float | None:
+    f = frontier_at(result, r["seed"], r["params"])
+    return None if f is None else r["val"] - f
+
+
+def plot(result: dict, path: str) -> None:
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
+
+    fig = Figure(figsize=(11, 4))
+    for ax, key, label in zip(fig.subplots(1, 2), ("params", "flops"),
+                              ("shipped parameters", "training FLOPs")):
+        widths = sorted({r["width"] for r in result["frontier"]})
+        means = [(statistics.mean(r[key] for r in result["frontier"] if r["width"] == w),
+                  statistics.mean(r["val"] for r in result["frontier"] if r["width"] == w))
+                 for w in widths]
+        ax.plot(*zip(*means), "s-", color="#555555", label="dense from scratch (frontier)")
+        teacher = [(r[key], r["val"]) for r in result["teachers"]]
+        ax.plot([statistics.mean(p for p, _ in teacher)], [statistics.mean(v for _, v in teacher)],
+                "D", color="black", label="dense 128 (teacher)")
+        for method in METHODS:
+            rs = [r for r in result["slim"] if r["method"] == method]
+            if rs:
+                ax.plot([statistics.mean(r[key] for r in rs)],
+                        [statistics.mean(r["val"] for r in rs)], "*", ms=11,
+                        label=f"{method} + fine-tune")
+        ax.set_xscale("log")
+        ax.set_xlabel(f"{label} (log)")
+        ax.set_ylabel("validation loss (mean over seeds)")
+    fig.axes[0].legend(frameon=False, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", type=float, help="factored layers' share of their dense "
+                                                     "parameters (default 0.4)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="default 0 1 (quick: 0)")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--quick", action="store_true", help="a tiny GPT, 60 steps, one seed")
+    parser.add_argument("--json", help="keep every run in this file (read back to resume)")
+    parser.add_argument("--plot", help="write the figure to this PNG")
+    args = parser.parse_args(argv)
+    slim = QUICK if args.quick else Slim()
+    if args.budget is not None:
+        slim = replace(slim, budget=args.budget)
+    seeds = args.seeds or ([0] if args.quick else [0, 1])
+    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
+    data = split(stdlib_corpus(slim.protocol.corpus_bytes))
+    bench = Bench(slim, data, args.json)
+    result = run(slim, seeds, bench, tuple(args.methods))
+    bench.save({"result": result})
+    print(report(result))
+    if args.plot:
+        plot(result, args.plot)
+        print(f"plot written to {args.plot}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

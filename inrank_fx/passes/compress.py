@@ -1,0 +1,367 @@
+"""`compress`: a trained model made smaller to a parameter budget, each layer's rank measured.
+
+    factor    transform at full rank (spectral init at full rank computes the model's function)
+    measure   run the calibration inputs and keep each factored layer's input Gram matrix XᵀX
+    spectra   singular values of W·S, S a square root of that Gram matrix: truncating them
+              truncates the layer's output error on those inputs (activation-aware, as SVD-LLM
+              and ASVD); without calibration S = I, plain SVD
+    allocate  "global": the budget goes, one component at a time, where it removes the largest
+              share of a layer's error per parameter (where rank is cheapest to give up);
+              "uniform": one rank fraction for every layer (AIMET-style, the baseline)
+    truncate  each layer set to the truncated SVD of W·S mapped back by S⁻¹; a silent buffer
+              added where the config asks for one, so that ranks can grow back while fine-tuning
+
+The ranks are a measurement of the trained weights (and of what the layers see), made under the
+budget; the returned model is a transformed model: `attach` fine-tunes it, `freeze` ships it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._table import format_table
+from ..config import REPORT_ATTR, InRankConfig
+from ..errors import InRankTypeError, InRankValueError
+from ..nn.conv import InRankConv2d
+from ..nn.experts import InRankExperts
+from ..nn.linear import FactoredLayer, InRankLinear
+from ..nn.modules import factored_layers
+from .transform import FilterFn, transform
+
+ALLOCATIONS = ("global", "uniform")
+
+
+@dataclass(frozen=True)
+class CompressedLayer:
+    """One layer as compressed: its rank, what it holds once frozen, the error it keeps."""
+
+    name: str
+    full_rank: int
+    rank: int
+    params: int  # as frozen: min(rank·(in + out), in·out) per matrix, plus the bias
+    dense_params: int
+    error: float  # ‖(W − W_r)·S‖² / ‖W·S‖²: on the calibration inputs where `calibrated`
+    calibrated: bool
+
+
+@dataclass
+class Compression:
+    """What `compress` did: the budget, how it was spent, and anything it could not measure."""
+
+    budget: float
+    allocation: str
+    layers: list[CompressedLayer]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def params(self) -> int:
+        return sum(layer.params for layer in self.layers)
+
+    @property
+    def dense_params(self) -> int:
+        return sum(layer.dense_params for layer in self.layers)
+
+    @property
+    def fraction(self) -> float:
+        """Parameters of the factored layers, as frozen, over what they held dense."""
+        return self.params / self.dense_params
+
+    def __str__(self) -> str:
+        rows = [(c.name, f"{c.rank}/{c.full_rank}", f"{c.params:,}", f"{c.dense_params:,}",
+                 f"{c.error:.4f}", "yes" if c.calibrated else "no") for c in self.layers]
+        head = (f"compressed {len(self.layers)} layer(s) to {self.fraction:.3f} of their dense "
+                f"parameters ({self.params:,} of {self.dense_params:,}; budget {self.budget}, "
+                f"allocation {self.allocation!r})")
+        table = format_table(("layer", "rank", "params", "dense", "error", "calibrated"), rows)
+        return "\n".join([head, table, *self.notes])
+
+
+def compress(
+    model: nn.Module,
+    budget: float,
+    calibration: Iterable | None = None,
+    *,
+    allocation: str = "global",
+    config: InRankConfig | None = None,
+    filter_fn: FilterFn | None = None,
+    example_inputs=None,
+    damping: float = 0.01,
+) -> nn.Module:
+    """A factored copy of a trained `model` whose factored layers hold at most `budget` (a
+    fraction in (0, 1]) of the parameters they held dense, counted as `freeze` ships them.
+
+    `calibration`: example inputs, each a tensor, a tuple of positional arguments or a dict of
+    keyword arguments, as the model is called. With them each layer is truncated where its
+    output changes least on those inputs (whitened by its input Gram matrix, damped by
+    `damping` × its mean diagonal); without them by plain SVD. `allocation`: "global" (ranks
+    where the spectra say rank is cheapest, the default) or "uniform" (one rank fraction for
+    every layer). `config` picks the layers (targets, exclude, min_features, convs, ...) and how
+    the model then trains: `buffer` > 0 lets ranks grow back while fine-tuning (`attach`).
+    A layer is never made bigger than dense. `inrank_fx.summary(model)` and
+    `model._inrank_report.compression` say what was done.
+    """
+    _check_budget(budget)
+    if allocation not in ALLOCATIONS:
+        raise InRankValueError(f"compress: allocation must be one of {ALLOCATIONS}, "
+                               f"got {allocation!r}")
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or damping < 0:
+        raise InRankValueError(f"compress: damping must be a number >= 0, got {damping!r}")
+    config = config if config is not None else InRankConfig(buffer=0)
+    if not isinstance(config, InRankConfig):
+        raise InRankTypeError(f"compress: config must be an InRankConfig, got "
+                              f"{type(config).__name__}")
+    if config.activation is not None:
+        raise InRankValueError("compress keeps each layer the linear map it was; "
+                               f"InRankConfig.activation must be None, got {config.activation!r}")
+    full = replace(config, init="svd", init_rank=1.0, buffer=0, silent_buffer=True)
+    factored = transform(model, full, filter_fn=filter_fn, example_inputs=example_inputs)
+    layers = factored_layers(factored)
+    if not layers:
+        raise InRankValueError(f"compress: nothing in {type(model).__name__} could be factored "
+                               "(see the warning above)")
+    notes: list[str] = []
+    grams = _input_grams(factored, layers, calibration, notes) if calibration is not None else {}
+    spectra = {name: _spectrum(layer, grams.get(name), damping)
+               for name, layer in layers.items()}
+    costs = {name: _Cost.of(layer) for name, layer in layers.items()}
+    chosen = _allocate(spectra, costs, budget, allocation)
+    records = []
+    for name, layer in layers.items():
+        _truncate(layer, chosen[name], grams.get(name), damping)
+        buffer = config.buffer_for(layer.full_rank)
+        if buffer:  # silent columns: the function is unchanged, ranks can grow back
+            layer.grow(min(config.width_for(layer.rank, layer.full_rank), layer.full_rank))
+        layer.mark_reference()
+        records.append(CompressedLayer(name, layer.full_rank, layer.rank,
+                                       costs[name].at(layer.rank), costs[name].dense,
+                                       _kept_error(spectra[name], layer.rank), name in grams))
+    compression = Compression(budget, allocation, records, notes)
+    report = getattr(factored, REPORT_ATTR)
+    report.config = replace(config, init="svd", init_rank=1.0)
+    report.compression = compression
+    for rec in report.factored:
+        inside = [m for n, m in layers.items() if n == rec.name or n.startswith(rec.name + ".")]
+        if inside:
+            rec.rank, rec.width = max(m.rank for m in inside), max(m.width for m in inside)
+    return factored
+
+
+def _check_budget(budget) -> None:
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise InRankTypeError(f"compress: budget must be a fraction in (0, 1], got {budget!r}")
+    if not 0.0 < budget <= 1.0:
+        raise InRankValueError(f"compress: budget is the fraction of the factored layers' dense "
+                               f"parameters to keep and must be in (0, 1], got {budget!r}")
+
+
+# -- what each layer sees ---------------------------------------------------------------------
+
+def _input_grams(model: nn.Module, layers: dict[str, FactoredLayer], calibration,
+                 notes: list[str]) -> dict[str, torch.Tensor]:
+    """Each matrix layer's input Gram matrix XᵀX over every row of the calibration inputs (an
+    im2col row for a convolution), accumulated in float64."""
+    grams: dict[str, torch.Tensor] = {}
+    skipped = {}
+
+    def hook(name, layer):
+        def record(module, args):
+            rows = _rows(layer, args[0])
+            if rows is None:
+                skipped[name] = "its padding is a string"
+                return
+            rows = rows.detach().to(torch.float64)
+            gram = rows.T @ rows
+            grams[name] = grams[name] + gram if name in grams else gram
+        return record
+
+    handles = [layer.register_forward_pre_hook(hook(name, layer))
+               for name, layer in layers.items() if _matrix_layer(layer)]
+    was_training = model.training
+    model.eval()
+    calls = 0
+    try:
+        with torch.no_grad():
+            for example in calibration:
+                args, kwargs = _call_of(example, calls)
+                model(*args, **kwargs)
+                calls += 1
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    if calls == 0:
+        raise InRankValueError("compress: calibration holds no inputs")
+    for name in skipped:
+        grams.pop(name, None)
+    unseen = [n for n, layer in layers.items() if n not in grams]
+    if unseen:
+        why = {n: skipped.get(n, "not called on the calibration inputs" if _matrix_layer(layers[n])
+                              else "an expert stack") for n in unseen}
+        notes.append("truncated by plain SVD (no input statistics): "
+                     + ", ".join(f"{n} ({w})" for n, w in why.items()))
+    return grams
+
+
+def _matrix_layer(layer: FactoredLayer) -> bool:
+    return type(layer) in (InRankLinear, InRankConv2d) and layer.U.dim() == 2
+
+
+def _rows(layer: FactoredLayer, x: torch.Tensor) -> torch.Tensor | None:
+    """The layer's input as rows of its matrix's inputs (im2col patches for a convolution)."""
+    if isinstance(layer, InRankConv2d):
+        if isinstance(layer.padding, str):
+            return None
+        patches = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+        return patches.transpose(1, 2).reshape(-1, layer.in_features)
+    return x.reshape(-1, layer.in_features)
+
+
+def _call_of(example, index: int) -> tuple[tuple, dict]:
+    if torch.is_tensor(example):
+        return (example,), {}
+    if isinstance(example, tuple):
+        return example, {}
+    if isinstance(example, dict):
+        return (), example
+    raise InRankTypeError(f"compress: calibration input {index} is a {type(example).__name__}; "
+                          "expected a tensor, a tuple of positional arguments or a dict of "
+                          "keyword arguments")
+
+
+# -- spectra and truncation ---------------------------------------------------------------------
+
+def _whitening(gram: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, S⁻¹) with S·Sᵀ = XᵀX + λI, λ = damping × its mean diagonal (directions the inputs
+    never take keep a finite weight)."""
+    lam = damping * gram.diagonal().mean().clamp_min(1e-30)
+    values, vectors = torch.linalg.eigh(gram + lam * torch.eye(len(gram), dtype=gram.dtype,
+                                                                device=gram.device))
+    root = values.clamp_min(lam * 1e-6).sqrt()
+    return vectors * root, (vectors / root).T
+
+
+def _matrix(layer: FactoredLayer) -> torch.Tensor:
+    return layer.U.detach().to(torch.float64) @ layer.V.detach().to(torch.float64).T
+
+
+def _spectrum(layer: FactoredLayer, gram: torch.Tensor | None, damping: float) -> torch.Tensor:
+    """Squared singular values, one row per matrix (a stack has one per expert), of W·S."""
+    if layer.U.dim() == 3:
+        return layer.singular_values().to(torch.float64).reshape(layer.U.shape[0], -1) ** 2
+    w = _matrix(layer)
+    if gram is not None:
+        w = w @ _whitening(gram.to(w.device), damping)[0]
+    return torch.linalg.svdvals(w)[None] ** 2
+
+
+@torch.no_grad()
+def _truncate(layer: FactoredLayer, rank: int, gram: torch.Tensor | None, damping: float) -> None:
+    """Set the layer to `rank`: W ≈ (W·S)_r·S⁻¹, split evenly between U and V."""
+    if layer.U.dim() == 3 or gram is None:  # plain SVD: the layer's own truncation
+        layer.truncate(rank)
+        layer.rank = rank
+        return
+    w = _matrix(layer)
+    s, s_inv = _whitening(gram.to(w.device), damping)
+    p, sigma, rt = torch.linalg.svd(w @ s, full_matrices=False)
+    root = sigma[:rank].sqrt()
+    u = p[:, :rank] * root
+    v = (rt[:rank] * root[:, None] @ s_inv).T
+    dtype = layer.U.dtype
+    layer.U = nn.Parameter(u.to(dtype))
+    layer.V = nn.Parameter(v.to(dtype).contiguous())
+    layer.rank = rank
+
+
+def _kept_error(power: torch.Tensor, rank: int) -> float:
+    """The share of ‖W·S‖² the truncation to `rank` leaves out."""
+    total = power.sum()
+    return float(power[:, rank:].sum() / total) if total > 0 else 0.0
+
+
+# -- the allocation -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Cost:
+    """Parameters of a layer as frozen: `per_rank` for each component, `fixed` (bias) always,
+    `dense` for the dense layer; `ceiling` the largest rank that is not bigger than dense."""
+
+    per_rank: int
+    fixed: int
+    dense: int
+    full_rank: int
+    ceiling: int
+
+    @classmethod
+    def of(cls, layer: FactoredLayer) -> "_Cost":
+        experts = layer.U.shape[0] if layer.U.dim() == 3 else 1
+        n_in, n_out = layer.in_features, layer.out_features
+        bias = layer.bias.numel() if getattr(layer, "bias", None) is not None else 0
+        ceiling = max(1, min(layer.full_rank, (n_in * n_out) // (n_in + n_out)))
+        return cls(experts * (n_in + n_out), bias, experts * n_in * n_out + bias, layer.full_rank,
+                   ceiling)
+
+    def at(self, rank: int) -> int:
+        return min(rank * self.per_rank, self.dense - self.fixed) + self.fixed
+
+
+def _allocate(spectra: dict[str, torch.Tensor], costs: dict[str, _Cost], budget: float,
+              allocation: str) -> dict[str, int]:
+    """Ranks for every layer whose parameters as frozen sum to at most `budget` of dense."""
+    allowed = budget * sum(c.dense for c in costs.values())
+    least = sum(c.at(1) for c in costs.values())
+    if least > allowed:
+        dense = sum(c.dense for c in costs.values())
+        raise InRankValueError(f"compress: budget {budget} is below what rank 1 in every factored "
+                               f"layer holds ({least / dense:.4f} of their dense parameters)")
+    if allocation == "uniform":
+        return _uniform(costs, allowed)
+    return _greedy(spectra, costs, allowed)
+
+
+def _greedy(spectra: dict[str, torch.Tensor], costs: dict[str, _Cost],
+            allowed: float) -> dict[str, int]:
+    """From rank 1 everywhere, add the component that removes the largest share of its layer's
+    error per parameter while it fits. Each layer's gains fall with the rank, so taking them in
+    that order keeps every layer's components a prefix."""
+    ranks = dict.fromkeys(spectra, 1)
+    spent = sum(c.at(1) for c in costs.values())
+    items = []
+    for name, power in spectra.items():
+        gains = power.sum(0) / power.sum().clamp_min(1e-300)  # each component's share of ‖W·S‖²
+        for k in range(1, costs[name].ceiling):
+            items.append((float(gains[k]) / costs[name].per_rank, name, k))
+    items.sort(key=lambda item: (-item[0], item[1], item[2]))
+    for _, name, k in items:
+        cost = costs[name].per_rank
+        if ranks[name] == k and spent + cost <= allowed:
+            ranks[name] = k + 1
+            spent += cost
+    return ranks
+
+
+def _uniform(costs: dict[str, _Cost], allowed: float) -> dict[str, int]:
+    """The largest single fraction of full rank (rounded down per layer, at least 1, at most
+    the ceiling) whose ranks fit."""
+
+    def ranks_at(fraction: float) -> dict[str, int]:
+        return {name: min(c.ceiling, max(1, math.floor(fraction * c.full_rank + 1e-9)))
+                for name, c in costs.items()}
+
+    fractions = sorted({k / c.full_rank for c in costs.values()
+                        for k in range(1, c.ceiling + 1)})
+    best = ranks_at(fractions[0])
+    low, high = 0, len(fractions) - 1
+    while low <= high:  # the cost only grows with the fraction: bisect
+        middle = (low + high) // 2
+        candidate = ranks_at(fractions[middle])
+        if sum(costs[n].at(r) for n, r in candidate.items()) <= allowed:
+            best, low = candidate, middle + 1
+        else:
+            high = middle - 1
+    return best
