@@ -1,0 +1,43 @@
+"""benchmarks/bench_slim.py: slim models against the dense-width frontier, end to end (quick)."""
+import json
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def bench(load_example):
+    return load_example("bench_slim", "benchmarks")
+
+
+def test_quick_protocol_compares_every_method_with_the_frontier_at_equal_parameters(
+        bench, tmp_path, capsys):
+    path = tmp_path / "slim.json"
+    result = bench.main(["--quick", "--json", str(path), "--plot", str(tmp_path / "slim.png")])
+    methods = {r["method"] for r in result["slim"]}
+    assert methods == set(bench.METHODS)
+    # every method at uniform's parameter count, within the budget
+    fractions = {round(r["fraction"], 3) for r in result["slim"]}
+    assert len(fractions) == 1 and fractions.pop() <= bench.QUICK.budget
+    assert len({r["params"] for r in result["slim"]}) <= 2  # equal up to the ranks' rounding
+    for r in result["slim"]:
+        assert r["val"] < 6 and r["before"] < 6 and r["params"] < result["teachers"][0]["params"]
+    out = capsys.readouterr().out
+    assert "vs narrower dense" in out and "dense 32 from scratch" in out
+    assert (tmp_path / "slim.png").read_bytes()[:4] == b"\x89PNG"
+    # the runs are kept and read back: a second call trains nothing
+    saved = json.loads(path.read_text())
+    assert len(saved["runs"]) >= 4 + len(bench.QUICK.widths)
+    logged = []
+    slim = bench.QUICK
+    again = bench.run(slim, [0], bench.Bench(slim, None, str(path), log=logged.append))
+    assert again["slim"] == result["slim"] and logged == [f"resuming: {len(saved['runs'])} runs "
+                                                          f"read from {path}"]
+
+
+def test_the_gap_is_read_from_the_frontier_of_the_same_seed(bench):
+    result = {"frontier": [{"seed": 0, "params": 100, "val": 2.0},
+                           {"seed": 0, "params": 400, "val": 1.0},
+                           {"seed": 1, "params": 100, "val": 9.0}]}
+    assert bench.frontier_at(result, 0, 200) == pytest.approx(1.5)
+    assert bench._gap(result, {"seed": 0, "params": 200, "val": 1.4}) == pytest.approx(-0.1)
+    assert bench._gap(result, {"seed": 0, "params": 800, "val": 1.4}) is None  # outside
