@@ -17,7 +17,13 @@ AdamW, warm-up + cosine, clipping, the stdlib corpus):
     uniform-svd   one rank fraction for every layer, plain SVD (AIMET-style)
     uniform-act   the same ranks, each layer truncated on its calibration inputs (whitened)
     global-svd    ranks allocated from the spectra (`compress`, no calibration)
-    global-act    `compress(model, budget, calibration)`: allocated and whitened
+    global-act    `compress(model, budget, calibration)`: allocated from the weights' spectra,
+                  each layer truncated on its calibration inputs (whitened)
+    global-act-outputs  the same, allocated from the whitened spectra (the outputs')
+    prune-width   structured width pruning, what users pick instead (Torch-Pruning's magnitude
+                  criterion): in every block keep the heads and MLP hidden units whose weights
+                  (q, k, v rows and output columns; input row and output column) have the
+                  largest L2 norm; a narrower dense model cut from the trained one
   Every method gets uniform's parameter count (the budget that uniform's one fraction reaches),
   so that they are compared at equal shipped parameters; calibration is 16 training batches.
 Prints the sweeps and the table: validation loss before and after the fine-tune per seed, shipped
@@ -39,6 +45,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import inrank_fx
 from inrank_fx.demo.corpus import batches, split, stdlib_corpus
@@ -64,12 +72,77 @@ class Slim:
 QUICK = Slim(protocol=QUICK_PROTOCOL, finetune_steps=10, widths=(32, 48), dense_lrs=(4e-3,),
              finetune_lrs=(1e-3,), calibration_batches=2)
 
-METHODS = {  # name → (allocation, calibrated)
-    "uniform-svd": ("uniform", False),
-    "uniform-act": ("uniform", True),
-    "global-svd": ("global", False),
-    "global-act": ("global", True),
+METHODS = {  # name → (allocation, calibrated, allocate_on); prune-width is not a factorisation
+    "uniform-svd": ("uniform", False, "weights"),
+    "uniform-act": ("uniform", True, "weights"),
+    "global-svd": ("global", False, "weights"),
+    "global-act": ("global", True, "weights"),
+    "global-act-outputs": ("global", True, "outputs"),
+    "prune-width": (None, False, None),
 }
+
+
+# -- structured width pruning (the peer): heads and MLP hidden units by L2 norm ----------------
+
+class PrunedAttention(nn.Module):
+    """Causal self-attention over the heads that were kept (head size unchanged)."""
+
+    def __init__(self, c_attn: nn.Linear, c_proj: nn.Linear, n_head: int, head_dim: int):
+        super().__init__()
+        self.c_attn, self.c_proj, self.n_head, self.head_dim = c_attn, c_proj, n_head, head_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.size()
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+                   for t in self.c_attn(x).split(self.n_head * self.head_dim, dim=2))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def _kept_linear(layer: nn.Linear, rows=None, cols=None) -> nn.Linear:
+    w = layer.weight.detach()
+    w = w[rows] if rows is not None else w
+    w = w[:, cols] if cols is not None else w
+    out = nn.Linear(w.shape[1], w.shape[0], bias=layer.bias is not None)
+    with torch.no_grad():
+        out.weight.copy_(w)
+        if layer.bias is not None:
+            out.bias.copy_(layer.bias.detach()[rows] if rows is not None else layer.bias.detach())
+    return out
+
+
+def prune_width(teacher, fraction: float):
+    """A copy of the GPT whose blocks keep round(fraction × heads) heads and as many MLP hidden
+    units as brings the blocks' linear layers to `fraction` of their parameters, each chosen by
+    the L2 norm of the weights it owns."""
+    import copy
+
+    model = copy.deepcopy(teacher)
+    for block in model.transformer.h:
+        attn, mlp = block.attn, block.mlp
+        c = attn.n_embd
+        dim = c // attn.n_head
+        dense = sum(p.numel() for m in (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj)
+                    for p in m.parameters())
+        heads = max(1, round(fraction * attn.n_head))
+        w = attn.c_attn.weight.detach().view(3, attn.n_head, dim, c)
+        score = w.pow(2).sum((0, 2, 3)) + attn.c_proj.weight.detach().view(
+            c, attn.n_head, dim).pow(2).sum((0, 2))
+        keep = score.topk(heads).indices.sort().values
+        rows = torch.cat([(part * attn.n_head + h) * dim + torch.arange(dim)
+                          for part in range(3) for h in keep])
+        cols = torch.cat([h * dim + torch.arange(dim) for h in keep])
+        block.attn = PrunedAttention(_kept_linear(attn.c_attn, rows=rows),
+                                     _kept_linear(attn.c_proj, cols=cols), heads, dim)
+        attn_params = sum(p.numel() for p in block.attn.parameters())
+        per_unit = 2 * c + 1  # a c_fc row and its bias, a c_proj column
+        units = max(1, int((fraction * dense - attn_params - c) // per_unit))
+        score = mlp.c_fc.weight.detach().pow(2).sum(1) + mlp.c_fc.bias.detach().pow(2) \
+            + mlp.c_proj.weight.detach().pow(2).sum(0)
+        keep = score.topk(units).indices.sort().values
+        mlp.c_fc = _kept_linear(mlp.c_fc, rows=keep)
+        mlp.c_proj = _kept_linear(mlp.c_proj, cols=keep)
+    return model
 
 
 # -- training -----------------------------------------------------------------------------------
@@ -167,7 +240,9 @@ class Bench:
     # -- slim models --------------------------------------------------------------------------
 
     def slim_model(self, method: str, teacher_lr: float, seed: int, budget: float):
-        allocation, calibrated = METHODS[method]
+        allocation, calibrated, allocate_on = METHODS[method]
+        if method == "prune-width":
+            return prune_width(self.teacher(teacher_lr, seed), budget)
         protocol = self.slim.protocol
         calibration = None
         if calibrated:
@@ -175,7 +250,7 @@ class Bench:
                              torch.Generator().manual_seed(20_000 + seed))
             calibration = [next(stream)[0] for _ in range(self.slim.calibration_batches)]
         return inrank_fx.compress(self.teacher(teacher_lr, seed), budget, calibration,
-                                  allocation=allocation)
+                                  allocation=allocation, allocate_on=allocate_on)
 
     def finetuned(self, method: str, teacher_lr: float, lr: float, seed: int,
                   budget: float) -> dict:
@@ -183,14 +258,15 @@ class Bench:
             protocol = self.slim.protocol
             model = self.slim_model(method, teacher_lr, seed, budget)
             before = val_loss(model, seed, protocol, self.data[1])
-            compression = model._inrank_report.compression
             teacher_flops = self.runs[f"dense w{protocol.gpt.n_embd} lr{teacher_lr:g} s{seed} "
                                       f"n{protocol.steps}"]["flops"]
             flops = teacher_flops + self.slim.finetune_steps * _step_flops(model, self.slim)
             train(model, lr, self.slim.finetune_steps, 30_000 + seed, protocol, self.data[0])
-            shipped = inrank_fx.freeze(model)
+            factored = hasattr(model, "_inrank_report")
+            shipped = inrank_fx.freeze(model) if factored else model
             return {"val": val_loss(shipped, seed, protocol, self.data[1]), "before": before,
-                    "params": params(shipped), "fraction": compression.fraction,
+                    "params": params(shipped),
+                    "fraction": model._inrank_report.compression.fraction if factored else None,
                     "ranks": inrank_fx.ranks(model), "flops": flops}
         return self._cached(f"{method} b{budget:.4f} lr{lr:g} s{seed}", compute)
 
@@ -259,7 +335,7 @@ def report(result: dict) -> str:
         lines.append(f"  {name:<12} {cells}")
     base = statistics.mean(r["params"] for r in teachers.values())
     base_flops = statistics.mean(r["flops"] for r in teachers.values())
-    header = (f"{'model':<22} {'params':>6} {'FLOPs':>6} {'before':>7} "
+    header = (f"{'model':<30} {'params':>6} {'FLOPs':>6} {'before':>7} "
               + " ".join(f"{'seed ' + str(s):>7}" for s in seeds)
               + f" {'mean':>7} {'vs narrower dense':>18}")
     lines += ["", header, "-" * len(header)]
@@ -267,7 +343,7 @@ def report(result: dict) -> str:
     def row(name, rs, gaps=None, before=None):
         vals = [r["val"] for r in rs]
         gap = "" if gaps is None else " ".join("out" if g is None else f"{g:+.3f}" for g in gaps)
-        lines.append(f"{name:<22} {statistics.mean(r['params'] for r in rs) / base:>6.3f} "
+        lines.append(f"{name:<30} {statistics.mean(r['params'] for r in rs) / base:>6.3f} "
                      f"{statistics.mean(r['flops'] for r in rs) / base_flops:>6.3f} "
                      f"{before if before is not None else '':>7} "
                      + " ".join(f"{v:>7.4f}" for v in vals)
@@ -316,7 +392,8 @@ def plot(result: dict, path: str) -> None:
             rs = [r for r in result["slim"] if r["method"] == method]
             if rs:
                 ax.plot([statistics.mean(r[key] for r in rs)],
-                        [statistics.mean(r["val"] for r in rs)], "*", ms=11,
+                        [statistics.mean(r["val"] for r in rs)],
+                        "P" if method == "prune-width" else "*", ms=11,
                         label=f"{method} + fine-tune")
         ax.set_xscale("log")
         ax.set_xlabel(f"{label} (log)")

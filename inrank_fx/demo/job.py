@@ -8,10 +8,14 @@
    the InRank rule on optimizer steps and, once they have settled, frozen (the buffer dropped)
    for the rest of the run.
 2. Compare validation loss / perplexity, parameters, final ranks, wall-clock and tokens/s.
-3. Freeze the InRank model, export it to ONNX and verify it in ONNX Runtime.
+   Then what ships smaller: the trained dense model compressed to a budget
+   (`inrank_fx.compress`, calibrated on training batches) and fine-tuned, against a narrower
+   dense model of at least its size trained from scratch for as many steps in all.
+3. Freeze the InRank model and the compressed one, export both to ONNX and verify them in ONNX
+   Runtime.
 4. Compare inference of the two models on every available backend (inrank_fx.bench).
-5. Write the report folder: results.json, ranks.csv, summary.txt, model.onnx, dense.pt (the
-   trained dense model, for `inrank-fx compress`) and PNG plots of the loss curves, the rank trajectories and the inference comparison. Everything is written to a
+5. Write the report folder: results.json, ranks.csv, summary.txt, model.onnx, slim.onnx,
+   dense.pt (the trained dense model, for `inrank-fx compress`) and PNG plots of the loss curves, the rank trajectories and the inference comparison. Everything is written to a
    temp folder first and renamed into place at the end, so an interruption leaves no half report.
 """
 from __future__ import annotations
@@ -34,6 +38,7 @@ from inrank_fx._table import format_table
 from inrank_fx._timing import median_ratio_interval, ratio_flags
 from inrank_fx.demo.corpus import batches, file_corpus, split, stdlib_corpus
 from inrank_fx.demo.gpt import GPT, GPTConfig, lm_loss, save_checkpoint
+from inrank_fx.demo.slim import text_calibration
 from inrank_fx.demo.training import evaluate, recipe_optimizer, train_steps, warmup_cosine
 from inrank_fx.export import to_onnx
 from inrank_fx.tools import bench
@@ -58,6 +63,14 @@ class DemoSettings:
     corpus_bytes: int
     clip_norm: float = 1.0
     weight_decay: float = 0.1
+    # What ships smaller: the trained dense model compressed to `budget` (its factored layers'
+    # share of their dense parameters) and fine-tuned `finetune_steps` at `finetune_lr`, against
+    # a narrower dense model of at least its size trained from scratch for as many steps in all
+    # at `narrow_lr` (benchmarks/bench_slim.py's sweeps; docs/SLIM.md).
+    budget: float = 0.4
+    finetune_steps: int = 300
+    finetune_lr: float = 3e-4
+    narrow_lr: float = 8e-3
 
 
 # Peak learning rates: each arm's own sweep. DEFAULT: `python benchmarks/bench_convergence.py`
@@ -71,7 +84,7 @@ DEFAULT = DemoSettings(
 QUICK = DemoSettings(
     gpt=GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=64),
     batch_size=8, steps=200, warmup=10, stop_after="settled", check_every=10, eval_every=50,
-    eval_batches=6, dense_lr=2e-3, inrank_lr=8e-3, corpus_bytes=600_000,
+    eval_batches=6, dense_lr=2e-3, inrank_lr=8e-3, corpus_bytes=600_000, finetune_steps=30,
 )
 
 
@@ -85,7 +98,8 @@ def settings_for(quick: bool = False, steps: int | None = None) -> DemoSettings:
             stop = min(stop, max(1, steps // 2))
         chosen = replace(chosen, steps=steps, stop_after=stop,
                          warmup=min(chosen.warmup, steps // 10),
-                         eval_every=min(chosen.eval_every, steps))
+                         eval_every=min(chosen.eval_every, steps),
+                         finetune_steps=max(1, round(0.15 * steps)))
     return chosen
 
 
@@ -143,12 +157,15 @@ def _run(tmp, out, train_ids, val_ids, source, device, s: DemoSettings, seed, co
 
     dense, inrank = runs["dense"], runs["inrank"]
     save_checkpoint(dense["model"], tmp / "dense.pt")  # for `inrank-fx compress --model`
+    runs["slim"], runs["narrow"] = _slim_and_narrow(dense["model"], train_ids, val_ids, device, s,
+                                                    seed, compile, progress)
     controller.to_csv(tmp / "ranks.csv")
     summary_text = str(inrank_fx.summary(inrank["model"]))
 
     example = (torch.randint(0, s.gpt.vocab_size, (1, s.gpt.block_size), device=device),)
     onnx_report = to_onnx(inrank["model"], example, tmp / "model.onnx")
     log(f"\nONNX export of the InRank model:\n{str(onnx_report).replace(str(tmp), str(out))}")
+    slim_onnx = to_onnx(runs["slim"]["model"], example, tmp / "slim.onnx")
 
     bench_inputs = (torch.randint(0, s.gpt.vocab_size, (8, s.gpt.block_size), device=device),)
     comparison = bench.compare(dense["model"], inrank["model"], bench_inputs, backends=backends,
@@ -173,6 +190,10 @@ def _run(tmp, out, train_ids, val_ids, source, device, s: DemoSettings, seed, co
             "params": inrank["params"] / dense["params"],
             "step_flops": inrank["step_flops"] / dense["step_flops"],  # at the final ranks
         },
+        "slim": {**_public(runs["slim"]), "final_ranks": inrank_fx.ranks(runs["slim"]["model"]),
+                 "onnx": {"file": "slim.onnx", "file_bytes": slim_onnx.file_bytes,
+                          "max_rel_error": slim_onnx.max_rel_error}},
+        "narrow": _public(runs["narrow"]),
         "onnx": {"file": "model.onnx", "file_bytes": onnx_report.file_bytes,
                  "parameters": onnx_report.parameters, "max_rel_error": onnx_report.max_rel_error,
                  "providers": onnx_report.providers, "batch_sizes": onnx_report.batch_sizes},
@@ -182,7 +203,7 @@ def _run(tmp, out, train_ids, val_ids, source, device, s: DemoSettings, seed, co
     ratios["flags"] = ratio_flags(1 / ratios["steady_step_seconds"],
                                   _inverted(ratios["steady_step_interval"]),
                                   ideal=1 / ratios["step_flops"])
-    table = comparison_table(results)
+    table = comparison_table(results) + "\n\n" + slim_table(results)
     text = "\n\n".join([table, summary_text, comparison.table()])
     (tmp / "summary.txt").write_text(text + "\n")
     (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -246,6 +267,68 @@ def _train(name, model, opt, train_ids, val_ids, device, s: DemoSettings, seed, 
     }
 
 
+def _slim_and_narrow(dense_model, train_ids, val_ids, device, s: DemoSettings, seed, compile,
+                     progress) -> tuple[dict, dict]:
+    """The trained dense model compressed to the budget (calibrated on training batches) and
+    fine-tuned, and a dense model of at least its shipped size trained from scratch for the
+    dense model's steps plus the fine-tune's."""
+    calibration = [x.to(device) for x in text_calibration(train_ids, s.gpt.block_size, seed=seed)]
+    model = inrank_fx.compress(dense_model, s.budget, calibration)
+    before = evaluate(model, val_ids, s.gpt.block_size, seed + 1, s.eval_batches,
+                      batch=s.batch_size)
+    tune = replace(s, steps=s.finetune_steps, warmup=max(1, s.finetune_steps // 20),
+                   eval_every=s.finetune_steps)
+    opt = recipe_optimizer(model.parameters(), s.finetune_lr, s.weight_decay)
+    slim = _train("slim", model, opt, train_ids, val_ids, device, tune, seed, compile, progress)
+    slim.update(model=model, before_fine_tune=before, budget=s.budget,
+                fraction=model._inrank_report.compression.fraction,
+                params=sum(p.numel() for p in inrank_fx.freeze(model).parameters()))
+    width = narrow_width(s.gpt, slim["params"])
+    total = s.steps + s.finetune_steps
+    wide = replace(s, gpt=replace(s.gpt, n_embd=width), steps=total,
+                   warmup=round(s.warmup * total / s.steps))
+    torch.manual_seed(seed)
+    model = GPT(wide.gpt).to(device)
+    opt = recipe_optimizer(model.parameters(), s.narrow_lr, s.weight_decay)
+    narrow = _train("narrow", model, opt, train_ids, val_ids, device, wide, seed, compile,
+                    progress)
+    narrow.update(width=width, lr=s.narrow_lr, steps=total)
+    return slim, narrow
+
+
+def narrow_width(gpt: GPTConfig, params: int) -> int:
+    """The narrowest width (a multiple of the head count) whose GPT holds at least `params`."""
+    width = gpt.n_head
+    while sum(p.numel() for p in GPT(replace(gpt, n_embd=width)).parameters()) < params:
+        width += gpt.n_head
+    return width
+
+
+def slim_table(results: dict) -> str:
+    """What ships smaller: the compressed dense model against a dense model of its size."""
+    dense, inrank, slim, narrow = (results[k] for k in ("dense", "inrank", "slim", "narrow"))
+    settings = results["settings"]
+    base = dense["params"]
+    rows = [
+        ("dense (above)", f"{dense['params']:,}", "1.000", f"{dense['val_loss']:.4f}",
+         f"{settings['steps']}"),
+        ("InRank from rank 2 (above)", f"{inrank['params']:,}", f"{inrank['params'] / base:.3f}",
+         f"{inrank['val_loss']:.4f}", f"{settings['steps']}"),
+        (f"dense, width {narrow['width']}, from scratch", f"{narrow['params']:,}",
+         f"{narrow['params'] / base:.3f}", f"{narrow['val_loss']:.4f}", f"{narrow['steps']}"),
+        (f"dense compressed to {slim['budget']:g} + fine-tune", f"{slim['params']:,}",
+         f"{slim['params'] / base:.3f}", f"{slim['val_loss']:.4f}",
+         f"{settings['steps']} + {settings['finetune_steps']}"),
+    ]
+    gap = slim["val_loss"] - narrow["val_loss"]
+    notes = [f"the compressed model, {slim['before_fine_tune']:.4f} right after compress(), is "
+             f"{abs(gap):.4f} nats {'below' if gap < 0 else 'ABOVE'} the dense model of at "
+             f"least its size trained from scratch (lr {narrow['lr']:g}); compress + fine-tune "
+             f"at lr {settings['finetune_lr']:g}, ranks fixed; it ships as slim.onnx"]
+    return "\n".join([format_table(("what ships", "parameters", "/ dense", "val loss", "steps"),
+                                    rows), *notes])
+
+
 def _public(run: dict) -> dict:
     return {k: v for k, v in run.items() if k != "model"}
 
@@ -287,16 +370,21 @@ def _plot_losses(runs: dict, path: Path) -> None:
 
     fig = Figure(figsize=(6.4, 3.8))
     ax = fig.subplots()
-    for name, color in (("dense", "#8a8a8a"), ("inrank", "#2a7ab9")):
+    colours = {"dense": "#8a8a8a", "inrank": "#2a7ab9", "narrow": "#d98c1f", "slim": "#2a9a4a"}
+    for name in [n for n in colours if n in runs]:
+        offset = len(runs["dense"]["train_losses"]) if name == "slim" else 0  # after dense
         losses = runs[name]["train_losses"]
         window = max(1, len(losses) // 30)
         smooth = [statistics.mean(losses[max(0, i - window + 1): i + 1]) for i in range(len(losses))]
-        ax.plot(range(1, len(losses) + 1), smooth, color=color, lw=1.2, label=f"{name} train")
+        ax.plot(range(offset + 1, offset + len(losses) + 1), smooth, color=colours[name], lw=1.2,
+                label=f"{name} train")
         steps, vals = zip(*runs[name]["val_curve"])
-        ax.plot(steps, vals, "o--", color=color, ms=4, label=f"{name} validation")
+        ax.plot([offset + step for step in steps], vals, "o--", color=colours[name], ms=4,
+                label=f"{name} validation")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats / byte)")
-    ax.set_title("demo GPT: dense vs InRank, each at its tuned learning rate")
+    ax.set_title("demo GPT, each at its tuned learning rate (slim: dense compressed, fine-tuned)",
+                 fontsize=9)
     ax.legend(frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -28,10 +28,11 @@ from inrank_fx.export import to_onnx
 
 @dataclass(frozen=True)
 class FineTune:
-    """The fine-tune after compression (benchmarks/bench_slim.py measured it)."""
+    """The fine-tune after compression: 15% of the demo's training steps at a tenth of its peak
+    learning rate, ranks fixed (benchmarks/bench_slim.py's sweep chose it; docs/SLIM.md)."""
 
     steps: int = 300
-    lr: float = 1e-3
+    lr: float = 3e-4
     batch: int = 16
     warmup_fraction: float = 0.05
     clip_norm: float = 1.0

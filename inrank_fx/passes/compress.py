@@ -34,6 +34,9 @@ from ..nn.modules import factored_layers
 from .transform import FilterFn, transform
 
 ALLOCATIONS = ("global", "uniform")
+# Which spectra the global allocation reads: the weights' (W) or the outputs' on the calibration
+# inputs (W·S). docs/SLIM.md has the measurements behind the default.
+ALLOCATE_ON = ("weights", "outputs")
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,7 @@ class Compression:
 
     budget: float
     allocation: str
+    allocate_on: str  # the spectra a global allocation read: "weights" or "outputs"
     layers: list[CompressedLayer]
     notes: list[str] = field(default_factory=list)
 
@@ -76,7 +80,8 @@ class Compression:
                  f"{c.error:.4f}", "yes" if c.calibrated else "no") for c in self.layers]
         head = (f"compressed {len(self.layers)} layer(s) to {self.fraction:.3f} of their dense "
                 f"parameters ({self.params:,} of {self.dense_params:,}; budget {self.budget}, "
-                f"allocation {self.allocation!r})")
+                f"allocation {self.allocation!r}"
+                + (f" on the {self.allocate_on}' spectra)" if self.allocation == "global" else ")"))
         table = format_table(("layer", "rank", "params", "dense", "error", "calibrated"), rows)
         return "\n".join([head, table, *self.notes])
 
@@ -87,6 +92,7 @@ def compress(
     calibration: Iterable | None = None,
     *,
     allocation: str = "global",
+    allocate_on: str = "weights",
     config: InRankConfig | None = None,
     filter_fn: FilterFn | None = None,
     example_inputs=None,
@@ -100,7 +106,9 @@ def compress(
     output changes least on those inputs (whitened by its input Gram matrix, damped by
     `damping` × its mean diagonal); without them by plain SVD. `allocation`: "global" (ranks
     where the spectra say rank is cheapest, the default) or "uniform" (one rank fraction for
-    every layer). `config` picks the layers (targets, exclude, min_features, convs, ...) and how
+    every layer). `allocate_on`: the spectra the global allocation compares, "weights" (W: the
+    default, measured better after fine-tuning) or "outputs" (W·S on the calibration inputs);
+    the truncation itself uses the calibration either way. `config` picks the layers (targets, exclude, min_features, convs, ...) and how
     the model then trains: `buffer` > 0 lets ranks grow back while fine-tuning (`attach`).
     A layer is never made bigger than dense. `inrank_fx.summary(model)` and
     `model._inrank_report.compression` say what was done.
@@ -109,6 +117,9 @@ def compress(
     if allocation not in ALLOCATIONS:
         raise InRankValueError(f"compress: allocation must be one of {ALLOCATIONS}, "
                                f"got {allocation!r}")
+    if allocate_on not in ALLOCATE_ON:
+        raise InRankValueError(f"compress: allocate_on must be one of {ALLOCATE_ON}, "
+                               f"got {allocate_on!r}")
     if isinstance(damping, bool) or not isinstance(damping, (int, float)) or damping < 0:
         raise InRankValueError(f"compress: damping must be a number >= 0, got {damping!r}")
     config = config if config is not None else InRankConfig(buffer=0)
@@ -128,8 +139,10 @@ def compress(
     grams = _input_grams(factored, layers, calibration, notes) if calibration is not None else {}
     spectra = {name: _spectrum(layer, grams.get(name), damping)
                for name, layer in layers.items()}
+    weights = spectra if not grams or allocate_on == "outputs" else \
+        {name: _spectrum(layer, None, damping) for name, layer in layers.items()}
     costs = {name: _Cost.of(layer) for name, layer in layers.items()}
-    chosen = _allocate(spectra, costs, budget, allocation)
+    chosen = _allocate(weights, costs, budget, allocation)
     records = []
     for name, layer in layers.items():
         _truncate(layer, chosen[name], grams.get(name), damping)
@@ -140,7 +153,8 @@ def compress(
         records.append(CompressedLayer(name, layer.full_rank, layer.rank,
                                        costs[name].at(layer.rank), costs[name].dense,
                                        _kept_error(spectra[name], layer.rank), name in grams))
-    compression = Compression(budget, allocation, records, notes)
+    compression = Compression(budget, allocation, allocate_on if grams else "weights", records,
+                              notes)
     report = getattr(factored, REPORT_ATTR)
     report.config = replace(config, init="svd", init_rank=1.0)
     report.compression = compression
@@ -170,9 +184,9 @@ def _input_grams(model: nn.Module, layers: dict[str, FactoredLayer], calibration
 
     def hook(name, layer):
         def record(module, args):
-            rows = _rows(layer, args[0])
+            rows = _rows(layer, args[0]) if args else None
             if rows is None:
-                skipped[name] = "its padding is a string"
+                skipped[name] = "its padding is a string" if args else "called with keywords"
                 return
             rows = rows.detach().to(torch.float64)
             gram = rows.T @ rows

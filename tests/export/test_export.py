@@ -145,7 +145,7 @@ def test_vit_b_16_to_onnx(tmp_path):
     assert_two_matmuls_per_layer(tmp_path / "vit.onnx", freeze(out))
 
 
-def test_bad_destinations_leave_nothing(tmp_path):
+def test_bad_destinations_leave_nothing(tmp_path, monkeypatch):
     model = transform(nn.Sequential(nn.Linear(32, 32)), InRankConfig(init_rank=4))
     x = torch.randn(2, 32)
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -155,8 +155,14 @@ def test_bad_destinations_leave_nothing(tmp_path):
         to_onnx(model, (x,), tmp_path / "afile" / "m.onnx")
     with pytest.raises(TypeError, match="example_inputs"):
         to_onnx(model, ("not a tensor",), tmp_path / "m.onnx")
-    with pytest.raises(ExportParityError, match="max relative error .* exceeds rtol=0"):
-        to_onnx(model, (x,), tmp_path / "m.onnx", rtol=0.0)
+    # a file whose outputs differ (ONNX Runtime may match torch bit for bit, so say they differ)
+    import onnxruntime
+
+    run = onnxruntime.InferenceSession.run
+    monkeypatch.setattr(onnxruntime.InferenceSession, "run",
+                        lambda self, *a, **k: [out + 1.0 for out in run(self, *a, **k)])
+    with pytest.raises(ExportParityError, match="max relative error .* exceeds rtol=0.0001"):
+        to_onnx(model, (x,), tmp_path / "m.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 

@@ -148,6 +148,10 @@ def test_compress_is_better_than_plain_svd_on_a_trained_model(trained_gpt):
         uniform = compress(model, 0.3, allocation="uniform").loss(x, y).item()
         aware = compress(model, 0.3, calibration).loss(x, y).item()
     assert dense < aware < uniform
+    # the allocation reads the weights' spectra by default, the outputs' when asked
+    on_outputs = compress(model, 0.3, calibration, allocate_on="outputs")
+    assert ranks(on_outputs) != ranks(compress(model, 0.3, calibration))
+    assert "on the outputs' spectra" in str(on_outputs._inrank_report.compression)
 
 
 def test_stacks_and_convolutions_are_compressed_too():
@@ -178,6 +182,7 @@ def test_stacks_and_convolutions_are_compressed_too():
     (dict(budget="0.4"), "budget must be a fraction"),
     (dict(budget=0.001), "budget 0.001 is below what rank 1 in every factored layer holds"),
     (dict(budget=0.4, allocation="even"), "allocation must be one of"),
+    (dict(budget=0.4, allocate_on="inputs"), "allocate_on must be one of"),
     (dict(budget=0.4, calibration=[]), "calibration holds no inputs"),
     (dict(budget=0.4, calibration=[[1, 2]]), "calibration input 0 is a list"),
     (dict(budget=0.4, config=InRankConfig(activation="silu")), "activation must be None"),

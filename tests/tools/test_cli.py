@@ -17,10 +17,10 @@ pytest.importorskip("onnxruntime")
 TINY = job.DemoSettings(
     gpt=GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32), batch_size=4, steps=12,
     warmup=2, stop_after=6, check_every=3, eval_every=6, eval_batches=2, dense_lr=3e-3,
-    inrank_lr=3e-3, corpus_bytes=100_000,
+    inrank_lr=3e-3, corpus_bytes=100_000, finetune_steps=3,
 )
 REPORT_FILES = {"results.json", "ranks.csv", "summary.txt", "model.onnx", "loss_curves.png",
-                "rank_trajectories.png", "inference.png", "dense.pt"}
+                "rank_trajectories.png", "inference.png", "dense.pt", "slim.onnx"}
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +39,12 @@ def test_demo_writes_the_report(demo_report):
     for key in ("val_loss", "val_ppl", "params", "train_seconds", "tokens_per_second", "val_curve"):
         assert key in saved["dense"] and key in saved["inrank"]
     assert saved["inrank"]["params"] < saved["dense"]["params"]
+    # what ships smaller: compressed to the budget, against a dense model of at least its size
+    slim, narrow = saved["slim"], saved["narrow"]
+    assert slim["fraction"] <= 0.4 and slim["params"] < saved["dense"]["params"]
+    assert narrow["params"] >= slim["params"] and narrow["steps"] == TINY.steps + 3
+    assert narrow["width"] < TINY.gpt.n_embd and slim["onnx"]["max_rel_error"] <= 1e-4
+    assert "dense compressed to 0.4 + fine-tune" in (out / "summary.txt").read_text()
     assert set(saved["inrank"]["final_ranks"]) == {"transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj",
                                                    "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"}
     assert saved["onnx"]["batch_sizes"] == [1, 3] and saved["onnx"]["max_rel_error"] <= 1e-4
@@ -170,6 +176,8 @@ def test_demo_quick_console_script(tmp_path):
     saved = json.loads((out / "results.json").read_text())
     assert saved["settings"]["compile"] is True
     assert saved["inrank"]["params"] < saved["dense"]["params"]
+    assert saved["slim"]["fraction"] <= 0.4 and saved["settings"]["finetune_steps"] == 4  # 15%
+    assert saved["narrow"]["steps"] == 30 + 4
 
 
 def fresh_python(code: str) -> str:
