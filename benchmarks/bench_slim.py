@@ -8,7 +8,7 @@ The protocol (bench_convergence's: the demo GPT, 4 layers, n_embd 128, context 6
 AdamW, warm-up + cosine, clipping, the stdlib corpus):
 - the teacher: dense width 128 trained for `steps` (2000) at the peak learning rate its own
   sweep chose on the first seed;
-- the dense-width frontier: dense GPTs of narrower widths trained from scratch for as many
+- the dense-width frontier: dense GPTs of widths 64..128 trained from scratch for as many
   steps as the teacher plus its fine-tune (2300), each width at the learning rate its own sweep
   chose; loss against shipped parameters and against training FLOPs;
 - slim models: the teacher compressed to `budget` of its factored layers' parameters by each
@@ -20,12 +20,18 @@ AdamW, warm-up + cosine, clipping, the stdlib corpus):
     global-act    `compress(model, budget, calibration)`: allocated from the weights' spectra,
                   each layer truncated on its calibration inputs (whitened)
     global-act-outputs  the same, allocated from the whitened spectra (the outputs')
+    global-act-adapt    global-act with a 10% silent buffer, ranks adapting by the library's
+                  default rule while fine-tuning (the shipped size follows the ranks; its FLOPs
+                  are counted at the starting ranks)
     prune-width   structured width pruning, what users pick instead (Torch-Pruning's magnitude
                   criterion): in every block keep the heads and MLP hidden units whose weights
                   (q, k, v rows and output columns; input row and output column) have the
                   largest L2 norm; a narrower dense model cut from the trained one
   Every method gets uniform's parameter count (the budget that uniform's one fraction reaches),
   so that they are compared at equal shipped parameters; calibration is 16 training batches.
+- factor during training (Cuttlefish's question, with a budget): dense from scratch on the
+  schedule of teacher + fine-tune (2300 steps), compressed as global-act at step 500 or 1000, the
+  rest of the schedule at fixed ranks (fresh optimizer state), each at its own swept rate.
 Prints the sweeps and the table: validation loss before and after the fine-tune per seed, shipped
 parameters (the whole model as `freeze` gives it), training FLOPs (teacher + fine-tune), and the
 distance to the dense-width frontier at the same shipped parameters. `--json` keeps every run and
@@ -40,6 +46,7 @@ import math
 import os
 import statistics
 import sys
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -63,22 +70,37 @@ class Slim:
     protocol: Protocol = field(default_factory=Protocol)
     finetune_steps: int = 300
     budget: float = 0.4
-    widths: tuple = (64, 80, 96, 112)  # the frontier; n_head 4 divides each
+    widths: tuple = (64, 80, 96, 112, 128)  # the frontier; n_head 4 divides each
+    factor_at: tuple = (500, 1000)  # factor during training: dense until this step
     dense_lrs: tuple = (2e-3, 4e-3, 8e-3)
     finetune_lrs: tuple = (3e-4, 1e-3, 3e-3)
     calibration_batches: int = 16
 
 
-QUICK = Slim(protocol=QUICK_PROTOCOL, finetune_steps=10, widths=(32, 48), dense_lrs=(4e-3,),
-             finetune_lrs=(1e-3,), calibration_batches=2)
+QUICK = Slim(protocol=QUICK_PROTOCOL, finetune_steps=10, widths=(32, 48), factor_at=(30,),
+             dense_lrs=(4e-3,), finetune_lrs=(1e-3,), calibration_batches=2)
 
-METHODS = {  # name → (allocation, calibrated, allocate_on); prune-width is not a factorisation
-    "uniform-svd": ("uniform", False, "weights"),
-    "uniform-act": ("uniform", True, "weights"),
-    "global-svd": ("global", False, "weights"),
-    "global-act": ("global", True, "weights"),
-    "global-act-outputs": ("global", True, "outputs"),
-    "prune-width": (None, False, None),
+@dataclass(frozen=True)
+class Method:
+    """How the teacher becomes a slim model: `compress(allocation, allocate_on)` with
+    calibration or without; `adapt`: with a 10% buffer, ranks adapting by the library's default
+    rule while fine-tuning (else fixed); `prune`: width pruning instead of factoring."""
+
+    allocation: str | None
+    calibrated: bool
+    allocate_on: str = "weights"
+    adapt: bool = False
+    prune: bool = False
+
+
+METHODS = {
+    "uniform-svd": Method("uniform", False),
+    "uniform-act": Method("uniform", True),
+    "global-svd": Method("global", False),
+    "global-act": Method("global", True),
+    "global-act-outputs": Method("global", True, "outputs"),
+    "global-act-adapt": Method("global", True, adapt=True),
+    "prune-width": Method(None, False, prune=True),
 }
 
 
@@ -147,14 +169,26 @@ def prune_width(teacher, fraction: float):
 
 # -- training -----------------------------------------------------------------------------------
 
-def train(model, lr: float, steps: int, seed: int, protocol: Protocol, train_ids) -> None:
-    """The recipe for `steps` steps (warm-up over 5% of them, cosine to 10% of the peak)."""
+def train(model, lr: float, steps: int, seed: int, protocol: Protocol, train_ids, *,
+          start: int = 0, stop: int | None = None, stream=None, adapt: bool = False):
+    """The recipe over `steps` steps (warm-up over 5% of them, cosine to 10% of the peak), run
+    from step `start` to `stop` (the rest of a schedule another model began: its learning
+    rates, the batches that follow in `stream`). `adapt`: ranks move by the InRank rule."""
     opt = recipe_optimizer(model.parameters(), lr, protocol.weight_decay)
+    if adapt:
+        inrank_fx.attach(model, opt, seed=seed)
     sched = warmup_cosine(opt, steps, max(1, int(protocol.warmup_fraction * steps)),
                           protocol.floor)
-    stream = batches(train_ids, protocol.gpt.block_size, protocol.batch,
-                     torch.Generator().manual_seed(seed))
-    train_steps(model, opt, stream, steps, scheduler=sched, clip_norm=protocol.clip_norm)
+    if start:
+        with warnings.catch_warnings():  # a step of the schedule before any optimizer step
+            warnings.simplefilter("ignore")
+            sched.last_epoch = start - 1
+            sched.step()
+    stream = stream or batches(train_ids, protocol.gpt.block_size, protocol.batch,
+                               torch.Generator().manual_seed(seed))
+    train_steps(model, opt, stream, (stop or steps) - start, scheduler=sched,
+                clip_norm=protocol.clip_norm)
+    return stream
 
 
 def val_loss(model, seed: int, protocol: Protocol, val_ids) -> float:
@@ -240,17 +274,20 @@ class Bench:
     # -- slim models --------------------------------------------------------------------------
 
     def slim_model(self, method: str, teacher_lr: float, seed: int, budget: float):
-        allocation, calibrated, allocate_on = METHODS[method]
-        if method == "prune-width":
-            return prune_width(self.teacher(teacher_lr, seed), budget)
+        return self.compressed(METHODS[method], self.teacher(teacher_lr, seed), seed, budget)
+
+    def compressed(self, method: Method, model, seed: int, budget: float):
+        if method.prune:
+            return prune_width(model, budget)
         protocol = self.slim.protocol
         calibration = None
-        if calibrated:
+        if method.calibrated:
             stream = batches(self.data[0], protocol.gpt.block_size, protocol.batch,
                              torch.Generator().manual_seed(20_000 + seed))
             calibration = [next(stream)[0] for _ in range(self.slim.calibration_batches)]
-        return inrank_fx.compress(self.teacher(teacher_lr, seed), budget, calibration,
-                                  allocation=allocation, allocate_on=allocate_on)
+        config = inrank_fx.InRankConfig(buffer=0.1 if method.adapt else 0)
+        return inrank_fx.compress(model, budget, calibration, allocation=method.allocation,
+                                  allocate_on=method.allocate_on, config=config)
 
     def finetuned(self, method: str, teacher_lr: float, lr: float, seed: int,
                   budget: float) -> dict:
@@ -261,14 +298,35 @@ class Bench:
             teacher_flops = self.runs[f"dense w{protocol.gpt.n_embd} lr{teacher_lr:g} s{seed} "
                                       f"n{protocol.steps}"]["flops"]
             flops = teacher_flops + self.slim.finetune_steps * _step_flops(model, self.slim)
-            train(model, lr, self.slim.finetune_steps, 30_000 + seed, protocol, self.data[0])
-            factored = hasattr(model, "_inrank_report")
-            shipped = inrank_fx.freeze(model) if factored else model
-            return {"val": val_loss(shipped, seed, protocol, self.data[1]), "before": before,
-                    "params": params(shipped),
-                    "fraction": model._inrank_report.compression.fraction if factored else None,
-                    "ranks": inrank_fx.ranks(model), "flops": flops}
+            train(model, lr, self.slim.finetune_steps, 30_000 + seed, protocol, self.data[0],
+                  adapt=METHODS[method].adapt)
+            return self._shipped(model, seed) | {"before": before, "flops": flops}
         return self._cached(f"{method} b{budget:.4f} lr{lr:g} s{seed}", compute)
+
+    def _shipped(self, model, seed: int) -> dict:
+        factored = hasattr(model, "_inrank_report")
+        shipped = inrank_fx.freeze(model) if factored else model
+        return {"val": val_loss(shipped, seed, self.slim.protocol, self.data[1]),
+                "params": params(shipped),
+                "fraction": model._inrank_report.compression.fraction if factored else None,
+                "ranks": inrank_fx.ranks(model)}
+
+    def factored_during(self, at: int, lr: float, seed: int, budget: float) -> dict:
+        """Dense from scratch on the schedule of teacher + fine-tune; at step `at` compressed
+        (global-act) to the budget, the rest of the schedule at fixed ranks."""
+        def compute():
+            protocol = self.slim.protocol
+            total = protocol.steps + self.slim.finetune_steps
+            torch.manual_seed(seed)
+            model = GPT(protocol.gpt)
+            flops = at * _step_flops(model, self.slim)
+            stream = train(model, lr, total, seed, protocol, self.data[0], stop=at)
+            model = self.compressed(METHODS["global-act"], model, seed, budget)
+            before = val_loss(model, seed, protocol, self.data[1])
+            flops += (total - at) * _step_flops(model, self.slim)
+            train(model, lr, total, seed, protocol, self.data[0], start=at, stream=stream)
+            return self._shipped(model, seed) | {"before": before, "flops": flops}
+        return self._cached(f"factor-at-{at} b{budget:.4f} lr{lr:g} s{seed}", compute)
 
 
 def _step_flops(model, slim: Slim) -> int:
@@ -315,6 +373,13 @@ def run(slim: Slim, seeds: list[int], bench: Bench, methods=tuple(METHODS)) -> d
         result["sweeps"][method], result["chosen"][method] = sweep, lr
         result["slim"] += [bench.finetuned(method, teacher_lr, lr, s, budget)
                            | {"seed": s, "method": method} for s in seeds]
+    for at in slim.factor_at:
+        name = f"factor-at-{at}"
+        lr, sweep = tuned(name, slim.dense_lrs,
+                          lambda lr, at=at: bench.factored_during(at, lr, first, budget)["val"])
+        result["sweeps"][name], result["chosen"][name] = sweep, lr
+        result["slim"] += [bench.factored_during(at, lr, s, budget) | {"seed": s, "method": name}
+                           for s in seeds]
     return result
 
 
@@ -359,7 +424,7 @@ def report(result: dict) -> str:
         rs = sorted((r for r in result["slim"] if r["method"] == method), key=lambda r: r["seed"])
         gaps = [_gap(result, r) for r in rs]
         before = f"{statistics.mean(r['before'] for r in rs):.4f}"
-        row(f"{method} + fine-tune", rs, gaps, before)
+        row(f"{method} + fine-tune" if method in METHODS else method, rs, gaps, before)
     lines += ["", f"params: the whole model as shipped (frozen), relative to the teacher; FLOPs: "
               f"training (teacher + fine-tune, or from scratch), relative to the teacher's; "
               f"before: validation loss right after compression; vs narrower dense: loss minus "
@@ -388,13 +453,11 @@ def plot(result: dict, path: str) -> None:
         teacher = [(r[key], r["val"]) for r in result["teachers"]]
         ax.plot([statistics.mean(p for p, _ in teacher)], [statistics.mean(v for _, v in teacher)],
                 "D", color="black", label="dense 128 (teacher)")
-        for method in METHODS:
+        for method in dict.fromkeys(r["method"] for r in result["slim"]):
             rs = [r for r in result["slim"] if r["method"] == method]
-            if rs:
-                ax.plot([statistics.mean(r[key] for r in rs)],
-                        [statistics.mean(r["val"] for r in rs)],
-                        "P" if method == "prune-width" else "*", ms=11,
-                        label=f"{method} + fine-tune")
+            marker = {"prune-width": "P"}.get(method, "*" if method in METHODS else "^")
+            ax.plot([statistics.mean(r[key] for r in rs)], [statistics.mean(r["val"] for r in rs)],
+                    marker, ms=11, label=f"{method} + fine-tune" if method in METHODS else method)
         ax.set_xscale("log")
         ax.set_xlabel(f"{label} (log)")
         ax.set_ylabel("validation loss (mean over seeds)")
