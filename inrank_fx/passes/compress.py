@@ -108,8 +108,9 @@ def compress(
     where the spectra say rank is cheapest, the default) or "uniform" (one rank fraction for
     every layer). `allocate_on`: the spectra the global allocation compares, "weights" (W: the
     default, measured better after fine-tuning) or "outputs" (W·S on the calibration inputs);
-    the truncation itself uses the calibration either way. `config` picks the layers (targets, exclude, min_features, convs, ...) and how
-    the model then trains: `buffer` > 0 lets ranks grow back while fine-tuning (`attach`).
+    the truncation itself uses the calibration either way. `config` picks the layers (targets,
+    exclude, min_features, convs, ...) and how the model then trains: `buffer` > 0 lets ranks
+    grow back while fine-tuning (`attach`; measured no better than fixed ranks, docs/SLIM.md).
     A layer is never made bigger than dense. `inrank_fx.summary(model)` and
     `model._inrank_report.compression` say what was done.
     """
@@ -155,14 +156,21 @@ def compress(
                                        _kept_error(spectra[name], layer.rank), name in grams))
     compression = Compression(budget, allocation, allocate_on if grams else "weights", records,
                               notes)
-    report = getattr(factored, REPORT_ATTR)
-    report.config = replace(config, init="svd", init_rank=1.0)
-    report.compression = compression
+    _leave_on_report(factored, layers, replace(config, init="svd", init_rank=1.0), compression)
+    return factored
+
+
+def _leave_on_report(model: nn.Module, layers: dict[str, FactoredLayer], config: InRankConfig,
+                     compression: Compression) -> None:
+    """The transform's report now says what compress made: the config `attach` reads, the
+    compression, and each factored record's rank and width (a module's largest, for a module
+    that holds several layers)."""
+    report = getattr(model, REPORT_ATTR)
+    report.config, report.compression = config, compression
     for rec in report.factored:
         inside = [m for n, m in layers.items() if n == rec.name or n.startswith(rec.name + ".")]
         if inside:
             rec.rank, rec.width = max(m.rank for m in inside), max(m.width for m in inside)
-    return factored
 
 
 def _check_budget(budget) -> None:
