@@ -34,12 +34,12 @@ from inrank_fx._timing import median_ratio_interval
 from inrank_fx.demo.corpus import batches, split, stdlib_corpus
 from inrank_fx.demo.gpt import GPT, load_checkpoint
 from inrank_fx.demo.slim import FineTune, fine_tune, text_calibration
-from inrank_fx.demo.training import recipe_optimizer, train_steps, warmup_cosine
 from inrank_fx.export import to_onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_convergence import QUICK as QUICK_PROTOCOL  # noqa: E402
 from bench_convergence import Protocol  # noqa: E402
+from bench_slim import train  # noqa: E402
 
 DENSE_LR = 4e-3  # bench_slim's sweep for the teacher (docs/SLIM.md)
 
@@ -47,13 +47,7 @@ DENSE_LR = 4e-3  # bench_slim's sweep for the teacher (docs/SLIM.md)
 def trained_dense(protocol: Protocol, train_ids, seed: int = 0) -> GPT:
     torch.manual_seed(seed)
     model = GPT(protocol.gpt)
-    opt = recipe_optimizer(model.parameters(), DENSE_LR, protocol.weight_decay)
-    sched = warmup_cosine(opt, protocol.steps, max(1, int(protocol.warmup_fraction
-                                                          * protocol.steps)), protocol.floor)
-    stream = batches(train_ids, protocol.gpt.block_size, protocol.batch,
-                     torch.Generator().manual_seed(seed))
-    train_steps(model, opt, stream, protocol.steps, scheduler=sched,
-                clip_norm=protocol.clip_norm)
+    train(model, DENSE_LR, protocol.steps, seed, protocol, train_ids)
     return model
 
 

@@ -231,7 +231,8 @@ def run_compress_command(args) -> int:
             raise UsageError("--data, --finetune-steps and --lr need a GPT checkpoint as --model")
         model, example = _model_and_inputs(args.model, args.input)
         torch.manual_seed(args.seed)
-        calibration = [torch.randn_like(example[0]) for _ in range(8)]
+        x = example[0]  # token ids (the 'gpt' factory) are their own calibration
+        calibration = [torch.randn_like(x) for _ in range(8)] if x.is_floating_point() else [x]
         recipe, text_ids = None, None
     run_compress(args.out, model.eval(), args.budget, calibration, example,
                  allocation=args.allocation, text=text_ids, recipe=recipe, seed=args.seed)

@@ -234,6 +234,16 @@ def test_compress_command_makes_the_demo_model_smaller_and_exports_it(demo_repor
     assert "budget 0.4" in capsys.readouterr().out
 
 
+def test_compress_command_takes_a_model_factory(tmp_path):
+    out = tmp_path / "slim"
+    assert main(["compress", "--model", "gpt", "--input", "2x16", "--budget", "0.3",
+                 "--allocation", "uniform", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["fraction"] <= 0.3 and "val_loss" not in results  # no text: no fine-tune
+    assert len(set(results["ranks"].values())) == 1  # uniform: one rank fraction, one rank here
+    assert results["onnx"]["max_rel_error"] <= 1e-4
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--budget", "0"], "--budget 0.0: a fraction in (0, 1]"),
     (["--budget", "0.4", "--model", "nope.pt"], "--model nope.pt: no such file"),
