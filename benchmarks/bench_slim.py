@@ -23,6 +23,11 @@ AdamW, warm-up + cosine, clipping, the stdlib corpus):
     global-act-adapt    global-act with a 10% silent buffer, ranks adapting by the library's
                   default rule while fine-tuning (the shipped size follows the ranks; its FLOPs
                   are counted at the starting ranks)
+    slice         SliceGPT-style (ICLR 2024's answer to the same question): LayerNorms folded
+                  into the layers that read the stream, writes centred, the residual stream
+                  rotated by the PCA of its (normalised) activations on the calibration batches,
+                  one rotation for every layer, and cut to as many directions as the budget's
+                  parameters allow (the head untied: a LayerNorm folds into it)
     prune-width   structured width pruning, what users pick instead (Torch-Pruning's magnitude
                   criterion): in every block keep the heads and MLP hidden units whose weights
                   (q, k, v rows and output columns; input row and output column) have the
@@ -91,6 +96,7 @@ class Method:
     allocate_on: str = "weights"
     adapt: bool = False
     prune: bool = False
+    slice: bool = False
 
 
 METHODS = {
@@ -101,7 +107,108 @@ METHODS = {
     "global-act-outputs": Method("global", True, "outputs"),
     "global-act-adapt": Method("global", True, adapt=True),
     "prune-width": Method(None, False, prune=True),
+    "slice": Method(None, True, slice=True),
 }
+
+
+# -- SliceGPT-style slicing (Ashkboos et al., ICLR 2024): a narrower residual stream -----------
+
+class StreamNorm(nn.Module):
+    """LayerNorm without its affine part, on a stream that is already mean-zero: x·√d / ‖x‖
+    with the norm over the dimensions kept (d: the width before slicing)."""
+
+    def __init__(self, width: int, eps: float):
+        super().__init__()
+        self.width, self.eps = width, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) / self.width + self.eps)
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer
+
+
+@torch.no_grad()
+def stream_rotation(teacher, calibration) -> torch.Tensor:
+    """The principal directions (d × d, leading first) of the residual stream where it is read
+    (the inputs of every LayerNorm), each position centred and normalised as LayerNorm does."""
+    d = teacher.config.n_embd
+    gram = torch.zeros(d, d, dtype=torch.float64)
+
+    def record(module, args):
+        nonlocal gram
+        x = args[0].reshape(-1, d).to(torch.float64)
+        x = x - x.mean(-1, keepdim=True)
+        x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        gram += x.T @ x
+
+    norms = [m for m in teacher.modules() if isinstance(m, nn.LayerNorm)]
+    handles = [m.register_forward_pre_hook(record) for m in norms]
+    try:
+        for x in calibration:
+            teacher(x)
+    finally:
+        for h in handles:
+            h.remove()
+    values, vectors = torch.linalg.eigh(gram)
+    return vectors[:, values.argsort(descending=True)]
+
+
+@torch.no_grad()
+def slice_gpt(teacher, rotation: torch.Tensor, keep: int):
+    """A copy of the GPT whose residual stream is `keep` wide: every LayerNorm's scale and shift
+    folded into the layers that read it, every write to the stream centred (so LayerNorm is a
+    plain normalisation), the stream rotated by `rotation` (one for every layer) and cut to its
+    `keep` leading directions. The head is untied from the embedding (a LayerNorm folds into
+    it). With keep = n_embd it computes the teacher's function."""
+    import copy
+
+    model = copy.deepcopy(teacher)
+    d = teacher.config.n_embd
+    q = rotation[:, :keep].to(torch.float64)
+    center = torch.eye(d, dtype=torch.float64) - 1.0 / d
+
+    def reader(linear: nn.Linear, norm: nn.LayerNorm) -> nn.Linear:
+        w = linear.weight.double() * norm.weight.double()
+        b = (linear.bias.double() if linear.bias is not None else 0) + linear.weight.double() @ (
+            norm.bias.double() if norm.bias is not None else torch.zeros(d, dtype=torch.float64))
+        return _linear((w @ q).float(), b.float())
+
+    def writer(linear: nn.Linear) -> nn.Linear:
+        w, b = center @ linear.weight.double(), center @ linear.bias.double()
+        return _linear((q.T @ w).float(), (q.T @ b).float())
+
+    h = model.transformer
+    eps = h.ln_f.eps
+    for emb in ("wte", "wpe"):
+        table = getattr(h, emb).weight.double() @ center @ q
+        setattr(h, emb, nn.Embedding.from_pretrained(table.float(), freeze=False))
+    model.lm_head = reader(teacher.lm_head, teacher.transformer.ln_f)
+    for block, original in zip(h.h, teacher.transformer.h):
+        attn = original.attn
+        block.attn = PrunedAttention(reader(attn.c_attn, original.ln_1), writer(attn.c_proj),
+                                     attn.n_head, attn.n_embd // attn.n_head)
+        block.mlp.c_fc = reader(original.mlp.c_fc, original.ln_2)
+        block.mlp.c_proj = writer(original.mlp.c_proj)
+        block.ln_1, block.ln_2 = StreamNorm(d, eps), StreamNorm(d, eps)
+    h.ln_f = StreamNorm(d, eps)
+    return model
+
+
+def slice_to(teacher, calibration, params_at_most: int):
+    """The widest slicing of the teacher whose parameters are at most `params_at_most`."""
+    rotation = stream_rotation(teacher, calibration)
+    for keep in range(teacher.config.n_embd, 0, -1):
+        model = slice_gpt(teacher, rotation, keep)
+        if sum(p.numel() for p in model.parameters()) <= params_at_most:
+            return model
+    raise ValueError(f"no slicing holds at most {params_at_most} parameters")
 
 
 # -- structured width pruning (the peer): heads and MLP hidden units by L2 norm ----------------
@@ -285,6 +392,9 @@ class Bench:
             stream = batches(self.data[0], protocol.gpt.block_size, protocol.batch,
                              torch.Generator().manual_seed(20_000 + seed))
             calibration = [next(stream)[0] for _ in range(self.slim.calibration_batches)]
+        if method.slice:  # as many parameters as the factored models ship, at most
+            shipped = params(inrank_fx.freeze(inrank_fx.compress(model, budget)))
+            return slice_to(model, calibration, shipped)
         config = inrank_fx.InRankConfig(buffer=0.1 if method.adapt else 0)
         return inrank_fx.compress(model, budget, calibration, allocation=method.allocation,
                                   allocate_on=method.allocate_on, config=config)

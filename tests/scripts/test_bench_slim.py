@@ -18,8 +18,11 @@ def test_quick_protocol_compares_every_method_with_the_frontier_at_equal_paramet
     # every method at uniform's parameter count, within the budget
     fractions = {round(r["fraction"], 3) for r in result["slim"] if r["fraction"] is not None}
     assert len(fractions) == 1 and fractions.pop() <= bench.QUICK.budget
-    shipped = [r["params"] for r in result["slim"] if r["method"] != "global-act-adapt"]
+    shipped = [r["params"] for r in result["slim"]
+               if r["method"] not in ("global-act-adapt", "slice")]
     assert max(shipped) <= 1.02 * min(shipped)  # equal up to the ranks' and units' rounding
+    sliced = next(r for r in result["slim"] if r["method"] == "slice")
+    assert 0.9 * min(shipped) <= sliced["params"] <= max(shipped)  # at most as many
     for r in result["slim"]:
         assert r["val"] < 6 and r["before"] < 6 and r["params"] < result["teachers"][0]["params"]
     out = capsys.readouterr().out
@@ -72,3 +75,26 @@ def test_width_pruning_keeps_the_largest_heads_and_units_and_cuts_to_the_fractio
     assert any(torch.equal(kept[:, i], gpt.transformer.h[0].attn.c_attn.weight.view(3, 4, 8, 32)[:, 2])
                for i in range(2))
     assert half(x).shape == gpt(x).shape and torch.isfinite(half(x)).all()
+
+
+def test_slicing_at_full_width_is_the_teacher_and_narrower_is_smaller(bench):
+    import torch
+
+    from inrank_fx.demo.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(block_size=16, n_layer=2, n_head=4, n_embd=32))
+    with torch.no_grad():  # LayerNorms with a scale and shift of their own, as trained ones have
+        for m in gpt.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+    x = torch.randint(0, 256, (3, 16))
+    rotation = bench.stream_rotation(gpt, [x])
+    assert torch.allclose(rotation.T @ rotation, torch.eye(32, dtype=rotation.dtype), atol=1e-8)
+    with torch.no_grad():
+        assert torch.allclose(bench.slice_gpt(gpt, rotation, 32)(x), gpt(x), atol=1e-5)
+        half = bench.slice_gpt(gpt, rotation, 16)
+        assert half.transformer.wte.weight.shape == (256, 16) and torch.isfinite(half(x)).all()
+    target = sum(p.numel() for p in half.parameters())
+    assert sum(p.numel() for p in bench.slice_to(gpt, [x], target).parameters()) == target
