@@ -229,15 +229,10 @@ class PrunedAttention(nn.Module):
 
 
 def _kept_linear(layer: nn.Linear, rows=None, cols=None) -> nn.Linear:
-    w = layer.weight.detach()
-    w = w[rows] if rows is not None else w
-    w = w[:, cols] if cols is not None else w
-    out = nn.Linear(w.shape[1], w.shape[0], bias=layer.bias is not None)
-    with torch.no_grad():
-        out.weight.copy_(w)
-        if layer.bias is not None:
-            out.bias.copy_(layer.bias.detach()[rows] if rows is not None else layer.bias.detach())
-    return out
+    w, b = layer.weight.detach(), layer.bias.detach() if layer.bias is not None else None
+    if rows is not None:
+        w, b = w[rows], b[rows] if b is not None else None
+    return _linear(w if cols is None else w[:, cols], b)
 
 
 def prune_width(teacher, fraction: float):

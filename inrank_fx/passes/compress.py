@@ -138,15 +138,15 @@ def compress(
                                "(see the warning above)")
     notes: list[str] = []
     grams = _input_grams(factored, layers, calibration, notes) if calibration is not None else {}
-    spectra = {name: _spectrum(layer, grams.get(name), damping)
-               for name, layer in layers.items()}
+    whitening = {name: _whitening(gram, damping) for name, gram in grams.items()}
+    spectra = {name: _spectrum(layer, whitening.get(name)) for name, layer in layers.items()}
     weights = spectra if not grams or allocate_on == "outputs" else \
-        {name: _spectrum(layer, None, damping) for name, layer in layers.items()}
+        {name: _spectrum(layer, None) for name, layer in layers.items()}
     costs = {name: _Cost.of(layer) for name, layer in layers.items()}
     chosen = _allocate(weights, costs, budget, allocation)
     records = []
     for name, layer in layers.items():
-        _truncate(layer, chosen[name], grams.get(name), damping)
+        _truncate(layer, chosen[name], whitening.get(name))
         buffer = config.buffer_for(layer.full_rank)
         if buffer:  # silent columns: the function is unchanged, ranks can grow back
             layer.grow(min(config.width_for(layer.rank, layer.full_rank), layer.full_rank))
@@ -271,25 +271,25 @@ def _matrix(layer: FactoredLayer) -> torch.Tensor:
     return layer.U.detach().to(torch.float64) @ layer.V.detach().to(torch.float64).T
 
 
-def _spectrum(layer: FactoredLayer, gram: torch.Tensor | None, damping: float) -> torch.Tensor:
+def _spectrum(layer: FactoredLayer, whitening: tuple | None) -> torch.Tensor:
     """Squared singular values, one row per matrix (a stack has one per expert), of W·S."""
     if layer.U.dim() == 3:
         return layer.singular_values().to(torch.float64).reshape(layer.U.shape[0], -1) ** 2
     w = _matrix(layer)
-    if gram is not None:
-        w = w @ _whitening(gram.to(w.device), damping)[0]
+    if whitening is not None:
+        w = w @ whitening[0].to(w.device)
     return torch.linalg.svdvals(w)[None] ** 2
 
 
 @torch.no_grad()
-def _truncate(layer: FactoredLayer, rank: int, gram: torch.Tensor | None, damping: float) -> None:
+def _truncate(layer: FactoredLayer, rank: int, whitening: tuple | None) -> None:
     """Set the layer to `rank`: W ≈ (W·S)_r·S⁻¹, split evenly between U and V."""
-    if layer.U.dim() == 3 or gram is None:  # plain SVD: the layer's own truncation
+    if layer.U.dim() == 3 or whitening is None:  # plain SVD: the layer's own truncation
         layer.truncate(rank)
         layer.rank = rank
         return
     w = _matrix(layer)
-    s, s_inv = _whitening(gram.to(w.device), damping)
+    s, s_inv = (m.to(w.device) for m in whitening)
     p, sigma, rt = torch.linalg.svd(w @ s, full_matrices=False)
     root = sigma[:rank].sqrt()
     u = p[:, :rank] * root
