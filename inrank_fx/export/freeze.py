@@ -2,7 +2,9 @@
 
 Each InRankLinear becomes either two nn.Linear at its final rank r (`FactoredLinear`: the buffer is
 truncated away by SVD of the factors) or, where factoring cannot save FLOPs, one nn.Linear with
-W = U·Vᵀ; an InRankConv2d likewise becomes two nn.Conv2d (`FactoredConv2d`) or one. No controller, buffer or rank state is left: only standard modules, which torch.export,
+W = U·Vᵀ; an InRankConv2d likewise becomes two nn.Conv2d (`FactoredConv2d`) or one. An
+InRankMultiheadAttention whose projections both merge becomes nn.MultiheadAttention again;
+otherwise `FactoredMultiheadAttention`, the same attention over those plain modules. No controller, buffer or rank state is left: only standard modules, which torch.export,
 torch.compile, ONNX and TensorRT take as they are.
 """
 from __future__ import annotations
@@ -16,7 +18,13 @@ from torch import nn
 from ..config import REPORT_ATTR
 from ..nn.conv import InRankConv2d
 from ..nn.experts import FactoredExperts, InRankExperts
-from ..nn.frozen import FactoredConv2d, FactoredLinear
+from ..nn.attention import InRankMultiheadAttention
+from ..nn.frozen import (
+    FactoredConv2d,
+    FactoredLinear,
+    FactoredMultiheadAttention,
+    as_multihead_attention,
+)
 from ..nn.linear import FactoredLayer
 from ..nn.modules import carry_hooks, factored_layers, replace_module
 
@@ -89,10 +97,22 @@ def freeze(model: nn.Module, *, merge: bool | str = "auto") -> nn.Module:
         carry_hooks(layer, plain)
         frozen = replace_module(frozen, layer, plain)
         records.append(FrozenLayer(name, n_out, n_in, min(n_in, n_out) if merged else r, merged))
+    frozen = _plain_attention(frozen)
     if hasattr(frozen, REPORT_ATTR):
         delattr(frozen, REPORT_ATTR)
     setattr(frozen, FROZEN_ATTR, records)
     return frozen.eval()
+
+
+def _plain_attention(model: nn.Module) -> nn.Module:
+    """Each InRankMultiheadAttention becomes nn.MultiheadAttention where both projections
+    merged, and FactoredMultiheadAttention (plain modules inside) where one stays factored."""
+    for attention in [m for m in model.modules() if type(m) is InRankMultiheadAttention]:
+        plain = as_multihead_attention(attention) or \
+            FactoredMultiheadAttention.from_attention(attention)
+        carry_hooks(attention, plain)
+        model = replace_module(model, attention, plain)
+    return model
 
 
 def frozen_layers(model: nn.Module) -> list[FrozenLayer]:

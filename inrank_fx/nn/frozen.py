@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .attention import InRankMultiheadAttention
 from .conv import InRankConv2d
 from .linear import ACTIVATIONS
 
@@ -89,3 +90,47 @@ class FactoredConv2d(nn.Sequential):
     @property
     def bias(self) -> torch.Tensor | None:
         return self[1].bias
+
+
+class FactoredMultiheadAttention(InRankMultiheadAttention):
+    """The frozen form of `InRankMultiheadAttention` where a projection stays factored
+    (`FactoredLinear`): nn.MultiheadAttention's semantics over plain modules, as
+    FactoredLinear is InRankLinear's. Where both projections merge, `freeze` gives back an
+    nn.MultiheadAttention instead (`as_multihead_attention`)."""
+
+    @classmethod
+    def from_attention(cls, attention: InRankMultiheadAttention) -> "FactoredMultiheadAttention":
+        frozen = cls(attention.embed_dim, attention.num_heads, attention.in_proj,
+                     attention.out_proj, dropout=attention.dropout,
+                     batch_first=attention.batch_first)
+        return frozen.train(attention.training)
+
+    @property
+    def rank(self) -> int:
+        return getattr(self.in_proj, "rank", min(self.in_proj.weight.shape))
+
+    @property
+    def width(self) -> int:
+        return self.rank
+
+
+@torch.no_grad()
+def as_multihead_attention(attention: InRankMultiheadAttention) -> nn.MultiheadAttention | None:
+    """An nn.MultiheadAttention computing what `attention` computes, where both its projections
+    are plain nn.Linear with a bias each or neither (else None)."""
+    in_proj, out_proj = attention.in_proj, attention.out_proj
+    if type(in_proj) is not nn.Linear or type(out_proj) is not nn.Linear:
+        return None
+    bias = in_proj.bias is not None
+    if (out_proj.bias is not None) != bias:
+        return None
+    weight = in_proj.weight
+    mha = nn.MultiheadAttention(attention.embed_dim, attention.num_heads, attention.dropout,
+                                bias=bias, batch_first=attention.batch_first,
+                                device=weight.device, dtype=weight.dtype)
+    mha.in_proj_weight.copy_(weight)
+    mha.out_proj.weight.copy_(out_proj.weight)
+    if bias:
+        mha.in_proj_bias.copy_(in_proj.bias)
+        mha.out_proj.bias.copy_(out_proj.bias)
+    return mha.train(attention.training)

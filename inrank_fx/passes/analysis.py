@@ -57,6 +57,7 @@ class Read:
     leaf_call: bool = False  # handed to a function fx keeps as a leaf (torch.export sees in)
     handler: object = None
     batched: bool = False  # an operand of a batched matmul (bmm, einsum, ...): expert stacks
+    exportable: bool = True  # untraced: torch.export may capture its forward (example_inputs)
 
 
 @dataclass
@@ -153,10 +154,10 @@ def analyse(model: nn.Module, config=None, captured: dict | None = None) -> Anal
             traces[path] = trace
             if trace.ok and trace.frontend == "torch.export":
                 exported.append(path)
-            if trace.ok:
-                _reads_in_graph(trace.graph, trace.module or module, path, reads, config)
-            else:
-                _untraced(module, path, config, reads)
+            for graph in trace.graphs:  # one per call form: a read in any of them counts
+                _reads_in_graph(graph, trace.module or module, path, reads, config)
+            if not trace.ok:
+                _untraced(module, path, config, reads, trace)
     return Analysis(reads.weights(), traces, already, handlers)
 
 
@@ -169,7 +170,7 @@ def _trace(module: nn.Module, path: str, captured: dict | None) -> TraceResult:
     own_weights = any(p.dim() >= 2 for p in module.parameters(recurse=False))
     lost = ((not trace.ok and own_weights)
             or (trace.ok and _weights_into_leaves(trace.graph, module)))
-    if not (captured and path in captured and lost):
+    if not (captured and path in captured and lost) or trace.writes:
         return trace
     export_trace = export_own_forward(module, path, *captured[path])
     if export_trace.ok:
@@ -180,20 +181,31 @@ def _trace(module: nn.Module, path: str, captured: dict | None) -> TraceResult:
 
 
 def _children_called(module: nn.Module, path: str, config, reads: _Reads, where: str) -> None:
-    """Every child with a handler counts as called (its caller is not traced)."""
+    """Every child with a handler counts as called (its caller is not traced), and so does every
+    such module inside a container (nn.ModuleList, nn.ModuleDict: no forward of their own), as
+    in `[head(x) for head in self.heads]`."""
     for cname, child in module.named_children():
         handler = module_handler(child, config)
         if handler is not None:
             reads.add_calls(child, _join(path, cname), handler, where, "blind")
+        elif not has_own_forward(child):
+            _children_called(child, _join(path, cname), config, reads, where)
 
 
-def _untraced(module: nn.Module, path: str, config, reads: _Reads) -> None:
-    """A forward no frontend could trace: its own weights are read unseen (opaque), and its
-    children with a handler are taken as called."""
+def _untraced(module: nn.Module, path: str, config, reads: _Reads, trace: TraceResult) -> None:
+    """A forward no frontend could trace (or that writes module state): its own weights are
+    read unseen (opaque), so are the weights it writes in place, and its children with a
+    handler are taken as called."""
     label = f"'{path}' ({type(module).__name__})" if path else type(module).__name__
+    why = "writes module state, so is not traced" if trace.writes else "did not trace"
     for pname, p in module.named_parameters(recurse=False):
-        reads.add(p, _join(path, pname), Read(
-            "opaque", f"read by {label}, whose forward did not trace", path, untraced=True))
+        reads.add(p, _join(path, pname), Read("opaque", f"read by {label}, whose forward {why}",
+                                              path, untraced=True, exportable=not trace.writes))
+    for target, node in trace.written.items():
+        value = _resolve(module, target)
+        if isinstance(value, nn.Parameter):
+            reads.add(value, _join(path, target), Read(
+                "opaque", f"written in place by node {node!r} in {label}", path, untraced=True))
     _children_called(module, path, config, reads,
                      f"called by {label}, whose forward did not trace")
 

@@ -6,12 +6,15 @@ rewritten forwards back where the original modules were.
 """
 from __future__ import annotations
 
+import copy
+import inspect
 import operator
 
 import torch
 import torch.fx as fx
 from torch import nn
 
+from ..errors import InRankError
 from ..nn.experts import STACK_METADATA
 from ..nn.modules import carry_hooks
 from .matchers import MatmulSite, view_chain
@@ -65,11 +68,12 @@ def _erase_unused_views(graph: fx.Graph, roots: list[fx.Node]) -> None:
                 graph.erase_node(node)
 
 
-def graph_module_like(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
-    """A GraphModule running `graph` that otherwise looks like `module`: same children,
-    parameters, buffers (persistence kept), plain attributes and training flag, so that its
-    state_dict keys and the attributes other code reads do not change."""
-    gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
+def graph_module_like(module: nn.Module, graph: fx.Graph,
+                      kind: type = fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule (of `kind`) running `graph` that otherwise looks like `module`: same
+    children, parameters, buffers (persistence kept), plain attributes and training flag, so
+    that its state_dict keys and the attributes other code reads do not change."""
+    gm = kind(module, graph, class_name=type(module).__name__)
     for name, child in module.named_children():
         setattr(gm, name, child)  # fx copies only what the graph uses, as bare containers
     for name, p in module.named_parameters(recurse=False):
@@ -88,6 +92,98 @@ def graph_module_like(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     gm.train(module.training)
     carry_hooks(module, gm)
     return gm
+
+
+class CallFormsGraphModule(fx.GraphModule):
+    """A rewritten forward that runs the graph traced for the call's form.
+
+    fx traces an argument that defaults to None as if it were given, which would bake
+    `if mask is not None` into the graph; so the pass traces such a forward once per call form
+    (which of those arguments a call leaves None), rewrites every graph alike, and this module
+    picks the graph by the call's arguments. `graph` is the form that gives every argument;
+    `forms` maps each form (the arguments left None) to its graph. A required argument passed
+    None, which no trace saw, raises instead of running a graph traced for a value."""
+
+    def set_forms(self, forward, forms: dict[tuple[str, ...], fx.Graph]) -> None:
+        """Run `forms` (form → graph, rewritten in place), dispatched by the signature of the
+        original `forward`."""
+        self.__dict__["_call_signature"] = _plain_signature(forward)
+        self.__dict__["_call_forms"] = forms
+        self.recompile()
+
+    @property
+    def forms(self) -> dict[tuple[str, ...], fx.Graph]:
+        return dict(self.__dict__.get("_call_forms", {}))
+
+    def recompile(self):
+        code = super().recompile()
+        if "_call_forms" in self.__dict__:
+            type(self).forward = _dispatcher(self, self.__dict__["_call_signature"],
+                                             self.__dict__["_call_forms"])
+        return code
+
+    def __deepcopy__(self, memo):
+        copied = super().__deepcopy__(memo)
+        if "_call_forms" in self.__dict__:
+            copied.__dict__["_call_signature"] = self.__dict__["_call_signature"]
+            copied.__dict__["_call_forms"] = copy.deepcopy(self.__dict__["_call_forms"], memo)
+            copied.recompile()
+        return copied
+
+
+def _plain_signature(forward) -> inspect.Signature:
+    """The forward's signature without annotations (the dispatcher's source names no types)."""
+    signature = inspect.signature(forward)
+    return signature.replace(parameters=[p.replace(annotation=inspect.Parameter.empty)
+                                         for p in signature.parameters.values()],
+                             return_annotation=inspect.Signature.empty)
+
+
+def _dispatcher(gm: fx.GraphModule, signature: inspect.Signature,
+                forms: dict[tuple[str, ...], fx.Graph]):
+    """The forward: `signature`'s own parameters, then the graph of the call's form, called
+    with every argument in order (fx makes keyword-only arguments positional)."""
+    parameters = list(signature.parameters.values())
+    optional = [p.name for p in parameters if p.default is None
+                and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    compiled = {tuple(name in form for name in optional): _compiled(gm, graph)
+                for form, graph in forms.items()}
+    defaults = {f"_default_{p.name}": p.default for p in parameters
+                if p.default is not inspect.Parameter.empty}
+    header, passed, keyword_only = [], [], False
+    for p in parameters:
+        default = f"=_default_{p.name}" if p.default is not inspect.Parameter.empty else ""
+        if p.kind is p.VAR_KEYWORD:
+            header.append(f"**{p.name}")
+            passed.append(f"**{p.name}")
+            continue
+        if p.kind is p.KEYWORD_ONLY and not keyword_only:
+            header.append("*")
+            keyword_only = True
+        header.append(f"{p.name}{default}")
+        passed.append(p.name)
+    required = [p.name for p in parameters if p.default is inspect.Parameter.empty
+                and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    lines = [f"def forward(self, {', '.join(header)}):"]
+    lines += [f"    if {name} is None: raise _required_none({name!r})" for name in required]
+    key = "".join(f"{name} is None, " for name in optional)
+    lines.append(f"    return _forms[({key})](self, {', '.join(passed)})")
+    path = type(gm).__name__
+
+    def required_none(name: str) -> InRankError:
+        return InRankError(f"{path}: its forward was rewritten from a graph traced with "
+                           f"{name!r} given; this call passes {name}=None, which no trace saw "
+                           f"(give it a default of None in the signature, and transform traces "
+                           f"both forms)")
+
+    namespace = {"_forms": compiled, "_required_none": required_none, **defaults}
+    exec(compile("\n".join(lines), f"<inrank_fx call forms of {path}>", "exec"), namespace)
+    return namespace["forward"]
+
+
+def _compiled(gm: fx.GraphModule, graph: fx.Graph):
+    """The Python function fx generates for `graph`, run with `gm` as self."""
+    return type(fx.GraphModule(gm, copy.deepcopy(graph))).forward
 
 
 def install_layer(root: nn.Module, param_name: str, layer: nn.Module) -> None:

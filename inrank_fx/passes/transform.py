@@ -22,7 +22,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..config import REPORT_ATTR, InRankConfig
-from ..errors import InRankTypeError
+from ..errors import InRankError, InRankTypeError
 from ..nn.experts import FACTORED_STACKS, ExpertList, InRankExperts
 from ..nn.linear import FactoredLayer, InRankLinear
 from ..nn.modules import carry_hooks, replace_module
@@ -30,6 +30,7 @@ from ..nn.spectrum import explained_ratios, select_rank
 from .analysis import Analysis, WeightUse, analyse
 from .matchers import MatmulSite, handled_weights, indexed_only
 from .rewrite import (
+    CallFormsGraphModule,
     factor_matmul_sites,
     graph_module_like,
     install_layer,
@@ -37,6 +38,7 @@ from .rewrite import (
     read_through_weight,
 )
 from .substitutes import apply_substitutes, restore_unused
+from .tracing import state_kept
 
 log = logging.getLogger("inrank_fx")
 
@@ -134,11 +136,13 @@ def transform(
     config = config if config is not None else InRankConfig()
     if not isinstance(config, InRankConfig):
         raise InRankTypeError(f"config must be an InRankConfig, got {type(config).__name__}")
+    original = model
     if not inplace:
         model = copy.deepcopy(model)
 
     substituted = apply_substitutes(model)  # e.g. nn.TransformerEncoderLayer: see nn/transformer.py
-    captured = _capture_calls(model, example_inputs) if example_inputs is not None else None
+    captured = (_capture_calls(model, example_inputs, None if inplace else original)
+                if example_inputs is not None else None)
     analysis = analyse(model, config, captured)
     traced = [p for p, t in analysis.traces.items() if t.ok]
     exported = [p for p, t in analysis.traces.items() if t.ok and t.frontend == "torch.export"]
@@ -294,7 +298,7 @@ def _unread(weight: WeightUse, opaque: list, ctx: PlanContext) -> Dense | None:
                                   "seen or rewritten", expert_stack=True)
     if weight.param.dim() == 2 and any(r.untraced for r in opaque):
         # Possibly a matmul weight that no frontend could see.
-        hint = "" if ctx.captured else \
+        hint = "" if ctx.captured or not all(r.exportable for r in opaque) else \
             "; pass example_inputs to capture that forward with torch.export"
         return Dense(weight.name, opaque[0].where + hint)
     return None
@@ -541,18 +545,69 @@ def _rewrite_forwards(model: nn.Module, analysis: Analysis,
             for _, target, layer in sites:
                 install_layer(gm, target, layer)
             carry_hooks(module, gm)
+            _rewrite_graph(gm, sites, stacks.get(owner, []))
         else:
-            gm = graph_module_like(module, trace.graph)
-        gm = factor_matmul_sites(gm, [(site, target) for site, target, _ in sites])
-        for target in read_through_weight(gm, stacks.get(owner, [])):
-            gm.get_submodule(target).product_reads = True  # a read takes the product
+            gm = _rewrite_forms(module, trace, sites, stacks.get(owner, []))
         model = replace_module(model, module, gm)
         rewritten.append(owner)
     return model, rewritten
 
 
-def _capture_calls(model: nn.Module, example_inputs) -> dict[str, tuple[tuple, dict]]:
-    """Run the model once on the example and record each module's first call (args, kwargs)."""
+def _rewrite_graph(gm: fx.GraphModule, sites: list, stacks: list[str]) -> fx.GraphModule:
+    """Factor the matmul sites of gm's graph among `sites`, and the reads of expert stacks."""
+    mine = [(site, target) for site, target, _ in sites if site.node.graph is gm.graph]
+    gm = factor_matmul_sites(gm, mine)
+    for target in read_through_weight(gm, stacks):
+        gm.get_submodule(target).product_reads = True  # a read takes the product
+    return gm
+
+
+def _rewrite_forms(module: nn.Module, trace, sites: list, stacks: list[str]) -> fx.GraphModule:
+    """The fx-traced forward of `module`, rewritten in every call form it was traced in."""
+    forms = trace.forms or {(): trace.graph}
+    rewritten = {form: _rewrite_graph(graph_module_like(module, graph), sites, stacks)
+                 for form, graph in forms.items()}
+    gm = graph_module_like(module, rewritten[()].graph, CallFormsGraphModule)
+    for other in rewritten.values():  # attributes only another form's graph reads (constants)
+        for node in other.graph.nodes:
+            if node.op == "get_attr" and not hasattr(gm, node.target.split(".")[0]):
+                name = node.target.split(".")[0]
+                setattr(gm, name, getattr(other, name))
+    gm.set_forms(type(module).forward.__get__(module),
+                 {form: other.graph for form, other in rewritten.items()})
+    return gm
+
+
+def _capture_calls(model: nn.Module, example_inputs,
+                   original: nn.Module | None) -> dict[str, tuple[tuple, dict]]:
+    """Run the model once on the example and record each module's first call (args, kwargs).
+
+    The run leaves the model as it was: attributes its forwards set are put back, and tensors
+    they write in place are copied back from `original` (the model as the user gave it; with
+    None, transform(inplace=True), such a write is an error, as nothing holds the old values)."""
+    versions = {name: t._version for name, t in _tensors(model)}
+    with state_kept(model):
+        calls = _record_calls(model, example_inputs)
+    written = [name for name, t in _tensors(model) if t._version != versions.get(name)]
+    if written and original is None:
+        raise InRankError(f"transform(inplace=True, example_inputs=...): running the example "
+                          f"wrote {', '.join(written)} in place, and nothing holds the values "
+                          "before it; pass inplace=False (transform then works on a copy)")
+    if written:
+        before = dict(_tensors(original))
+        with torch.no_grad():
+            for name, t in _tensors(model):
+                if name in written:
+                    t.copy_(before[name])
+    return calls
+
+
+def _tensors(model: nn.Module):
+    yield from model.named_parameters(remove_duplicate=False)
+    yield from model.named_buffers(remove_duplicate=False)
+
+
+def _record_calls(model: nn.Module, example_inputs) -> dict[str, tuple[tuple, dict]]:
     calls: dict[str, tuple[tuple, dict]] = {}
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
 

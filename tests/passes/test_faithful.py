@@ -1,0 +1,170 @@
+"""A pass never changes what a model computes: optional arguments, forwards that write state,
+heads in containers. Each model here has the pattern on its own, small."""
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from inrank_fx import InRankConfig, InRankError, freeze, ranks, summary, transform
+
+FULL = InRankConfig(init="svd", init_rank=1.0, buffer=0)
+
+
+class OptionalArgs(nn.Module):
+    """Reads its own weight (so its forward is rewritten) and branches on arguments that
+    default to None, both ways: `is not None` adds, `is None` picks another path."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(16, 16) / 4)
+
+    def forward(self, x, extra=None, mask=None):
+        y = F.linear(x, self.w)
+        if extra is not None:
+            y = y + extra
+        if mask is None:
+            y = y * 2
+        else:
+            y = y.masked_fill(mask, 0.0)
+        return y
+
+
+CALLS = {
+    "x": lambda x, e, m: ((x,), {}),
+    "x, extra": lambda x, e, m: ((x, e), {}),
+    "x, mask=": lambda x, e, m: ((x,), {"mask": m}),
+    "x, extra, mask": lambda x, e, m: ((x, e, m), {}),
+    "x, None, mask": lambda x, e, m: ((x, None, m), {}),
+    "x, extra=, mask=None": lambda x, e, m: ((x,), {"extra": e, "mask": None}),
+}
+
+
+@pytest.mark.parametrize("call", CALLS)
+def test_arguments_left_at_none_take_their_own_graph(call, rel_err):
+    torch.manual_seed(0)
+    model = OptionalArgs()
+    out = transform(model, FULL)
+    assert isinstance(out, fx.GraphModule) and len(out.forms) == 4  # ∅, extra, mask, both
+    assert ranks(out) == {"w": 16}
+    x, e, m = torch.randn(3, 16), torch.randn(3, 16), torch.rand(3, 16) > 0.5
+    args, kwargs = CALLS[call](x, e, m)
+    assert rel_err(out(*args, **kwargs), model(*args, **kwargs)) < 1e-5
+    for copied in (copy.deepcopy(out), freeze(out)):  # the forms survive a copy and freezing
+        assert rel_err(copied(*args, **kwargs), model(*args, **kwargs)) < 1e-5
+
+
+def test_call_forms_under_torch_compile(rel_err):
+    torch.manual_seed(0)
+    model = OptionalArgs()
+    compiled = torch.compile(transform(model, FULL), backend="aot_eager")
+    x, e = torch.randn(3, 16), torch.randn(3, 16)
+    assert rel_err(compiled(x), model(x)) < 1e-5
+    assert rel_err(compiled(x, e), model(x, e)) < 1e-5
+
+
+def test_a_required_argument_passed_none_is_refused_not_guessed():
+    class Required(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(16, 16))
+
+        def forward(self, x, mask):  # traced with mask given: `mask is None` would be baked
+            y = F.linear(x, self.w)
+            return y if mask is None else y * mask
+
+    out = transform(Required(), FULL)
+    out(torch.randn(2, 16), torch.ones(2, 16))
+    with pytest.raises(InRankError, match="mask=None"):
+        out(torch.randn(2, 16), None)
+
+
+class FlagOnFirstCall(nn.Module):
+    """Scales a child's weight in place on the first call and remembers it (as RWKV does on its
+    first eval call), and reads a weight of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.w = nn.Parameter(torch.randn(16, 16) / 4)
+        self.done = False
+
+    def forward(self, x):
+        if not self.done:
+            with torch.no_grad():
+                self.fc.weight.mul_(0.5)
+            self.done = True
+        return self.fc(F.linear(x, self.w))
+
+
+@pytest.mark.parametrize("example", [False, True], ids=["fx", "example_inputs"])
+def test_a_forward_that_writes_state_is_kept_as_it_was(example):
+    torch.manual_seed(0)
+    model, x = FlagOnFirstCall(), torch.randn(3, 16)
+    reference = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match="no matmul against a weight was factored"):
+        out = transform(model, FULL, example_inputs=(x,) if example else None)
+    assert out.done is False and model.done is False  # neither tracing nor the example ran it
+    assert torch.equal(out.fc.weight, reference.fc.weight)
+    assert ranks(out) == {}
+    text = str(summary(out))
+    assert "written in place by node 'mul_'" in text and "writes module state" in text
+    for _ in range(2):  # the first call scales, the second does not: as the original
+        assert torch.equal(out(x), reference(x))
+
+
+def test_example_inputs_in_place_with_nothing_to_restore_from_is_an_error():
+    model = FlagOnFirstCall()
+    with pytest.raises(InRankError, match="fc.weight"):
+        transform(model, FULL, example_inputs=(torch.randn(2, 16),), inplace=True)
+
+
+class ListHeads(nn.Module):
+    """Heads in an nn.ModuleList called from a root forward that does not trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.ModuleList([nn.Linear(16, 16) for _ in range(3)])
+
+    def forward(self, xs):
+        if xs[0].sum() > 0:  # data-dependent: fx cannot trace this forward
+            xs = [x * 1.0 for x in xs]
+        return [head(xs[i]) for i, head in enumerate(self.head)]
+
+
+def test_heads_in_a_list_called_by_an_untraced_forward_are_factored(rel_err):
+    torch.manual_seed(0)
+    model = ListHeads()
+    out = transform(model, FULL)
+    assert set(ranks(out)) == {"head.0", "head.1", "head.2"}
+    xs = [torch.randn(2, 16) for _ in range(3)]
+    for a, b in zip(out(xs), model(xs)):
+        assert rel_err(a, b) < 1e-5
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+
+    def forward(self, x):
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_freeze_leaves_standard_attention(merge, rel_err):
+    from inrank_fx.nn import FactoredMultiheadAttention, InRankMultiheadAttention
+
+    torch.manual_seed(0)
+    model = Attention().eval()
+    out = transform(model, InRankConfig(init="svd", init_rank=0.5, buffer=0))
+    assert isinstance(out.attn, InRankMultiheadAttention)
+    frozen = freeze(out, merge=merge)
+    assert not any(type(m) is InRankMultiheadAttention for m in frozen.modules())
+    expected = nn.MultiheadAttention if merge else FactoredMultiheadAttention
+    assert type(frozen.attn) is expected
+    x = torch.randn(2, 5, 32)
+    assert rel_err(frozen(x), out(x)) < 1e-5
