@@ -35,6 +35,7 @@ from .._table import format_table
 from .._timing import format_rate, median_ratio_interval, ratio_flags
 from ..export import check_inputs, flat_outputs
 from ..export.freeze import freeze
+from .summary import counted_forward
 
 BACKENDS = ("eager", "compile", "onnxruntime", "tensorrt")
 INFERENCE_ONLY = ("onnxruntime", "tensorrt")
@@ -222,8 +223,7 @@ def _count_flops(model, inputs, train, loss_fn) -> int:
             loss_fn(model(*inputs)).backward()
         model.zero_grad(set_to_none=True)
     else:
-        with torch.no_grad(), counter:
-            model(*inputs)
+        counter = counted_forward(model, inputs)
     return counter.get_total_flops()
 
 

@@ -144,15 +144,30 @@ def _is_batched_matmul(op) -> bool:
     return _op_name(op) in ("bmm", "baddbmm", "_grouped_mm")
 
 
-def flop_coverage(model: nn.Module, example_inputs) -> FlopCoverage:
-    """Measure how much of one forward's weight-matmul work the factored layers carry."""
+def counted_forward(model: nn.Module, inputs: tuple):
+    """One forward under torch.utils.flop_counter's FlopCounterMode, without autograd where the
+    model allows. The counter's module tracker hooks every module input and output that
+    requires grad, and under no_grad a view of a parameter handed to a module (learned queries
+    `self.query.expand(B, -1, -1)`) requires grad with no gradient function, which fails it
+    ("Expected gradient function to be set"); such a model is counted in grad mode."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    for grad in (False, True):
+        counter = FlopCounterMode(display=False)
+        try:
+            with torch.set_grad_enabled(grad), counter:
+                model(*inputs)
+            return counter
+        except AssertionError as err:
+            if grad or "gradient function" not in str(err):
+                raise
+    raise AssertionError("unreachable")
+
+
+def flop_coverage(model: nn.Module, example_inputs) -> FlopCoverage:
+    """Measure how much of one forward's weight-matmul work the factored layers carry."""
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(*inputs)
-    counts = counter.get_flop_counts()
+    counts = counted_forward(model, inputs).get_flop_counts()
     root = type(model).__name__
 
     def flops(path: str, only_weight_ops: bool = True, kind=_is_weight_matmul) -> int:

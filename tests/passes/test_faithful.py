@@ -168,3 +168,28 @@ def test_freeze_leaves_standard_attention(merge, rel_err):
     assert type(frozen.attn) is expected
     x = torch.randn(2, 5, 32)
     assert rel_err(frozen(x), out(x)) < 1e-5
+
+
+class LearnedQueries(nn.Module):
+    """Learned query tokens expanded and handed to a module (DETR, Perceiver): under no_grad
+    the expanded view requires grad with no gradient function, which FlopCounterMode's module
+    tracker cannot hook."""
+
+    def __init__(self):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(4, 32))
+        self.fc = nn.Linear(32, 32)
+
+    def forward(self, x):
+        return self.fc(self.query.expand(x.shape[0], -1, -1)) + x
+
+
+def test_flops_are_counted_where_the_model_needs_grad_mode():
+    from inrank_fx import bench
+
+    out = transform(LearnedQueries(), FULL)
+    x = torch.randn(2, 4, 32)
+    flops = summary(out, (x,)).flops
+    assert flops.factored_actual == 2 * (2 * 4 * 32 * 32) * 2  # two factors, full rank
+    assert flops.share == 1.0
+    assert bench._count_flops(out, (x,), False, None) >= flops.factored_actual
