@@ -29,6 +29,7 @@ from .matchers import (
     module_handler,
     view_chain,
 )
+from .faithful import differs_from_original
 from .substitutes import calls_children_only
 from .tracing import (
     TraceResult,
@@ -170,14 +171,26 @@ def _trace(module: nn.Module, path: str, captured: dict | None) -> TraceResult:
     own_weights = any(p.dim() >= 2 for p in module.parameters(recurse=False))
     lost = ((not trace.ok and own_weights)
             or (trace.ok and _weights_into_leaves(trace.graph, module)))
-    if not (captured and path in captured and lost) or trace.writes:
+    if captured and path in captured and lost and not trace.writes:
+        export_trace = export_own_forward(module, path, *captured[path])
+        if export_trace.ok:
+            trace = export_trace
+        elif not trace.ok:
+            trace.error += f"; torch.export: {export_trace.error}"
+    return _checked(module, trace, captured)
+
+
+def _checked(module: nn.Module, trace: TraceResult, captured: dict | None) -> TraceResult:
+    """The safety net: a graph that would replace the forward (it reads weights itself), run
+    on the module's example call next to the original; one that differs is not used."""
+    if not (trace.ok and captured and trace.path in captured):
         return trace
-    export_trace = export_own_forward(module, path, *captured[path])
-    if export_trace.ok:
-        return export_trace
-    if not trace.ok:
-        trace.error += f"; torch.export: {export_trace.error}"
-    return trace
+    if trace.frontend != "torch.export" and not trace.forms:
+        return trace  # reads no weight itself: never replaces the forward
+    why = differs_from_original(module, trace, captured[trace.path])
+    if why is None:
+        return trace
+    return TraceResult(trace.path, None, why, trace.frontend)
 
 
 def _children_called(module: nn.Module, path: str, config, reads: _Reads, where: str) -> None:

@@ -102,7 +102,8 @@ def compress(
     fraction in (0, 1]) of the parameters they held dense, counted as `freeze` ships them.
 
     `calibration`: example inputs, each a tensor, a tuple of positional arguments or a dict of
-    keyword arguments, as the model is called. With them each layer is truncated where its
+    keyword arguments, as the model is called (the first of a list is transform's
+    `example_inputs` unless those are given). With them each layer is truncated where its
     output changes least on those inputs (whitened by its input Gram matrix, damped by
     `damping` × its mean diagonal); without them by plain SVD. `allocation`: "global" (ranks
     where the spectra say rank is cheapest, the default) or "uniform" (one rank fraction for
@@ -131,6 +132,9 @@ def compress(
         raise InRankValueError("compress keeps each layer the linear map it was; "
                                f"InRankConfig.activation must be None, got {config.activation!r}")
     full = replace(config, init="svd", init_rank=1.0, buffer=0, silent_buffer=True)
+    if example_inputs is None and isinstance(calibration, (list, tuple)) and calibration \
+            and isinstance(calibration[0], (torch.Tensor, tuple)):
+        example_inputs = calibration[0]  # checks each rewritten forward against the original
     factored = transform(model, full, filter_fn=filter_fn, example_inputs=example_inputs)
     layers = factored_layers(factored)
     if not layers:

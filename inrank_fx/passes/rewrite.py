@@ -99,12 +99,13 @@ class CallFormsGraphModule(fx.GraphModule):
 
     fx traces an argument that defaults to None as if it were given, which would bake
     `if mask is not None` into the graph; so the pass traces such a forward once per call form
-    (which of those arguments a call leaves None), rewrites every graph alike, and this module
-    picks the graph by the call's arguments. `graph` is the form that gives every argument;
-    `forms` maps each form (the arguments left None) to its graph. A required argument passed
+    (its mode, and which of those arguments a call leaves None: `self.training` is baked into a
+    graph too), rewrites every graph alike, and this module picks the graph by its mode and the
+    call's arguments. `graph` is the form of the module's mode at transform time that gives
+    every argument; `forms` maps each `CallForm` to its graph. A required argument passed
     None, which no trace saw, raises instead of running a graph traced for a value."""
 
-    def set_forms(self, forward, forms: dict[tuple[str, ...], fx.Graph]) -> None:
+    def set_forms(self, forward, forms: dict) -> None:
         """Run `forms` (form → graph, rewritten in place), dispatched by the signature of the
         original `forward`."""
         self.__dict__["_call_signature"] = _plain_signature(forward)
@@ -112,7 +113,7 @@ class CallFormsGraphModule(fx.GraphModule):
         self.recompile()
 
     @property
-    def forms(self) -> dict[tuple[str, ...], fx.Graph]:
+    def forms(self) -> dict:
         return dict(self.__dict__.get("_call_forms", {}))
 
     def recompile(self):
@@ -139,15 +140,14 @@ def _plain_signature(forward) -> inspect.Signature:
                              return_annotation=inspect.Signature.empty)
 
 
-def _dispatcher(gm: fx.GraphModule, signature: inspect.Signature,
-                forms: dict[tuple[str, ...], fx.Graph]):
+def _dispatcher(gm: fx.GraphModule, signature: inspect.Signature, forms: dict):
     """The forward: `signature`'s own parameters, then the graph of the call's form, called
     with every argument in order (fx makes keyword-only arguments positional)."""
     parameters = list(signature.parameters.values())
     optional = [p.name for p in parameters if p.default is None
                 and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    compiled = {tuple(name in form for name in optional): _compiled(gm, graph)
-                for form, graph in forms.items()}
+    compiled = {(form.training, *(name in form.left_none for name in optional)):
+                _compiled(gm, graph) for form, graph in forms.items()}
     defaults = {f"_default_{p.name}": p.default for p in parameters
                 if p.default is not inspect.Parameter.empty}
     header, passed, keyword_only = [], [], False
@@ -166,8 +166,8 @@ def _dispatcher(gm: fx.GraphModule, signature: inspect.Signature,
                 and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     lines = [f"def forward(self, {', '.join(header)}):"]
     lines += [f"    if {name} is None: raise _required_none({name!r})" for name in required]
-    key = "".join(f"{name} is None, " for name in optional)
-    lines.append(f"    return _forms[({key})](self, {', '.join(passed)})")
+    key = "".join(f" {name} is None," for name in optional)
+    lines.append(f"    return _forms[(self.training,{key})](self, {', '.join(passed)})")
     path = type(gm).__name__
 
     def required_none(name: str) -> InRankError:

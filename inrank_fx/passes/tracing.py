@@ -13,6 +13,7 @@ import contextlib
 import inspect
 import itertools
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.fx as fx
@@ -44,11 +45,16 @@ def has_own_forward(module: nn.Module) -> bool:
     return type(module).forward is not nn.Module.forward
 
 
-# A call form: the arguments (of those that default to None) a call leaves None.
-CallForm = tuple[str, ...]
+class CallForm(NamedTuple):
+    """What a traced graph is specialised to, beyond its tensors: the module's mode (a forward
+    that reads `self.training` bakes it in) and which arguments defaulting to None the call
+    leaves None."""
+
+    training: bool
+    left_none: tuple[str, ...] = ()
 
 # The most arguments defaulting to None a forward that reads weights may have: the pass traces
-# it once per call form, 2**n graphs.
+# it once per call form, 2 * 2**n graphs.
 MAX_OPTIONAL_ARGUMENTS = 5
 
 
@@ -79,8 +85,8 @@ class TraceResult:
 def trace_own_forward(module: nn.Module, path: str) -> TraceResult:
     """Trace `module.forward` with its submodules as leaves; never raises for trace errors.
 
-    A forward that reads weights is traced once per call form of its arguments that default to
-    None. A forward that writes module state (an attribute, a weight in place) is not traced:
+    A forward that reads weights is traced once per call form: in training and in eval mode,
+    with every subset of its arguments that default to None left None. A forward that writes module state (an attribute, a weight in place) is not traced:
     a graph would replay the write on every call or drop it; the module is left as it was."""
     try:
         with state_kept(module) as writes:
@@ -101,15 +107,19 @@ def trace_own_forward(module: nn.Module, path: str) -> TraceResult:
                                        f"to None ({', '.join(optional)}): the pass traces one "
                                        f"graph per call form, for at most "
                                        f"{MAX_OPTIONAL_ARGUMENTS}")
-    forms = {(): graph}
-    for form in _call_forms(optional):
+    forms = {CallForm(module.training): graph}
+    for form in _call_forms(module.training, optional):
         try:
             with state_kept(module):
-                forms[form] = ShallowTracer().trace(module, concrete_args=dict.fromkeys(form))
+                module.train(form.training)
+                forms[form] = ShallowTracer().trace(
+                    module, concrete_args=dict.fromkeys(form.left_none) or None)
         except Exception as err:
-            left = ", ".join(f"{name}=None" for name in form)
-            return TraceResult(path, None, f"called with {left}: {_first_line(err)}")
-    return TraceResult(path, graph, forms=forms if len(forms) > 1 else {})
+            left = ", ".join(f"{name}=None" for name in form.left_none)
+            mode = "training" if form.training else "eval"
+            return TraceResult(path, None, f"in {mode} mode" + (f", called with {left}" * bool(left))
+                               + f": {_first_line(err)}")
+    return TraceResult(path, graph, forms=forms)
 
 
 def optional_arguments(module: nn.Module) -> list[str]:
@@ -122,10 +132,12 @@ def optional_arguments(module: nn.Module) -> list[str]:
             and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
-def _call_forms(optional: list[str]) -> list[CallForm]:
-    """Every non-empty subset of `optional`, as the arguments a call leaves None."""
-    return [form for n in range(1, len(optional) + 1)
-            for form in itertools.combinations(optional, n)]
+def _call_forms(training: bool, optional: list[str]) -> list[CallForm]:
+    """Every form but (training, nothing left None): both modes, every subset of `optional`."""
+    subsets = [form for n in range(len(optional) + 1)
+               for form in itertools.combinations(optional, n)]
+    return [CallForm(mode, subset) for mode in (training, not training) for subset in subsets
+            if (mode, subset) != (training, ())]
 
 
 def _reads_weights(graph: fx.Graph, module: nn.Module) -> bool:

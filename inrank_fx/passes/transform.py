@@ -38,7 +38,7 @@ from .rewrite import (
     read_through_weight,
 )
 from .substitutes import apply_substitutes, restore_unused
-from .tracing import state_kept
+from .tracing import CallForm, state_kept
 
 log = logging.getLogger("inrank_fx")
 
@@ -564,10 +564,13 @@ def _rewrite_graph(gm: fx.GraphModule, sites: list, stacks: list[str]) -> fx.Gra
 
 def _rewrite_forms(module: nn.Module, trace, sites: list, stacks: list[str]) -> fx.GraphModule:
     """The fx-traced forward of `module`, rewritten in every call form it was traced in."""
-    forms = trace.forms or {(): trace.graph}
+    primary = CallForm(module.training)
+    forms = trace.forms or {primary: trace.graph}
     rewritten = {form: _rewrite_graph(graph_module_like(module, graph), sites, stacks)
                  for form, graph in forms.items()}
-    gm = graph_module_like(module, rewritten[()].graph, CallFormsGraphModule)
+    if not trace.forms:  # one graph (it reads no weight itself): the same in either mode
+        rewritten[primary._replace(training=not module.training)] = rewritten[primary]
+    gm = graph_module_like(module, rewritten[primary].graph, CallFormsGraphModule)
     for other in rewritten.values():  # attributes only another form's graph reads (constants)
         for node in other.graph.nodes:
             if node.op == "get_attr" and not hasattr(gm, node.target.split(".")[0]):

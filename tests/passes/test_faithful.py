@@ -48,7 +48,7 @@ def test_arguments_left_at_none_take_their_own_graph(call, rel_err):
     torch.manual_seed(0)
     model = OptionalArgs()
     out = transform(model, FULL)
-    assert isinstance(out, fx.GraphModule) and len(out.forms) == 4  # ∅, extra, mask, both
+    assert isinstance(out, fx.GraphModule) and len(out.forms) == 8  # 2 modes × (∅, extra, mask, both)
     assert ranks(out) == {"w": 16}
     x, e, m = torch.randn(3, 16), torch.randn(3, 16), torch.rand(3, 16) > 0.5
     args, kwargs = CALLS[call](x, e, m)
@@ -193,3 +193,53 @@ def test_flops_are_counted_where_the_model_needs_grad_mode():
     assert flops.factored_actual == 2 * (2 * 4 * 32 * 32) * 2  # two factors, full rank
     assert flops.share == 1.0
     assert bench._count_flops(out, (x,), False, None) >= flops.factored_actual
+
+
+class TrainingBranch(nn.Module):
+    """Reads `self.training` in a forward that is rewritten: a graph bakes the mode in."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(16, 16) / 4)
+
+    def forward(self, x):
+        y = F.linear(x, self.w)
+        return y * 3 if self.training else y - 1
+
+
+@pytest.mark.parametrize("traced_in", ["train", "eval"])
+def test_the_mode_picks_its_own_graph(traced_in, rel_err):
+    torch.manual_seed(0)
+    model = TrainingBranch().train(traced_in == "train")
+    out = transform(model, FULL)
+    x = torch.randn(3, 16)
+    for mode in (True, False, True):
+        model.train(mode), out.train(mode)
+        assert rel_err(out(x), model(x)) < 1e-5
+
+
+class GradModeBranch(nn.Module):
+    """Reads global state fx cannot see: the trace bakes in the grad mode it ran under."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(16, 16) / 4)
+
+    def forward(self, x):
+        y = F.linear(x, self.w)
+        if not torch.is_grad_enabled():  # an inference-only shortcut
+            y = y.clamp(min=0)
+        return y
+
+
+def test_a_graph_that_differs_on_the_example_is_not_used(rel_err):
+    torch.manual_seed(0)
+    model, x = GradModeBranch(), torch.randn(3, 16)
+    with pytest.warns(UserWarning, match="no matmul against a weight was factored"):
+        out = transform(model, FULL, example_inputs=(x,))
+    assert ranks(out) == {}
+    assert "differs from the original on the example call" in str(summary(out))
+    without = transform(model, FULL)  # without an example there is nothing to check against
+    with torch.no_grad():
+        assert torch.equal(out(x), model(x))
+        assert rel_err(without(x), model(x)) > 0.1
