@@ -27,12 +27,14 @@ from .spectrum import factor_singular_values, update_singular_values
 
 # What StackReads answers from the factors' metadata, without forming the product.
 STACK_METADATA = frozenset({"shape", "dtype", "device", "ndim", "requires_grad", "is_cuda",
-                            "size", "dim", "numel"})
+                            "layout", "is_meta", "is_sparse", "is_quantized", "size", "dim",
+                            "numel"})
 
 
 class StackMetadata:
     """A stack's metadata (E × out × in) answered without forming it, as a tensor's: shape,
-    size(), dim(), ndim, numel(), and dtype, device, requires_grad, is_cuda of its factors."""
+    size(), dim(), ndim, numel(), and dtype, device, requires_grad, is_cuda, layout, is_meta of
+    its factors (every read `matchers.METADATA_ATTRS` lets through)."""
 
     shape: torch.Size
 
@@ -58,6 +60,17 @@ class StackMetadata:
     @property
     def ndim(self) -> int:
         return 3
+
+    @property
+    def layout(self) -> torch.layout:
+        return self._a_factor().layout
+
+    @property
+    def is_meta(self) -> bool:
+        return self._a_factor().is_meta
+
+    is_sparse = False
+    is_quantized = False
 
     def size(self, dim: int | None = None):
         return self.shape if dim is None else self.shape[dim]
@@ -292,9 +305,13 @@ class ExpertList(StackMetadata, nn.ModuleList):
     def weight(self) -> torch.Tensor:
         return torch.stack([expert.weight for expert in self])
 
+    def expert(self, index) -> nn.Module:
+        """Expert `index`'s layer."""
+        return nn.ModuleList.__getitem__(self, index)
+
     def forward(self, x: torch.Tensor, transposed: bool = True, expert=None) -> torch.Tensor:
         if expert is not None:
-            return _times(self[expert], x, transposed)
+            return _times(self.expert(expert), x, transposed)
         experts = len(self)
         x = x.expand(*x.shape[:-3], experts, *x.shape[-2:]) if x.dim() >= 3 else \
             x.expand(experts, *x.shape)
@@ -313,11 +330,22 @@ class ExpertList(StackMetadata, nn.ModuleList):
 
     @property
     def shape(self) -> torch.Size:
-        first = self[0]
+        first = self.expert(0)
         return torch.Size((len(self), first.out_features, first.in_features))
 
     def _a_factor(self) -> torch.Tensor:
         return next(self.parameters())
+
+
+class IndexedExpertList(ExpertList):
+    """An ExpertList read by indexing in a forward the pass could not rewrite (`self.w[e]` in a
+    loop over the experts, as transformers' MixtralExperts): `[e]` is expert e's matrix, as the
+    stack's was (`expert(e)` its layer)."""
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return super().__getitem__(index)
+        return self.expert(index).weight
 
 
 def _times(layer: nn.Module, x: torch.Tensor, transposed: bool) -> torch.Tensor:

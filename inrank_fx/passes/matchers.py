@@ -141,10 +141,19 @@ BATCHED_MATMULS = frozenset({torch.bmm, torch.baddbmm, torch.matmul, torch.einsu
 BATCHED_METHODS = frozenset({"bmm", "baddbmm", "matmul"})
 
 
+def is_expert_index(node: fx.Node) -> bool:
+    """`w[e]` (getitem) or its aten form `aten.select.int(w, 0, e)` (what torch.export records)."""
+    if node.op != "call_function":
+        return False
+    if node.target is operator.getitem:
+        return True
+    return node.target is torch.ops.aten.select.int and len(node.args) == 3 and node.args[1] == 0
+
+
 def is_batched_matmul(node: fx.Node) -> bool:
     """Is `node` a batched matmul (bmm, baddbmm, matmul, einsum, grouped mm), or one expert
     indexed out of a stack and then multiplied (`F.linear(x, w[e])`: a loop over experts)?"""
-    if node.op == "call_function" and node.target is operator.getitem:
+    if is_expert_index(node):
         return any(is_batched_matmul(user) or function_handler(user) is not None
                    for user in node.users)
     if node.op == "call_function":

@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import InRankError
 from ..nn.experts import STACK_METADATA
 from ..nn.modules import carry_hooks
-from .matchers import MatmulSite, view_chain
+from .matchers import MatmulSite, is_expert_index, view_chain
 
 
 @torch.fx.wrap
@@ -239,9 +239,9 @@ def _stack_matmuls(stack: fx.Node) -> list[tuple[fx.Node, fx.Node, dict]]:
     for view in list(stack.users):
         if _swaps_last_two(view, stack):  # w.mT, w.transpose(1, 2), w.permute(0, 2, 1)
             calls = [(u, _matmul_call(u, view, transposed=True)) for u in view.users]
-        elif view.op == "call_function" and view.target is operator.getitem \
-                and view.args[0] is stack and isinstance(view.args[1], (int, fx.Node)):
-            calls = [(u, _linear_call(u, view, view.args[1])) for u in view.users]
+        elif is_expert_index(view) and view.args[0] is stack \
+                and isinstance(view.args[-1], (int, fx.Node)):  # w[e], aten.select.int(w, 0, e)
+            calls = [(u, _linear_call(u, view, view.args[-1])) for u in view.users]
         else:
             continue
         if calls and all(call is not None for _, call in calls):
@@ -304,9 +304,12 @@ def _einsum_call(node: fx.Node, stack: fx.Node) -> dict | None:
     return {"args": (x,), "kwargs": {"transposed": contracted == cols}}
 
 
+_LINEARS = (torch.nn.functional.linear, torch.ops.aten.linear.default)
+
+
 def _linear_call(node: fx.Node, expert: fx.Node, index) -> dict | None:
     """`F.linear(x, w[e], b)` as the layer's call for expert e (plus the bias)."""
-    if node.op != "call_function" or node.target is not torch.nn.functional.linear:
+    if node.op != "call_function" or node.target not in _LINEARS:
         return None
     args = dict(zip(("input", "weight", "bias"), node.args), **node.kwargs)
     if args.get("weight") is not expert or args.get("input") is expert \
@@ -334,20 +337,3 @@ def _swaps_last_two(node: fx.Node, source: fx.Node) -> bool:
             node.op == "call_function" and node.target in (torch.permute, torch.ops.aten.permute.default):
         return dims == (0, 2, 1)
     return False
-
-
-def read_as_property(owner: nn.Module, attr: str) -> None:
-    """Make `owner.<attr>` (now a factored stack, `InRankExperts`) read as the stacked product
-    it replaced, for forwards that cannot be rewritten: the owner's class is swapped (as
-    torch.nn.utils.parametrize does) for a subclass whose property `attr` returns
-    `owner._modules[attr].weight`, so any code reading the attribute gets a tensor of the
-    parameter's shape, whatever it does with it."""
-    base = type(owner)
-    reads = dict(getattr(base, "_inrank_stack_reads", ()))
-    reads[attr] = property(lambda self, _attr=attr: self._modules[_attr].weight)
-    cls = type(base.__name__, (getattr(base, "_inrank_base", base),),
-               {**reads, "_inrank_stack_reads": tuple(reads.items()),
-                "_inrank_base": getattr(base, "_inrank_base", base),
-                "__module__": base.__module__, "__qualname__": base.__qualname__})
-    owner.__class__ = cls
-

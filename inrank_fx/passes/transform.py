@@ -23,7 +23,7 @@ from torch import nn
 
 from ..config import REPORT_ATTR, InRankConfig
 from ..errors import InRankError, InRankTypeError
-from ..nn.experts import FACTORED_STACKS, ExpertList, InRankExperts
+from ..nn.experts import FACTORED_STACKS, ExpertList, IndexedExpertList, InRankExperts
 from ..nn.linear import FactoredLayer, InRankLinear
 from ..nn.modules import carry_hooks, replace_module
 from ..nn.spectrum import explained_ratios, select_rank
@@ -34,7 +34,6 @@ from .rewrite import (
     factor_matmul_sites,
     graph_module_like,
     install_layer,
-    read_as_property,
     read_through_weight,
 )
 from .substitutes import apply_substitutes, restore_unused
@@ -162,8 +161,8 @@ def transform(
         for name in weight.names:
             install_layer(model, name, layer)
             if isinstance(layer, FACTORED_STACKS) and weight.reads_of("opaque")[0].untraced:
-                owner, _, attr = name.rpartition(".")  # read in a forward that did not trace
-                read_as_property(model.get_submodule(owner), attr)
+                # indexed in a forward that did not trace (`self.w[e]`): the layer answers
+                # `[e]` with expert e's matrix, and the metadata reads, as the stack did
                 layer.product_reads = True
     model, rewritten = _rewrite_forwards(model, analysis, installs)
     restore_unused(substituted, lambda m: isinstance(m, FactoredLayer))
@@ -332,11 +331,10 @@ def _expert_stack(weight: WeightUse, opaque: list, batched: list,
     where = batched[0].where
     where = f"read by {where}" if where.startswith("node") else where
     stack = f"a stack of {experts} matrices ({experts}x{n_out}x{n_in}, mixture-of-experts weights)"
-    unseen = [r for r in opaque if r.untraced
-              or r.owner in ctx.exported or not weight.name.startswith(_prefix(r.owner))]
+    unseen = [r for r in opaque if r.untraced or not weight.name.startswith(_prefix(r.owner))]
     if unseen:
         return Dense(weight.name, f"{stack} {where}; also {unseen[0].where}, a read that cannot "
-                                  "be rewritten (not traced by fx)", expert_stack=True)
+                                  "be rewritten (not traced)", expert_stack=True)
     found = Candidate(weight.name, "experts", weight, weight.param, asked=True)
     return _filtered(found, ctx)
 
@@ -419,7 +417,8 @@ def build_layer(candidate: Candidate, config: InRankConfig,
                        else _initial_rank(candidate.matrix, candidate.name, config))
     width = config.width_for(rank, min(candidate.matrix.shape[-2:]))
     template = DenseTemplate(candidate.module, None, candidate.transposed, candidate.handler,
-                             rank, width - rank, config, candidate.name)
+                             rank, width - rank, config, candidate.name,
+                             indexed=candidate.kind == "experts (indexed)")
     if candidate.module is None:  # a weight read by functional matmuls
         owner, _, attr = candidate.name.rpartition(".")
         template.module = weight_holder(model.get_submodule(owner), attr, candidate.weight.param)
@@ -451,6 +450,7 @@ class DenseTemplate:
     buffer: int
     config: InRankConfig
     name: str
+    indexed: bool = False  # a stack of experts read by indexing, `w[e]`, in an untraced forward
 
     def build(self, module: nn.Module) -> nn.Module:
         config = self.config
@@ -460,7 +460,8 @@ class DenseTemplate:
         else:
             weight = getattr(module, self.weight_attr)
             if weight.dim() == 3:  # a stack of experts' matrices: one rank, or one each
-                kind = ExpertList if config.expert_ranks == "expert" else InRankExperts
+                kind = InRankExperts if config.expert_ranks != "expert" else \
+                    IndexedExpertList if self.indexed else ExpertList
                 layer = kind.from_stack(weight, self.rank, buffer=self.buffer, init=config.init,
                                         name=self.name)
             else:
@@ -527,15 +528,17 @@ def _rewrite_forwards(model: nn.Module, analysis: Analysis,
     rewritten = []
     by_owner: dict[str, list[tuple[MatmulSite, str, nn.Module]]] = {}
     stacks: dict[str, list[str]] = {}  # owner → get_attr targets of factored expert stacks
+    layers: dict[tuple[str, str], nn.Module] = {}  # (owner, target) → the stack's layer
     for weight, layer in installs:
         for read in weight.reads_of("site"):
             target = read.site.param_node.target
             by_owner.setdefault(read.owner, []).append((read.site, target, layer))
         if isinstance(layer, FACTORED_STACKS):
             for read in [r for r in weight.reads_of("opaque") if not r.untraced]:
-                targets = stacks.setdefault(read.owner, [])
-                targets += [n[len(_prefix(read.owner)):] for n in weight.names
-                            if n.startswith(_prefix(read.owner))]
+                mine = [n[len(_prefix(read.owner)):] for n in weight.names
+                        if n.startswith(_prefix(read.owner))]
+                stacks.setdefault(read.owner, []).extend(mine)
+                layers.update({(read.owner, target): layer for target in mine})
     for owner in sorted({*by_owner, *stacks}, key=lambda p: -p.count(".") if p else 1):
         module = model.get_submodule(owner)
         trace = analysis.traces[owner]
@@ -544,6 +547,8 @@ def _rewrite_forwards(model: nn.Module, analysis: Analysis,
             gm = trace.module  # the exported module holds the same parameters at the same paths
             for _, target, layer in sites:
                 install_layer(gm, target, layer)
+            for target in stacks.get(owner, []):
+                install_layer(gm, target, layers[owner, target])
             carry_hooks(module, gm)
             _rewrite_graph(gm, sites, stacks.get(owner, []))
         else:

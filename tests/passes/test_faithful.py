@@ -243,3 +243,45 @@ def test_a_graph_that_differs_on_the_example_is_not_used(rel_err):
     with torch.no_grad():
         assert torch.equal(out(x), model(x))
         assert rel_err(without(x), model(x)) > 0.1
+
+
+class IndexedExperts(nn.Module):
+    """Experts as one 3-D parameter, one expert at a time in a loop fx cannot trace (range of
+    a shape), as transformers' MixtralExperts: torch.export takes the dense model."""
+
+    def __init__(self, dim=32, hidden=48, experts=4):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(experts, hidden, dim) / dim ** 0.5)
+        self.router = nn.Linear(dim, experts)
+
+    def forward(self, x):
+        weights = torch.softmax(self.router(x), -1)
+        out = 0
+        for e in range(self.w.shape[0]):  # fx: range() of a Proxy
+            out = out + weights[..., e:e + 1] * F.linear(x, self.w[e])
+        return out
+
+
+class WithExperts(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.moe = IndexedExperts()
+        self.head = nn.Linear(48, 16)
+
+    def forward(self, x):
+        return self.head(self.moe(x))
+
+
+@pytest.mark.parametrize("example", [False, True], ids=["fx", "example_inputs"])
+def test_factored_experts_still_export(example, rel_err):
+    torch.manual_seed(0)
+    model, x = WithExperts().eval(), torch.randn(2, 5, 32)
+    torch.export.export(model, (x,))  # the dense model exports
+    out = transform(model, InRankConfig(init="svd", init_rank=1.0, buffer=0, min_features=1),
+                    example_inputs=(x,) if example else None)
+    assert "moe.w" in ranks(out)  # factored, never dropped
+    assert rel_err(out(x), model(x)) < 1e-5
+    for candidate in (out, freeze(out)):
+        program = torch.export.export(candidate, (x,))
+        assert rel_err(program.module()(x), model(x)) < 1e-5
+    assert rel_err(torch.compile(out, backend="aot_eager")(x), model(x)) < 1e-5
