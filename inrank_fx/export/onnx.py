@@ -132,7 +132,11 @@ def to_onnx(
         if onnx_program is not None:
             onnx_program.save(tmp)
         else:
-            report.opset = _torchscript_export(frozen, inputs, tmp, dynamic_batch, opset, ranks)
+            try:
+                report.opset = _torchscript_export(frozen, inputs, tmp, dynamic_batch, opset,
+                                                   ranks)
+            except ExportError as err:
+                raise ExportError("; ".join([*report.notes[:1], str(err)])) from err
         if verify:
             _verify(frozen, inputs, tmp, dynamic_batch, rtol, report)
         written = list(tmp.parent.iterdir())
@@ -146,6 +150,8 @@ def _torchscript_export(frozen: nn.Module, inputs, file: Path, dynamic_batch: bo
     the dynamo exporter cannot translate. Returns the file's opset."""
     import onnx
 
+    if dynamic_batch:
+        _refuse_baked_sizes(frozen)
     names = [f"input_{i}" for i in range(len(inputs))]
     dynamic_axes = ({n: {0: "batch"} for n, x in zip(names, inputs) if x.dim()}
                     if dynamic_batch else None)
@@ -155,8 +161,8 @@ def _torchscript_export(frozen: nn.Module, inputs, file: Path, dynamic_batch: bo
             # second batch size is what tells whether the trace generalises.
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
-            torch.onnx.export(frozen, inputs, str(file), dynamo=False, input_names=names,
-                              opset_version=opset, dynamic_axes=dynamic_axes)
+            torch.onnx.export(_Called(frozen), inputs, str(file), dynamo=False,
+                              input_names=names, opset_version=opset, dynamic_axes=dynamic_axes)
     except Exception as err:
         raise ExportError(f"torch.onnx's TorchScript exporter could not export "
                           f"{type(frozen).__name__} either: {_root_cause(err)}") from err
@@ -164,6 +170,38 @@ def _torchscript_export(frozen: nn.Module, inputs, file: Path, dynamic_batch: bo
     onnx.helper.set_model_props(proto, {RANKS_METADATA_KEY: json.dumps(ranks)})
     onnx.save(proto, str(file))
     return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def _refuse_baked_sizes(frozen: nn.Module) -> None:
+    """torch.jit.trace turns a size that an aten graph reads (`aten.sym_size.int(x, 0)`, in a
+    forward the pass captured with torch.export) into a constant: the file would run at the
+    example's batch size only. Refuse, naming the node, before writing anything."""
+    import torch.fx as fx
+
+    for path, module in frozen.named_modules():
+        if not isinstance(module, fx.GraphModule):
+            continue
+        for node in module.graph.nodes:
+            if node.op == "call_function" and getattr(node.target, "namespace", "") == "aten" \
+                    and str(getattr(node.target, "__name__", "")).startswith("sym_"):
+                raise ExportError(
+                    f"torch.onnx's TorchScript exporter would bake the sizes that "
+                    f"{repr(path) if path else 'the root module'} reads (node {node.name!r}, "
+                    f"{node.target}; a forward captured by torch.export) into the file, which "
+                    "would then run at the example's batch size only; pass dynamic_batch=False "
+                    "for a file at that batch size")
+
+
+class _Called(nn.Module):
+    """The model as a child: the TorchScript exporter takes a root GraphModule (a rewritten root
+    forward) for a ScriptModule and reads its `graph` as a TorchScript graph."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *inputs):
+        return self.model(*inputs)
 
 
 def _root_cause(err: BaseException) -> str:

@@ -285,3 +285,37 @@ def test_factored_experts_still_export(example, rel_err):
         program = torch.export.export(candidate, (x,))
         assert rel_err(program.module()(x), model(x)) < 1e-5
     assert rel_err(torch.compile(out, backend="aot_eager")(x), model(x)) < 1e-5
+
+
+class BatchReshape(nn.Module):
+    """fx cannot trace it (a Proxy in control flow); torch.export captures it reading the batch
+    size (aten.sym_size), which torch.jit.trace would bake into a file."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(32, 32) / 6)
+
+    def forward(self, x):
+        if x.dim() == 3:
+            x = x.reshape(x.shape[0], -1)
+        return F.linear(x.reshape(x.shape[0], -1, 32), self.w).flatten(1)
+
+
+def test_every_onnx_path_keeps_the_batch_dynamic_or_refuses(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from inrank_fx.export import ExportError, to_onnx
+
+    torch.manual_seed(0)
+    # a rewritten root forward (a GraphModule at the root) through the TorchScript exporter
+    report = to_onnx(transform(OptionalArgs(), FULL), (torch.randn(2, 16),),
+                     tmp_path / "root.onnx", exporter="torchscript")
+    assert report.batch_sizes == [2, 3]
+    model, x = BatchReshape().eval(), torch.randn(1, 4, 8)
+    out = transform(model, FULL, example_inputs=(x,))
+    assert out.__class__.__name__ == "BatchReshape" and ranks(out) == {"w": 32}
+    assert to_onnx(out, (x,), tmp_path / "dynamo.onnx").batch_sizes == [1, 3]
+    with pytest.raises(ExportError, match="node 'sym_size_int_1'.*dynamic_batch=False"):
+        to_onnx(out, (x,), tmp_path / "ts.onnx", exporter="torchscript")
+    assert not (tmp_path / "ts.onnx").exists()
+    fixed = to_onnx(out, (x,), tmp_path / "ts.onnx", exporter="torchscript", dynamic_batch=False)
+    assert fixed.batch_sizes == [1]
