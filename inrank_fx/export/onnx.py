@@ -161,8 +161,9 @@ def _torchscript_export(frozen: nn.Module, inputs, file: Path, dynamic_batch: bo
             # second batch size is what tells whether the trace generalises.
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
-            torch.onnx.export(_Called(frozen), inputs, str(file), dynamo=False,
-                              input_names=names, opset_version=opset, dynamic_axes=dynamic_axes)
+            root = _Called(frozen) if isinstance(frozen, torch.fx.GraphModule) else frozen
+            torch.onnx.export(root, inputs, str(file), dynamo=False, input_names=names,
+                              opset_version=opset, dynamic_axes=dynamic_axes)
     except Exception as err:
         raise ExportError(f"torch.onnx's TorchScript exporter could not export "
                           f"{type(frozen).__name__} either: {_root_cause(err)}") from err
@@ -199,6 +200,7 @@ class _Called(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.train(model.training)
 
     def forward(self, *inputs):
         return self.model(*inputs)
