@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils import _pytree
 
 from .linear import INITS, FactoredLayer, _random_factors, _random_like, _svd_factors
 from .spectrum import factor_singular_values, update_singular_values
@@ -72,6 +73,25 @@ class StackMetadata:
     is_sparse = False
     is_quantized = False
 
+    def __getattr__(self, name: str):
+        """Whatever else a tensor has (`w.transpose(1, 2)`, `w.mT`, `w.contiguous()`) is the
+        stacked product's: code the pass never saw (a kernel a decorator dispatches to, as
+        transformers' experts implementations) reads the stack as the parameter it was."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_") or name not in _TENSOR_ATTRIBUTES \
+                    or "_parameters" not in self.__dict__:
+                raise
+            return getattr(self.weight, name)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        """A torch function handed the stack itself (`torch.bmm(x, w)`, `x @ w`) gets its
+        product."""
+        args, kwargs = _pytree.tree_map(_product, (tuple(args), kwargs or {}))
+        return func(*args, **kwargs)
+
     def size(self, dim: int | None = None):
         return self.shape if dim is None else self.shape[dim]
 
@@ -80,6 +100,13 @@ class StackMetadata:
 
     def numel(self) -> int:
         return self.shape.numel()
+
+
+_TENSOR_ATTRIBUTES = frozenset(dir(torch.Tensor))
+
+
+def _product(value):
+    return value.weight if isinstance(value, StackMetadata) else value
 
 
 class StackReads(StackMetadata):

@@ -24,6 +24,7 @@ from .matchers import (
     NotFactorable,
     function_handler,
     handled_weights,
+    indexed_only,
     is_batched_matmul,
     is_metadata_read,
     module_handler,
@@ -168,7 +169,10 @@ def _trace(module: nn.Module, path: str, captured: dict | None) -> TraceResult:
     other children traced on their own), or weights it hands to a function fx keeps as a leaf
     (torch.fx.wrap), whose matmuls only torch.export sees."""
     trace = trace_own_forward(module, path)
-    own_weights = any(p.dim() >= 2 for p in module.parameters(recurse=False))
+    # (a stack of experts only indexed, `self.w[e]`, is factored without a graph: the forward
+    # runs unchanged on the factored stack, as it does without example_inputs)
+    own_weights = any(p.dim() == 2 or p.dim() >= 3 and not indexed_only(module, name)
+                      for name, p in module.named_parameters(recurse=False))
     lost = ((not trace.ok and own_weights)
             or (trace.ok and _weights_into_leaves(trace.graph, module)))
     if captured and path in captured and lost and not trace.writes:

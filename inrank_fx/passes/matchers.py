@@ -137,7 +137,11 @@ def is_metadata_read(node: fx.Node) -> bool:
 
 # Ops that multiply stacks of matrices: what runs mixture-of-experts weights (experts × out × in).
 BATCHED_MATMULS = frozenset({torch.bmm, torch.baddbmm, torch.matmul, torch.einsum,
-                             operator.matmul, *filter(None, [getattr(torch, "_grouped_mm", None)])})
+                             operator.matmul, *filter(None, [getattr(torch, "_grouped_mm", None)]),
+                             # their aten forms, as a forward captured by torch.export has them
+                             torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default,
+                             torch.ops.aten.matmul.default, torch.ops.aten.einsum.default,
+                             *filter(None, [getattr(torch.ops.aten, "_grouped_mm", None)])})
 BATCHED_METHODS = frozenset({"bmm", "baddbmm", "matmul"})
 
 
@@ -150,12 +154,29 @@ def is_expert_index(node: fx.Node) -> bool:
     return node.target is torch.ops.aten.select.int and len(node.args) == 3 and node.args[1] == 0
 
 
+def _swaps_last_two_of_stack(node: fx.Node) -> bool:
+    """aten.transpose.int(w, -2, -1) / (1, 2) of a 3-D tensor, or w.mT."""
+    if node.op == "call_function" and node.target is torch.ops.aten.transpose.int \
+            and len(node.args) == 3:
+        return sorted(d % 3 for d in node.args[1:] if isinstance(d, int)) == [1, 2]
+    return node.op == "call_function" and node.target is getattr and node.args[1:] == ("mT",)
+
+
+def _is_custom_op(node: fx.Node) -> bool:
+    """An op registered outside aten (torch.library): a kernel such as transformers'
+    grouped_mm_fallback, which a mixture of experts hands its transposed stack to."""
+    namespace = getattr(node.target, "namespace", None)
+    return node.op == "call_function" and namespace not in (None, "aten", "prim", "prims")
+
+
 def is_batched_matmul(node: fx.Node) -> bool:
     """Is `node` a batched matmul (bmm, baddbmm, matmul, einsum, grouped mm), or one expert
     indexed out of a stack and then multiplied (`F.linear(x, w[e])`: a loop over experts)?"""
     if is_expert_index(node):
         return any(is_batched_matmul(user) or function_handler(user) is not None
                    for user in node.users)
+    if _swaps_last_two_of_stack(node):  # w.transpose(-2, -1) handed on: to a batched matmul,
+        return any(is_batched_matmul(user) or _is_custom_op(user) for user in node.users)
     if node.op == "call_function":
         return node.target in BATCHED_MATMULS
     return node.op == "call_method" and node.target in BATCHED_METHODS

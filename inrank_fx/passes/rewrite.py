@@ -125,6 +125,9 @@ class CallFormsGraphModule(fx.GraphModule):
 
     def __deepcopy__(self, memo):
         copied = super().__deepcopy__(memo)
+        for key, value in self.__dict__.items():  # fx keeps only what `graph` reads: the
+            if key not in copied.__dict__:  # other forms' constants go too
+                copied.__dict__[key] = copy.deepcopy(value, memo)
         if "_call_forms" in self.__dict__:
             copied.__dict__["_call_signature"] = self.__dict__["_call_signature"]
             copied.__dict__["_call_forms"] = copy.deepcopy(self.__dict__["_call_forms"], memo)
@@ -260,7 +263,8 @@ def _stack_metadata_read(node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in STACK_METADATA
 
 
-_MATMUL_FUNCTIONS = (torch.bmm, torch.matmul, operator.matmul)
+_MATMUL_FUNCTIONS = (torch.bmm, torch.matmul, operator.matmul, torch.ops.aten.bmm.default,
+                     torch.ops.aten.matmul.default)
 
 
 def _matmul_call(node: fx.Node, operand: fx.Node, transposed: bool) -> dict | None:

@@ -168,10 +168,11 @@ def in_place_writes(graph: fx.Graph, module: nn.Module) -> dict[str, str]:
 
 
 def _writes_first_argument(node: fx.Node) -> bool:
+    """An in-place op by PyTorch's naming: `mul_`, `copy_`, `F.relu_`, `nn.init.normal_`."""
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
     if node.op not in ("call_method", "call_function") or not isinstance(name, str):
         return False
-    return name.endswith("_") and not name.startswith("_") or name in ("copy_", "set_")
+    return name.endswith("_") and not name.startswith("_")
 
 
 _VIEWS = frozenset({"view", "reshape", "t", "transpose", "permute", "__getitem__", "getitem",
@@ -226,7 +227,7 @@ def _plain_state(module: nn.Module) -> dict[str, object]:
              if k not in ("_parameters", "_buffers", "_modules") and not k.startswith("_forward")
              and not k.startswith("_backward") and not k.endswith("_hooks")}
     for kind in ("_parameters", "_buffers", "_modules"):
-        state.update({f"{k}": v for k, v in module.__dict__.get(kind, {}).items()})
+        state.update(module.__dict__.get(kind, {}))
     return state
 
 

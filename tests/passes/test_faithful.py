@@ -319,3 +319,83 @@ def test_every_onnx_path_keeps_the_batch_dynamic_or_refuses(tmp_path):
     assert not (tmp_path / "ts.onnx").exists()
     fixed = to_onnx(out, (x,), tmp_path / "ts.onnx", exporter="torchscript", dynamic_batch=False)
     assert fixed.batch_sizes == [1]
+
+
+class StackAndWeight(nn.Module):
+    """A forward fx cannot trace that reads a 2-D weight and a stack of experts through bmm:
+    with example_inputs, torch.export captures it, and the stack's reads are aten ops."""
+
+    def __init__(self, dim=32, experts=4):
+        super().__init__()
+        self.proj = nn.Parameter(torch.randn(dim, dim) / dim ** 0.5)
+        self.w = nn.Parameter(torch.randn(experts, dim, dim) / dim ** 0.5)
+
+    def forward(self, x):  # x: experts x tokens x dim
+        if x.dim() == 3:  # fx: a Proxy in control flow
+            x = F.linear(x, self.proj)
+        return torch.bmm(x, self.w.transpose(1, 2))
+
+
+def test_a_stack_in_a_forward_torch_export_captured_is_factored(rel_err):
+    torch.manual_seed(0)
+    model, x = StackAndWeight(), torch.randn(4, 6, 32)
+    out = transform(model, InRankConfig(init="svd", init_rank=1.0, buffer=0, min_features=1),
+                    example_inputs=(x,))
+    assert set(ranks(out)) == {"proj", "w"}  # the stack is factored, not dropped
+    assert not out.get_submodule("w").product_reads  # its bmm became the layer's two matmuls
+    assert rel_err(out(x), model(x)) < 1e-5
+    for candidate in (out, freeze(out)):
+        assert rel_err(torch.export.export(candidate, (x,)).module()(x), model(x)) < 1e-5
+
+
+def _kernel(module, x):  # outside the class, as a kernel a decorator dispatches to
+    up = torch.bmm(x, module.w.transpose(1, 2))  # a tensor method of the stack
+    return up + torch.bmm(x, module.w) * 0.5  # the stack handed to a torch function
+
+
+class Dispatched(nn.Module):
+    """Its class only indexes the stack; the kernel it dispatches to reads it otherwise."""
+
+    def __init__(self, dim=32, experts=4):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(experts, dim, dim) / dim ** 0.5)
+        self.kernel = True
+
+    def forward(self, x):
+        if x.dim() == 3 and self.kernel:  # a Proxy in control flow: fx cannot trace this
+            return _kernel(self, x)
+        return torch.stack([F.linear(x[e], self.w[e]) for e in range(self.w.shape[0])])
+
+
+@pytest.mark.parametrize("expert_ranks", ["stack", "expert"])
+def test_a_stack_read_outside_the_traced_class_reads_as_the_parameter(expert_ranks, rel_err):
+    torch.manual_seed(0)
+    model, x = Dispatched(), torch.randn(4, 6, 32)
+    out = transform(model, InRankConfig(init="svd", init_rank=1.0, buffer=0, min_features=1,
+                                        expert_ranks=expert_ranks))
+    assert "w" in ranks(out) or "w.0" in ranks(out)
+    assert rel_err(out(x), model(x)) < 1e-5
+    model.kernel = out.kernel = False  # the loop: `self.w[e]` is expert e's matrix
+    assert rel_err(out(x), model(x)) < 1e-5
+    assert rel_err(torch.export.export(freeze(out), (x,)).module()(x), model(x)) < 1e-5
+
+
+class ConstantsInForms(nn.Module):
+    """Tensor constants that only one call form's graph holds (fx stores them on the module)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(16, 16) / 4)
+
+    def forward(self, x, extra=None):
+        y = F.linear(x, self.w) * torch.tensor([2.0])
+        if extra is not None:
+            y = y * torch.tensor([3.0]) + extra
+        return y
+
+
+def test_every_forms_constants_survive_a_copy(rel_err):
+    torch.manual_seed(0)
+    model, x = ConstantsInForms(), torch.randn(2, 16)
+    out = copy.deepcopy(freeze(transform(model, FULL)))
+    assert rel_err(out(x, x), model(x, x)) < 1e-5 and rel_err(out(x), model(x)) < 1e-5

@@ -25,6 +25,8 @@ def test_sweep_reports_every_column(load_example, tmp_path, capsys):
     mixtral = records["mixtral"]
     assert mixtral["factored"].endswith("/ 0 dense") and mixtral["parity"] < 1e-5
     assert mixtral["train"].startswith("ok") and mixtral["freeze"] < 1e-4
+    assert mixtral["export"] == "ok"  # factored and frozen experts go through torch.export
+    assert gpt2["export"] == "ok" and records["llama"]["export"] == "ok"
     for name in ("llama", "bart", "t5"):
         record = records[name]
         assert record["parity"] < 1e-5 and record["freeze"] < 1e-4 and record["onnx"] < 1e-4
