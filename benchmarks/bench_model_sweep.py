@@ -20,7 +20,7 @@ sweep's). The columns:
              limit, not ours)
 
 A failed column holds the error's first line. Needs the `[test]` extra (timm, torchvision,
-transformers); models of a library that is missing are skipped. About 40 minutes on 2 cores.
+transformers); models of a library that is missing are skipped. About 25 minutes on 2 cores.
 """
 from __future__ import annotations
 

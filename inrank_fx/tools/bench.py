@@ -30,12 +30,12 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .._flops import counted_forward
 from .._io import atomic_destination, check_destination
 from .._table import format_table
 from .._timing import format_rate, median_ratio_interval, ratio_flags
 from ..export import check_inputs, flat_outputs
 from ..export.freeze import freeze
-from .summary import counted_forward
 
 BACKENDS = ("eager", "compile", "onnxruntime", "tensorrt")
 INFERENCE_ONLY = ("onnxruntime", "tensorrt")
@@ -217,13 +217,12 @@ def _default_loss(output) -> torch.Tensor:
 
 
 def _count_flops(model, inputs, train, loss_fn) -> int:
+    if not train:
+        return counted_forward(model, inputs).get_total_flops()
     counter = FlopCounterMode(display=False)
-    if train:
-        with counter:
-            loss_fn(model(*inputs)).backward()
-        model.zero_grad(set_to_none=True)
-    else:
-        counter = counted_forward(model, inputs)
+    with counter:
+        loss_fn(model(*inputs)).backward()
+    model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
 

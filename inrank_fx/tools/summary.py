@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .._flops import counted_forward
 from .._table import format_table
 from ..config import REPORT_ATTR
 from ..nn.experts import FACTORED_STACKS
@@ -142,26 +143,6 @@ def _is_weight_matmul(op) -> bool:
 def _is_batched_matmul(op) -> bool:
     """What runs stacked expert weights (and attention, so counted only inside experts)."""
     return _op_name(op) in ("bmm", "baddbmm", "_grouped_mm")
-
-
-def counted_forward(model: nn.Module, inputs: tuple):
-    """One forward under torch.utils.flop_counter's FlopCounterMode, without autograd where the
-    model allows. The counter's module tracker hooks every module input and output that
-    requires grad, and under no_grad a view of a parameter handed to a module (learned queries
-    `self.query.expand(B, -1, -1)`) requires grad with no gradient function, which fails it
-    ("Expected gradient function to be set"); such a model is counted in grad mode."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    for grad in (False, True):
-        counter = FlopCounterMode(display=False)
-        try:
-            with torch.set_grad_enabled(grad), counter:
-                model(*inputs)
-            return counter
-        except AssertionError as err:
-            if grad or "gradient function" not in str(err):
-                raise
-    raise AssertionError("unreachable")
 
 
 def flop_coverage(model: nn.Module, example_inputs) -> FlopCoverage:
