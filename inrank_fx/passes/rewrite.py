@@ -156,9 +156,11 @@ def _dispatcher(gm: fx.GraphModule, signature: inspect.Signature, forms: dict):
     header, passed, keyword_only = [], [], False
     for p in parameters:
         default = f"=_default_{p.name}" if p.default is not inspect.Parameter.empty else ""
-        if p.kind is p.VAR_KEYWORD:
-            header.append(f"**{p.name}")
-            passed.append(f"**{p.name}")
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):  # (tracing refuses *args followed
+            stars = "*" if p.kind is p.VAR_POSITIONAL else "**"  # by named parameters)
+            header.append(f"{stars}{p.name}")
+            passed.append(f"{stars}{p.name}")
+            keyword_only = True
             continue
         if p.kind is p.KEYWORD_ONLY and not keyword_only:
             header.append("*")

@@ -102,6 +102,9 @@ def trace_own_forward(module: nn.Module, path: str) -> TraceResult:
     if not _reads_weights(graph, module):
         return TraceResult(path, graph)
     optional = optional_arguments(module)
+    if _named_after_star_args(module):
+        return TraceResult(path, None, "its forward takes named arguments after *args, which a "
+                                       "rewritten forward cannot pass on as fx's graph takes them")
     if len(optional) > MAX_OPTIONAL_ARGUMENTS:
         return TraceResult(path, None, f"its forward has {len(optional)} arguments that default "
                                        f"to None ({', '.join(optional)}): the pass traces one "
@@ -130,6 +133,16 @@ def optional_arguments(module: nn.Module) -> list[str]:
         return []
     return [p.name for p in parameters if p.default is None
             and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def _named_after_star_args(module: nn.Module) -> bool:
+    try:
+        kinds = [p.kind for p in inspect.signature(module.forward).parameters.values()]
+    except (TypeError, ValueError):
+        return False
+    star = inspect.Parameter.VAR_POSITIONAL
+    return star in kinds and any(k is inspect.Parameter.KEYWORD_ONLY
+                                 for k in kinds[kinds.index(star):])
 
 
 def _call_forms(training: bool, optional: list[str]) -> list[CallForm]:

@@ -399,3 +399,35 @@ def test_every_forms_constants_survive_a_copy(rel_err):
     model, x = ConstantsInForms(), torch.randn(2, 16)
     out = copy.deepcopy(freeze(transform(model, FULL)))
     assert rel_err(out(x, x), model(x, x)) < 1e-5 and rel_err(out(x), model(x)) < 1e-5
+
+
+class StarArgs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(16, 16) / 4)
+
+    def forward(self, x, *rest, scale=None):
+        y = F.linear(x, self.w)
+        return (y if scale is None else y * scale), rest
+
+
+class StarArgsLast(StarArgs):
+    def forward(self, x, scale=None, *rest):
+        y = F.linear(x, self.w)
+        return (y if scale is None else y * scale), rest
+
+
+def test_star_args_are_passed_on_or_the_forward_is_kept(rel_err):
+    torch.manual_seed(0)
+    x = torch.randn(2, 16)
+    kept = StarArgs()
+    with pytest.warns(UserWarning, match="no matmul against a weight was factored"):
+        out = transform(kept, FULL)
+    assert "named arguments after *args" in str(summary(out))
+    assert torch.equal(out(x, x, scale=2.0)[0], kept(x, x, scale=2.0)[0])
+    model = StarArgsLast()
+    out = transform(model, FULL)
+    assert ranks(out) == {"w": 16}
+    for args in ((x,), (x, 2.0), (x, None, x, x), (x, 3.0, x)):
+        (got, rest), (expected, expected_rest) = out(*args), model(*args)
+        assert rel_err(got, expected) < 1e-5 and len(rest) == len(expected_rest)
