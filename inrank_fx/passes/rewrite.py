@@ -123,6 +123,13 @@ class CallFormsGraphModule(fx.GraphModule):
                                              self.__dict__["_call_forms"])
         return code
 
+    def __reduce__(self):
+        # fx pickles a GraphModule as the code of `graph` alone: the other forms would be lost
+        # and the loaded module would run one graph for every call, silently
+        raise InRankError(f"{type(self).__name__}: a forward rewritten in several call forms "
+                          "cannot be pickled whole (torch.save(model)); save its state_dict "
+                          "(and transform the model again to load it), or freeze and export it")
+
     def __deepcopy__(self, memo):
         copied = super().__deepcopy__(memo)
         for key, value in self.__dict__.items():  # fx keeps only what `graph` reads: the

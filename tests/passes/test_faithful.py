@@ -57,6 +57,19 @@ def test_arguments_left_at_none_take_their_own_graph(call, rel_err):
         assert rel_err(copied(*args, **kwargs), model(*args, **kwargs)) < 1e-5
 
 
+def test_a_whole_pickle_that_would_keep_one_form_is_refused(tmp_path, rel_err):
+    torch.manual_seed(0)
+    model = OptionalArgs()
+    out = transform(model, FULL)
+    with pytest.raises(InRankError, match="cannot be pickled whole"):
+        pickle.dumps(out)
+    torch.save(out.state_dict(), tmp_path / "state.pt")  # the way to save it
+    again = transform(OptionalArgs(), FULL)
+    again.load_state_dict(torch.load(tmp_path / "state.pt"))
+    x = torch.randn(2, 16)
+    assert rel_err(again(x), model(x)) < 1e-5
+
+
 def test_call_forms_under_torch_compile(rel_err):
     torch.manual_seed(0)
     model = OptionalArgs()
