@@ -20,7 +20,8 @@ from .tracing import CallForm, TraceResult, state_kept
 RTOL, ATOL = 1e-4, 1e-6
 
 
-def differs_from_original(module: nn.Module, trace: TraceResult, call: tuple[tuple, dict]) -> str | None:
+def differs_from_original(module: nn.Module, trace: TraceResult,
+                          call: tuple[tuple, dict]) -> str | None:
     """Why the traced forward would not compute what `module.forward` computes on `call`
     (args, kwargs), or None where it does."""
     args, kwargs = call
@@ -82,7 +83,8 @@ def _difference(got, expected) -> str | None:
                     f"original returns {tuple(b.shape)} {b.dtype} on the example call")
         if not b.is_floating_point():
             if not torch.equal(a, b):
-                return "its traced forward returns other values than the original on the example call"
+                return ("its traced forward returns other values than the original on the "
+                        "example call")
             continue
         gap = (a.double() - b.double()).abs()
         bound = RTOL * b.double().abs().max() + ATOL

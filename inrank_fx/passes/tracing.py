@@ -65,8 +65,8 @@ class TraceResult:
     error: str | None = None
     frontend: str = "fx"  # "fx" (symbolic, this forward only) or "torch.export" (aten, inlined)
     module: nn.Module | None = None  # torch.export: the trainable GraphModule the graph runs in
-    # A forward that reads weights and has arguments defaulting to None: one graph per call
-    # form (fx would otherwise trace `if mask is None` as if every argument were given).
+    # A forward that reads weights: one graph per call form (fx would otherwise bake the mode
+    # and trace `if mask is None` as if every argument were given).
     forms: dict[CallForm, fx.Graph] = field(default_factory=dict)
     # parameters the forward writes in place (target → node name): read, but never rewritten
     written: dict[str, str] = field(default_factory=dict)
@@ -86,8 +86,9 @@ def trace_own_forward(module: nn.Module, path: str) -> TraceResult:
     """Trace `module.forward` with its submodules as leaves; never raises for trace errors.
 
     A forward that reads weights is traced once per call form: in training and in eval mode,
-    with every subset of its arguments that default to None left None. A forward that writes module state (an attribute, a weight in place) is not traced:
-    a graph would replay the write on every call or drop it; the module is left as it was."""
+    with every subset of its arguments that default to None left None. A forward that writes
+    module state (an attribute, a weight in place) is not traced: a graph would replay the
+    write on every call or drop it; the module is left as it was."""
     try:
         with state_kept(module) as writes:
             graph = ShallowTracer().trace(module)
@@ -101,6 +102,11 @@ def trace_own_forward(module: nn.Module, path: str) -> TraceResult:
                                        "not do what it does", written=written, writes=True)
     if not _reads_weights(graph, module):
         return TraceResult(path, graph)
+    return _traced_forms(module, path, graph)
+
+
+def _traced_forms(module: nn.Module, path: str, graph: fx.Graph) -> TraceResult:
+    """The forward traced in every call form (`graph`: the one in its mode, all given)."""
     optional = optional_arguments(module)
     if _named_after_star_args(module):
         return TraceResult(path, None, "its forward takes named arguments after *args, which a "
@@ -118,10 +124,9 @@ def trace_own_forward(module: nn.Module, path: str) -> TraceResult:
                 forms[form] = ShallowTracer().trace(
                     module, concrete_args=dict.fromkeys(form.left_none) or None)
         except Exception as err:
-            left = ", ".join(f"{name}=None" for name in form.left_none)
-            mode = "training" if form.training else "eval"
-            return TraceResult(path, None, f"in {mode} mode" + (f", called with {left}" * bool(left))
-                               + f": {_first_line(err)}")
+            where = ["in training mode" if form.training else "in eval mode"]
+            where += [f"{name}=None" for name in form.left_none]
+            return TraceResult(path, None, f"{', '.join(where)}: {_first_line(err)}")
     return TraceResult(path, graph, forms=forms)
 
 

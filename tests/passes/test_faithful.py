@@ -48,7 +48,8 @@ def test_arguments_left_at_none_take_their_own_graph(call, rel_err):
     torch.manual_seed(0)
     model = OptionalArgs()
     out = transform(model, FULL)
-    assert isinstance(out, fx.GraphModule) and len(out.forms) == 8  # 2 modes × (∅, extra, mask, both)
+    # 2 modes × (nothing left None, extra, mask, both)
+    assert isinstance(out, fx.GraphModule) and len(out.forms) == 8
     assert ranks(out) == {"w": 16}
     x, e, m = torch.randn(3, 16), torch.randn(3, 16), torch.rand(3, 16) > 0.5
     args, kwargs = CALLS[call](x, e, m)
