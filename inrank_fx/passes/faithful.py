@@ -41,11 +41,10 @@ def differs_from_original(module: nn.Module, trace: TraceResult,
 def _replacement(module: nn.Module, trace: TraceResult) -> nn.Module:
     if trace.frontend == "torch.export":
         return trace.module
-    primary = trace.forms.get(CallForm(module.training), trace.graph)
+    # an fx trace that reads weights always has its forms (tracing.trace_own_forward)
+    primary = trace.forms[CallForm(module.training)]
     replacement = graph_module_like(module, primary, CallFormsGraphModule)
-    forms = trace.forms or {CallForm(module.training): trace.graph,
-                            CallForm(not module.training): trace.graph}
-    replacement.set_forms(type(module).forward.__get__(module), forms)
+    replacement.set_forms(type(module).forward.__get__(module), trace.forms)
     return replacement
 
 

@@ -569,13 +569,11 @@ def _rewrite_graph(gm: fx.GraphModule, sites: list, stacks: list[str]) -> fx.Gra
 
 def _rewrite_forms(module: nn.Module, trace, sites: list, stacks: list[str]) -> fx.GraphModule:
     """The fx-traced forward of `module`, rewritten in every call form it was traced in."""
-    primary = CallForm(module.training)
-    forms = trace.forms or {primary: trace.graph}
+    # a forward with sites or stack reads reads weights: it was traced in every form
     rewritten = {form: _rewrite_graph(graph_module_like(module, graph), sites, stacks)
-                 for form, graph in forms.items()}
-    if not trace.forms:  # one graph (it reads no weight itself): the same in either mode
-        rewritten[primary._replace(training=not module.training)] = rewritten[primary]
-    gm = graph_module_like(module, rewritten[primary].graph, CallFormsGraphModule)
+                 for form, graph in trace.forms.items()}
+    primary = rewritten[CallForm(module.training)]
+    gm = graph_module_like(module, primary.graph, CallFormsGraphModule)
     for other in rewritten.values():  # attributes only another form's graph reads (constants)
         for node in other.graph.nodes:
             if node.op == "get_attr" and not hasattr(gm, node.target.split(".")[0]):
