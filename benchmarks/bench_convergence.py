@@ -70,7 +70,9 @@ class Arm:
     """One way of training the GPT. kind: "dense", "fixed" (rank fraction `fixed`, no
     controller), "inrank" (transform with `config`, controller attached) or "fixed-at" (no
     controller, each layer fixed from the start at the final rank that arm `ranks_of` measured
-    on the same seed: InRank's allocation without its growth)."""
+    on the same seed: InRank's allocation without its growth). `width`: the GPT's n_embd (None:
+    the protocol's; a narrower dense model is `Arm("dense-w96", "dense", width=96)`);
+    `dropout`, `weight_decay`: regularisation (None: the protocol's)."""
 
     name: str
     kind: str
@@ -78,6 +80,9 @@ class Arm:
     fixed: float | None = None
     lrs: tuple = FACTORED_LRS
     ranks_of: str | None = None
+    width: int | None = None
+    dropout: float = 0.0
+    weight_decay: float | None = None
 
 
 ARMS = {arm.name: arm for arm in [
@@ -103,7 +108,8 @@ DEFAULT_ARMS = tuple(name for name in ARMS if name not in (
 
 def build(arm: Arm, protocol: Protocol, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
-    model = GPT(protocol.gpt)
+    model = GPT(replace(protocol.gpt, n_embd=arm.width or protocol.gpt.n_embd,
+                        dropout=arm.dropout))
     if arm.kind == "fixed":
         model = inrank_fx.transform(model, inrank_fx.InRankConfig(init_rank=arm.fixed, buffer=0))
     elif arm.kind == "fixed-at":  # spectral init at the given ranks: full SVD, truncated
@@ -138,8 +144,9 @@ def run(arm: Arm, lr: float, seed: int, protocol: Protocol, data) -> dict:
     model = build(arm, protocol, seed)
     total, layer_part = step_flops(model, protocol)
     rest = total - layer_part  # attention, norms, embeddings, the tied head: the same in every arm
+    weight_decay = protocol.weight_decay if arm.weight_decay is None else arm.weight_decay
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=protocol.betas,
-                            weight_decay=protocol.weight_decay)
+                            weight_decay=weight_decay)
     ctrl = inrank_fx.attach(model, opt, seed=seed) if arm.kind == "inrank" else None
     steps = protocol.steps
     sched = warmup_cosine(opt, steps, max(1, int(protocol.warmup_fraction * steps)),
@@ -147,14 +154,17 @@ def run(arm: Arm, lr: float, seed: int, protocol: Protocol, data) -> dict:
     stream = batches(train_ids, protocol.gpt.block_size, protocol.batch,
                      torch.Generator().manual_seed(seed))
     every = max(1, steps // protocol.evals)
-    curve, flops = [], [0]
+    curve, train_curve, flops, since = [], [], [0], []
 
     def on_step(step, loss):
         flops[0] += rest + _factored_flops(model, protocol)  # widths as they are at this step
+        since.append(loss)
         if step % every == 0 or step == steps:
             val = evaluate(model, val_ids, protocol.gpt.block_size, 10_000 + seed,
                            protocol.eval_batches)
             curve.append((step, val))
+            train_curve.append((step, statistics.mean(since)))  # since the last evaluation
+            since.clear()
 
     losses, seconds = train_steps(model, opt, stream, steps, on_step=on_step, scheduler=sched,
                                   clip_norm=protocol.clip_norm)
@@ -164,6 +174,7 @@ def run(arm: Arm, lr: float, seed: int, protocol: Protocol, data) -> dict:
     shipped = inrank_fx.freeze(model) if layers else model
     return {
         "arm": arm.name, "lr": lr, "seed": seed, "val": curve[-1][1], "curve": curve,
+        "train_curve": train_curve,
         "val_frozen": evaluate(shipped, val_ids, protocol.gpt.block_size, 10_000 + seed,
                                protocol.eval_batches) if layers else curve[-1][1],
         "train": statistics.mean(losses[-max(1, steps // 20):]),
@@ -292,6 +303,15 @@ def frontier_loss(points: list[tuple[float, float]], params: float) -> float | N
             t = (math.log(params) - math.log(p0)) / (math.log(p1) - math.log(p0))
             return l0 + t * (l1 - l0)
     return None
+
+
+def gap_to(frontier: list[dict], r: dict, key: str = "params") -> float | None:
+    """Run r's loss minus the frontier's at r's `key` (parameters or training FLOPs), the
+    frontier drawn through the runs of r's seed (each a dict with "seed", `key` and "val");
+    None outside their range. The dense-width frontier of bench_slim and bench_regimes."""
+    points = [(f[key], f["val"]) for f in frontier if f["seed"] == r["seed"]]
+    loss = frontier_loss(points, r[key])
+    return None if loss is None else r["val"] - loss
 
 
 def frontier_gaps(result: dict, shipped: bool = False) -> dict:

@@ -67,7 +67,7 @@ from inrank_fx.demo.training import evaluate, recipe_optimizer, train_steps, war
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_convergence import QUICK as QUICK_PROTOCOL  # noqa: E402
-from bench_convergence import Protocol, frontier_loss, step_flops, tune  # noqa: E402
+from bench_convergence import Protocol, gap_to, step_flops, tune  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -488,12 +488,6 @@ def run(slim: Slim, seeds: list[int], bench: Bench, methods=tuple(METHODS)) -> d
     return result
 
 
-def frontier_at(result: dict, seed: int, shipped: float, key: str = "params") -> float | None:
-    """The dense-width frontier's loss (trained from scratch, same seed) at `shipped` params."""
-    points = [(r[key], r["val"]) for r in result["frontier"] if r["seed"] == seed]
-    return frontier_loss(points, shipped)
-
-
 def report(result: dict) -> str:
     teachers = {r["seed"]: r for r in result["teachers"]}
     seeds = sorted(teachers)
@@ -527,7 +521,7 @@ def report(result: dict) -> str:
         if method.startswith("dense-"):
             continue
         rs = sorted((r for r in result["slim"] if r["method"] == method), key=lambda r: r["seed"])
-        gaps = [_gap(result, r) for r in rs]
+        gaps = [gap_to(result["frontier"], r) for r in rs]
         before = f"{statistics.mean(r['before'] for r in rs):.4f}"
         row(f"{method} + fine-tune" if method in METHODS else method, rs, gaps, before)
     lines += ["", f"params: the whole model as shipped (frozen), relative to the teacher; FLOPs: "
@@ -537,11 +531,6 @@ def report(result: dict) -> str:
               f"at the same shipped parameters, per seed. Factored layers at "
               f"{result['budget']:.3f} of their dense parameters."]
     return "\n".join(lines)
-
-
-def _gap(result: dict, r: dict) -> float | None:
-    f = frontier_at(result, r["seed"], r["params"])
-    return None if f is None else r["val"] - f
 
 
 def plot(result: dict, path: str) -> None:

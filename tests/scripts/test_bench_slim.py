@@ -45,9 +45,12 @@ def test_the_gap_is_read_from_the_frontier_of_the_same_seed(bench):
     result = {"frontier": [{"seed": 0, "params": 100, "val": 2.0},
                            {"seed": 0, "params": 400, "val": 1.0},
                            {"seed": 1, "params": 100, "val": 9.0}]}
-    assert bench.frontier_at(result, 0, 200) == pytest.approx(1.5)
-    assert bench._gap(result, {"seed": 0, "params": 200, "val": 1.4}) == pytest.approx(-0.1)
-    assert bench._gap(result, {"seed": 0, "params": 800, "val": 1.4}) is None  # outside
+    gap = bench.gap_to
+    assert gap(result["frontier"], {"seed": 0, "params": 200, "val": 1.4}) == pytest.approx(-0.1)
+    assert gap(result["frontier"], {"seed": 0, "params": 800, "val": 1.4}) is None  # outside
+    assert gap(result["frontier"], {"seed": 1, "params": 100, "val": 9.5}) is None  # one point
+    flops = [{"seed": 0, "flops": 10, "val": 2.0}, {"seed": 0, "flops": 40, "val": 1.0}]
+    assert gap(flops, {"seed": 0, "flops": 20, "val": 1.0}, "flops") == pytest.approx(-0.5)
 
 
 def test_width_pruning_keeps_the_largest_heads_and_units_and_cuts_to_the_fraction(bench):
