@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "InRankConfig": ".config",
     "InRankError": ".errors", "InRankTypeError": ".errors", "InRankValueError": ".errors",
+    "InRankKeyError": ".errors", "InRankRuntimeError": ".errors",
     "freeze": ".export.freeze",
     "FactoredLayer": ".nn", "InRankConv2d": ".nn", "InRankLinear": ".nn", "ranks": ".nn",
     **dict.fromkeys(("handlers_restored", "register_function_handler",
@@ -51,7 +52,13 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from .config import InRankConfig
-    from .errors import InRankError, InRankTypeError, InRankValueError
+    from .errors import (
+        InRankError,
+        InRankKeyError,
+        InRankRuntimeError,
+        InRankTypeError,
+        InRankValueError,
+    )
     from .export.freeze import freeze
     from .nn import FactoredLayer, InRankConv2d, InRankLinear, ranks
     from .passes.compress import Compression, compress

@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 import statistics
 from typing import Sequence
+from .errors import InRankValueError
 
 # A ratio whose 90% interval spans more than this factor (high / low) is flagged as noisy.
 WIDE_INTERVAL = 1.25
@@ -20,7 +21,7 @@ def median_ratio_interval(numerator: Sequence[float], denominator: Sequence[floa
     """The `level` bootstrap percentile interval of median(numerator) / median(denominator),
     each sample resampled with replacement on its own (the two are timed separately)."""
     if not numerator or not denominator:
-        raise ValueError("median_ratio_interval needs samples on both sides")
+        raise InRankValueError("median_ratio_interval needs samples on both sides")
     rng = random.Random(seed)
     ratios = sorted(
         statistics.median(rng.choices(numerator, k=len(numerator)))

@@ -6,6 +6,7 @@ import sysconfig
 from pathlib import Path
 
 import torch
+from ..errors import InRankValueError
 
 
 def stdlib_corpus(max_bytes: int = 2_000_000) -> bytes:
@@ -30,7 +31,7 @@ def file_corpus(path, min_bytes: int = 1024) -> bytes:
     data = path.read_bytes()
     if len(data) < min_bytes:
         what = "empty" if not data else f"only {len(data)} bytes"
-        raise ValueError(f"{path}: {what}; the demo needs at least {min_bytes} bytes of text")
+        raise InRankValueError(f"{path}: {what}; the demo needs at least {min_bytes} bytes of text")
     return data
 
 

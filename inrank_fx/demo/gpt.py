@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from inrank_fx._io import atomic_destination, check_destination
+from ..errors import InRankValueError
 
 
 @dataclass
@@ -146,8 +147,8 @@ def load_checkpoint(path) -> GPT:
     """The GPT a `save_checkpoint` file holds (on the CPU)."""
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a demo GPT checkpoint (written by save_checkpoint, "
-                         f"as the demo's dense.pt)")
+        raise InRankValueError(f"{path}: not a demo GPT checkpoint (written by save_checkpoint, "
+                               f"as the demo's dense.pt)")
     model = GPT(GPTConfig(**payload["gpt"]))
     model.load_state_dict(payload["state_dict"])
     return model

@@ -42,6 +42,7 @@ from inrank_fx.demo.slim import text_calibration
 from inrank_fx.demo.training import evaluate, recipe_optimizer, train_steps, warmup_cosine
 from inrank_fx.export import to_onnx
 from inrank_fx.tools import bench
+from ..errors import InRankValueError
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ def settings_for(quick: bool = False, steps: int | None = None) -> DemoSettings:
     chosen = QUICK if quick else DEFAULT
     if steps is not None:
         if steps < 2:
-            raise ValueError(f"--steps must be at least 2, got {steps}")
+            raise InRankValueError(f"--steps must be at least 2, got {steps}")
         stop = chosen.stop_after
         if isinstance(stop, int):
             stop = min(stop, max(1, steps // 2))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from ..errors import InRankValueError
 
 
 def low_rank_teacher(out_features: int, in_features: int, rank: int, scale: float,
@@ -51,7 +52,9 @@ class _Taught(nn.Module):
         old = self.teachers[index]
         extra = rank - self.ranks[index]
         if extra <= 0:
-            raise ValueError(f"raise_rank: {rank} must exceed the teacher's rank {self.ranks[index]}")
+            raise InRankValueError(
+                f"raise_rank: {rank} must exceed the teacher's rank {self.ranks[index]}"
+            )
         s = torch.linalg.svdvals(old)
         scale = float(s[0]) if scale is None else scale
         g = torch.Generator().manual_seed(seed)

@@ -14,6 +14,7 @@ import time
 import torch
 
 from inrank_fx.demo.corpus import batches
+from ..errors import InRankValueError
 
 RECIPE_BETAS = (0.9, 0.95)  # the usual language-model betas (GPT-2/3, nanoGPT)
 
@@ -28,7 +29,7 @@ def warmup_cosine(optimizer, steps: int, warmup: int, floor: float = 0.1):
     `floor` × lr at `steps` (a LambdaLR: it writes each group's "lr", so it keeps working when
     `set_ranks` swaps a group's parameters)."""
     if not 0 <= warmup < steps:
-        raise ValueError(f"warmup must be in [0, steps={steps}), got {warmup}")
+        raise InRankValueError(f"warmup must be in [0, steps={steps}), got {warmup}")
 
     def factor(step: int) -> float:
         if step < warmup:

@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..errors import InRankError
+from ..errors import InRankError, InRankTypeError
 
 
 class ExportError(InRankError, RuntimeError):
@@ -38,7 +38,7 @@ def check_inputs(example_inputs) -> tuple[torch.Tensor, ...]:
     inputs = tuple(example_inputs)
     bad = [i for i, x in enumerate(inputs) if not isinstance(x, torch.Tensor)]
     if not inputs or bad:
-        raise TypeError(
+        raise InRankTypeError(
             "example_inputs must be a tensor or a tuple of tensors"
             + (f"; positions {bad} are not tensors" if bad else "")
         )

@@ -27,6 +27,7 @@ from ..nn.frozen import (
 )
 from ..nn.linear import FactoredLayer
 from ..nn.modules import carry_hooks, factored_layers, replace_module
+from ..errors import InRankValueError
 
 FROZEN_ATTR = "_inrank_frozen"
 
@@ -67,7 +68,7 @@ def freeze(model: nn.Module, *, merge: bool | str = "auto") -> nn.Module:
     to its rank r by SVD of its factors, dropping the buffer.
     """
     if merge not in ("auto", True, False):
-        raise ValueError(f"merge must be 'auto', True or False, got {merge!r}")
+        raise InRankValueError(f"merge must be 'auto', True or False, got {merge!r}")
     frozen = copy.deepcopy(model)
     records = []
     for name, layer in factored_layers(frozen).items():
@@ -76,8 +77,10 @@ def freeze(model: nn.Module, *, merge: bool | str = "auto") -> nn.Module:
         activation = getattr(layer, "activation", None)
         if merged and activation is not None:
             if merge is True:
-                raise ValueError(f"freeze(merge=True): '{name}' has a {activation} between its "
-                                 "factors and is no single matrix; use merge='auto' or False")
+                raise InRankValueError(
+                    f"freeze(merge=True): '{name}' has a {activation} between its "
+                    "factors and is no single matrix; use merge='auto' or False"
+                )
             merged = False  # a nonlinear layer has no dense form
         if isinstance(layer, InRankExperts):  # stays factored: what reads it takes .weight
             if layer.width > r:

@@ -24,6 +24,7 @@ from ._common import (
     second_batch,
 )
 from .freeze import freeze, frozen_ranks
+from ..errors import InRankValueError
 
 RANKS_METADATA_KEY = "inrank_fx.ranks"
 EXPORTERS = ("auto", "dynamo", "torchscript")
@@ -94,7 +95,7 @@ def to_onnx(
     unless `debug_info`: it can outweigh the weights of a small factored model.
     """
     if exporter not in EXPORTERS:
-        raise ValueError(f"to_onnx: exporter={exporter!r}; expected one of {EXPORTERS}")
+        raise InRankValueError(f"to_onnx: exporter={exporter!r}; expected one of {EXPORTERS}")
     missing = missing_modules({"onnx": "onnx", "onnxscript": "onnx",
                                **({"onnxruntime": "onnx"} if verify else {})})
     if missing:

@@ -26,6 +26,7 @@ from ._common import (
     missing_modules,
 )
 from .freeze import freeze, frozen_ranks
+from ..errors import InRankValueError
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # fp16/bf16 engines are compared to the PyTorch model run at the same precision.
@@ -76,7 +77,7 @@ def to_tensorrt(
     must match the PyTorch model at the same precision to `rtol`.
     """
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
+        raise InRankValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
     missing = tensorrt_missing()
     if missing:
         raise MissingDependencyError("to_tensorrt needs " + " and ".join(missing))

@@ -28,6 +28,7 @@ from ..nn.modules import ranks
 from ..passes.transform import transform
 from ..training.attach import attach
 from ..training.controller import RankController
+from ..errors import InRankRuntimeError, InRankTypeError, InRankValueError
 
 CONTROLLER_FILE = "inrank_controller.pt"
 CONFIG_FILE = "inrank_config.json"
@@ -61,12 +62,12 @@ class InRankCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is None or optimizer is None:
-            raise ValueError("InRankCallback needs the Trainer's model and optimizer at "
-                             "on_train_begin; got none (a transformers version that does not "
-                             "pass them to callbacks?)")
+            raise InRankValueError("InRankCallback needs the Trainer's model and optimizer at "
+                                   "on_train_begin; got none (a transformers version that does not "
+                                   "pass them to callbacks?)")
         if torch.distributed.is_available() and torch.distributed.is_initialized() \
                 and torch.distributed.get_world_size() > 1:
-            raise RuntimeError(
+            raise InRankRuntimeError(
                 "InRankCallback runs single-process Trainer jobs; for several processes use "
                 "inrank_fx.attach(ddp_model, optimizer) in a training loop (docs/DISTRIBUTED.md)")
         if self.controller is not None:
@@ -168,9 +169,9 @@ def load_transformed(model_class, folder: str | os.PathLike,
     tied = _tied_names(model, state)
     missing = [k for k in result.missing_keys if k not in tied]
     if missing or result.unexpected_keys:
-        raise RuntimeError(f"{folder} does not fit a {model_class.__name__} transformed with "
-                           f"{config}: missing {missing[:5]}, unexpected "
-                           f"{result.unexpected_keys[:5]}")
+        raise InRankRuntimeError(f"{folder} does not fit a {model_class.__name__} transformed with "
+                                 f"{config}: missing {missing[:5]}, unexpected "
+                                 f"{result.unexpected_keys[:5]}")
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     return model
@@ -191,7 +192,9 @@ def _torch_optimizer(optimizer) -> torch.optim.Optimizer:
     while isinstance(getattr(seen, "optimizer", None), torch.optim.Optimizer):
         seen = seen.optimizer
     if not isinstance(seen, torch.optim.Optimizer):
-        raise TypeError(f"{type(optimizer).__name__} holds no torch.optim.Optimizer to attach to")
+        raise InRankTypeError(
+            f"{type(optimizer).__name__} holds no torch.optim.Optimizer to attach to"
+        )
     return seen
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .linear import InRankLinear
+from ..errors import InRankRuntimeError, InRankValueError
 
 
 class InRankMultiheadAttention(nn.Module):
@@ -28,7 +29,9 @@ class InRankMultiheadAttention(nn.Module):
                  *, dropout: float = 0.0, batch_first: bool = False) -> None:
         super().__init__()
         if embed_dim % num_heads:
-            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+            raise InRankValueError(
+                f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}"
+            )
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
         self.dropout, self.batch_first = dropout, batch_first
         self.in_proj, self.out_proj = in_proj, out_proj
@@ -52,8 +55,10 @@ class InRankMultiheadAttention(nn.Module):
     def from_mha(cls, mha: nn.MultiheadAttention, rank: int, *, buffer: int = 0,
                  init: str = "svd", name: str = "") -> "InRankMultiheadAttention":
         if not cls.supports(mha):
-            raise ValueError(f"{name or 'MultiheadAttention'}: only packed projections without "
-                             "bias_k/bias_v/add_zero_attn can be factored")
+            raise InRankValueError(
+                f"{name or 'MultiheadAttention'}: only packed projections without "
+                "bias_k/bias_v/add_zero_attn can be factored"
+            )
         in_proj = InRankLinear.from_weight(mha.in_proj_weight, mha.in_proj_bias, rank,
                                            buffer=buffer, init=init, name=f"{name}.in_proj")
         out_proj = InRankLinear.from_weight(mha.out_proj.weight, mha.out_proj.bias, rank,
@@ -67,9 +72,11 @@ class InRankMultiheadAttention(nn.Module):
         # is_causal is a hint that attn_mask is the causal mask, as in nn.MultiheadAttention:
         # it needs the mask, and replaces it by a causal kernel only where nothing else is asked.
         if is_causal and attn_mask is None:
-            raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the "
-                               "Transformer module method `generate_square_subsequent_mask` to "
-                               "create this mask.")
+            raise InRankRuntimeError(
+                "Need attn_mask if specifying the is_causal hint. You may use the "
+                "Transformer module method `generate_square_subsequent_mask` to "
+                "create this mask."
+            )
         causal = bool(is_causal) and key_padding_mask is None and not need_weights
         if causal:
             attn_mask = None

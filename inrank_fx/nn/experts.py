@@ -24,6 +24,7 @@ from torch.utils import _pytree
 
 from .linear import INITS, FactoredLayer, _random_factors, _random_like, _svd_factors
 from .spectrum import factor_singular_values, update_singular_values
+from ..errors import InRankValueError
 
 
 # What StackReads answers from the factors' metadata, without forming the product.
@@ -151,10 +152,12 @@ class InRankExperts(StackReads, FactoredLayer):
                  buffer: int = 0, device=None, dtype=None) -> None:
         nn.Module.__init__(self)  # FactoredLayer's constructor makes 2-D factors
         if min(experts, in_features, out_features) < 1:
-            raise ValueError(f"InRankExperts needs positive sizes, got experts={experts}, "
-                             f"in={in_features}, out={out_features}")
+            raise InRankValueError(f"InRankExperts needs positive sizes, got experts={experts}, "
+                                   f"in={in_features}, out={out_features}")
         if rank < 1 or buffer < 0:
-            raise ValueError(f"InRankExperts needs rank >= 1 and buffer >= 0, got {rank}, {buffer}")
+            raise InRankValueError(
+                f"InRankExperts needs rank >= 1 and buffer >= 0, got {rank}, {buffer}"
+            )
         self.activation = None
         # Set by the pass where the model reads the stack as its product (a read it could not
         # turn into a call of this layer): then the matmuls do dense work, whatever the rank.
@@ -176,8 +179,8 @@ class InRankExperts(StackReads, FactoredLayer):
         """Factor a stacked E × out × in tensor expert by expert ("svd", "random", "iid" as
         `InRankLinear.from_weight`)."""
         if stack.dim() != 3:
-            raise ValueError(f"{name}: expected a 3-D stack (experts x out x in), got shape "
-                             f"{tuple(stack.shape)}")
+            raise InRankValueError(f"{name}: expected a 3-D stack (experts x out x in), got shape "
+                                   f"{tuple(stack.shape)}")
         experts, out_features, in_features = stack.shape
         layer = cls(experts, in_features, out_features, rank, buffer=buffer, device=stack.device,
                     dtype=stack.dtype)
@@ -186,7 +189,7 @@ class InRankExperts(StackReads, FactoredLayer):
     @torch.no_grad()
     def _init_from(self, stack: torch.Tensor, bias, init: str, name: str) -> "InRankExperts":
         if init not in INITS:
-            raise ValueError(f"{name}: init must be one of {INITS}, got {init!r}")
+            raise InRankValueError(f"{name}: init must be one of {INITS}, got {init!r}")
         if stack.is_meta:  # no values yet: inrank_fx.materialize initialises the layer later
             return self
         if init != "iid":
@@ -234,9 +237,11 @@ class InRankExperts(StackReads, FactoredLayer):
     def grow(self, width: int, *, init: str = "zero", generator: torch.Generator | None = None) -> None:
         extra = width - self.width
         if extra < 0 or width > self.full_rank:
-            raise ValueError(f"grow: width {width} must be in [{self.width}, {self.full_rank}]")
+            raise InRankValueError(
+                f"grow: width {width} must be in [{self.width}, {self.full_rank}]"
+            )
         if init not in ("zero", "random"):
-            raise ValueError(f"grow: init must be 'zero' or 'random', got {init!r}")
+            raise InRankValueError(f"grow: init must be 'zero' or 'random', got {init!r}")
         if extra == 0:
             return
         new_v = _random_like(self.V, extra, generator)
@@ -250,7 +255,7 @@ class InRankExperts(StackReads, FactoredLayer):
         """Each expert keeps its `width` leading components (QR of the factors, SVD of the
         core, split as U√S, V√S); returns the per-expert column maps (E × w × width)."""
         if not 1 <= width <= self.width:
-            raise ValueError(f"truncate: width {width} must be in [1, {self.width}]")
+            raise InRankValueError(f"truncate: width {width} must be in [1, {self.width}]")
         dtype = self.U.dtype
         q_u, r_u = torch.linalg.qr(self.U.double())
         q_v, r_v = torch.linalg.qr(self.V.double())
@@ -318,11 +323,13 @@ class ExpertList(StackMetadata, nn.ModuleList):
     def from_stack(cls, stack: torch.Tensor, rank: int, *, buffer: int = 0, init: str = "svd",
                    name: str = "experts") -> "ExpertList":
         if stack.dim() != 3:
-            raise ValueError(f"{name}: expected a 3-D stack (experts x out x in), got shape "
-                             f"{tuple(stack.shape)}")
+            raise InRankValueError(f"{name}: expected a 3-D stack (experts x out x in), got shape "
+                                   f"{tuple(stack.shape)}")
         if stack.is_meta:
-            raise ValueError(f"{name}: expert_ranks='expert' needs the stack's values (a meta "
-                             "model: use expert_ranks='stack')")
+            raise InRankValueError(
+                f"{name}: expert_ranks='expert' needs the stack's values (a meta "
+                "model: use expert_ranks='stack')"
+            )
         from .linear import InRankLinear
 
         return cls(InRankLinear.from_weight(stack[e], None, rank, buffer=buffer, init=init,

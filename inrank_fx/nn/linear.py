@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .spectrum import factor_singular_values, update_singular_values
+from ..errors import InRankValueError
 
 INITS = ("svd", "random", "iid")
 # Opt-in nonlinearity between the factors, x → σ(x·V) → ·Uᵀ (CoLA, Liu et al., EMNLP 2025): a
@@ -54,18 +55,19 @@ class FactoredLayer(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
+        kind = type(self).__name__  # the messages name the layer's real kind (a conv, ...)
         if activation is not None and activation not in ACTIVATIONS:
-            raise ValueError(f"InRankLinear activation must be one of {tuple(ACTIVATIONS)} or None, "
-                             f"got {activation!r}")
+            raise InRankValueError(f"{kind} activation must be one of {tuple(ACTIVATIONS)} or "
+                                   f"None, got {activation!r}")
         self.activation = activation
         if in_features < 1 or out_features < 1:
-            raise ValueError(
-                f"InRankLinear needs positive sizes, got in={in_features}, out={out_features}"
+            raise InRankValueError(
+                f"{kind} needs positive sizes, got in={in_features}, out={out_features}"
             )
         if rank < 1:
-            raise ValueError(f"InRankLinear rank must be >= 1, got {rank}")
+            raise InRankValueError(f"{kind} rank must be >= 1, got {rank}")
         if buffer < 0:
-            raise ValueError(f"InRankLinear buffer must be >= 0, got {buffer}")
+            raise InRankValueError(f"{kind} buffer must be >= 0, got {buffer}")
         self.in_features = in_features
         self.out_features = out_features
         self.rank = min(rank, self.full_rank)
@@ -118,7 +120,9 @@ class FactoredLayer(nn.Module):
         next right singular directions of `weight`.
         """
         if weight.dim() != 2:
-            raise ValueError(f"{name}: expected a 2-D weight, got shape {tuple(weight.shape)}")
+            raise InRankValueError(
+                f"{name}: expected a 2-D weight, got shape {tuple(weight.shape)}"
+            )
         out_features, in_features = weight.shape
         layer = cls(
             in_features,
@@ -135,7 +139,7 @@ class FactoredLayer(nn.Module):
     def _init_from(self, matrix: torch.Tensor, bias, init: str, name: str) -> "FactoredLayer":
         """Factors of the out×in `matrix` by `init` (see `from_weight`); the bias copied."""
         if init not in INITS:
-            raise ValueError(f"{name}: init must be one of {INITS}, got {init!r}")
+            raise InRankValueError(f"{name}: init must be one of {INITS}, got {init!r}")
         if matrix.is_meta:  # no values yet: inrank_fx.materialize initialises the layer later
             return self
         if init != "iid":
@@ -234,8 +238,10 @@ class FactoredLayer(nn.Module):
         """Singular values of the cumulative update U·Vᵀ − U0·V0ᵀ (descending, at most
         `full_rank` of them), from QR of the stacked factors; never the dense product."""
         if self.activation is not None:
-            raise ValueError("the cumulative update of a layer with an activation between its "
-                             "factors is not a linear map with a spectrum; use measure='weight'")
+            raise InRankValueError(
+                "the cumulative update of a layer with an activation between its "
+                "factors is not a linear map with a spectrum; use measure='weight'"
+            )
         s = update_singular_values(self.U.detach(), self.V.detach(), self.U0, self.V0)
         return s[: self.full_rank]
 
@@ -252,7 +258,9 @@ class FactoredLayer(nn.Module):
         """
         extra = width - self.width
         if extra < 0 or width > self.full_rank:
-            raise ValueError(f"grow: width {width} must be in [{self.width}, {self.full_rank}]")
+            raise InRankValueError(
+                f"grow: width {width} must be in [{self.width}, {self.full_rank}]"
+            )
         if extra == 0:
             return
         new_v = _random_like(self.V, extra, generator)
@@ -261,7 +269,7 @@ class FactoredLayer(nn.Module):
         elif init == "random":
             new_u = _random_like(self.U, extra, generator)
         else:
-            raise ValueError(f"grow: init must be 'zero' or 'random', got {init!r}")
+            raise InRankValueError(f"grow: init must be 'zero' or 'random', got {init!r}")
         self.U = nn.Parameter(torch.cat([self.U, new_u], dim=1))
         self.V = nn.Parameter(torch.cat([self.V, new_v], dim=1))
 
@@ -274,7 +282,7 @@ class FactoredLayer(nn.Module):
         optimizer can carry its state into the new basis: a gradient of U maps by B (∂L/∂U_new =
         ∂L/∂W·V_new = ∂L/∂U_old·B) and a gradient of V by A."""
         if not 1 <= width <= self.width:
-            raise ValueError(f"truncate: width {width} must be in [1, {self.width}]")
+            raise InRankValueError(f"truncate: width {width} must be in [1, {self.width}]")
         if self.activation is not None:
             # No rotation is a symmetry of σ(x·V): keep the largest components, largest first.
             keep = self._component_norms().argsort(descending=True)[:width].to(self.U.device)
@@ -312,8 +320,8 @@ class FactoredLayer(nn.Module):
         elif isinstance(state, dict) and "rank" in state:  # checkpoints before the tensor form
             self.rank = int(state["rank"])
         else:
-            raise ValueError(f"InRankLinear extra state must hold the rank (a one-element tensor), "
-                             f"got {state!r}")
+            raise InRankValueError(f"{type(self).__name__} extra state must hold the rank (a "
+                                   f"one-element tensor), got {state!r}")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -407,7 +415,7 @@ def _finite(weight: torch.Tensor, name: str) -> torch.Tensor:
     w = weight.detach()
     if not torch.isfinite(w).all():
         bad = int((~torch.isfinite(w)).sum())
-        raise ValueError(
+        raise InRankValueError(
             f"{name}: {bad} non-finite (NaN/Inf) entries; refusing to initialise from them"
         )
     return w

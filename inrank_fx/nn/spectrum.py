@@ -9,6 +9,7 @@ product of the stacked factors [U_t, U_0]·[V_t, −V_0]ᵀ, so it is measured t
 from __future__ import annotations
 
 import torch
+from ..errors import InRankValueError
 
 # "variance": the paper's 1 − var(s − s_k)/var(s) over the measured singular values;
 # "variance_padded": the reference code's exact ratio, s zero-padded to the full rank first;
@@ -21,7 +22,9 @@ def factor_singular_values(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     """Singular values (descending) of U @ V.T, for U: out×k and V: in×k, without forming it.
     Batched: for stacks U: E×out×k, V: E×in×k, one spectrum per matrix (E×k)."""
     if U.shape[-1] != V.shape[-1]:
-        raise ValueError(f"factors disagree on the inner dimension: U {tuple(U.shape)}, V {tuple(V.shape)}")
+        raise InRankValueError(
+            f"factors disagree on the inner dimension: U {tuple(U.shape)}, V {tuple(V.shape)}"
+        )
     # Half precision has no QR kernel and too little precision for a spectrum.
     dtype = torch.float64 if U.dtype == torch.float64 else torch.float32
     U, V = U.to(dtype), V.to(dtype)
@@ -60,7 +63,7 @@ def explained_ratios(
     Σ_{i<k} s_i² / Σ s_i². ratio[n] is 1 by definition (nothing is left out).
     """
     if criterion not in CRITERIA:
-        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+        raise InRankValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     s = s.detach().to(torch.float64).flatten()
     n = s.numel()
     # Tail sums T1[k] = Σ_{i≥k} s_i and T2[k] = Σ_{i≥k} s_i², for k = 0..n.
@@ -78,7 +81,7 @@ def explained_ratios(
     m = n
     if criterion == "variance_padded":
         if full_rank is None or full_rank < n:
-            raise ValueError(f"variance_padded needs full_rank >= {n}, got {full_rank!r}")
+            raise InRankValueError(f"variance_padded needs full_rank >= {n}, got {full_rank!r}")
         m = full_rank
     tail_var = tail2 - tail1 * tail1 / m
     total_var = tail_var[0]

@@ -25,7 +25,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import InRankError
+from ..errors import InRankError, InRankKeyError, InRankValueError
 from ..nn.attention import InRankMultiheadAttention
 from ..nn.conv import InRankConv2d
 from ..nn.linear import InRankLinear
@@ -209,7 +209,7 @@ def register_function_handler(op: str, target, handler: FunctionHandler) -> None
     NotFactorable with the reason a weight it reads cannot be factored.
     """
     if op not in ("call_function", "call_method"):
-        raise ValueError(f"op must be 'call_function' or 'call_method', got {op!r}")
+        raise InRankValueError(f"op must be 'call_function' or 'call_method', got {op!r}")
     _FUNCTION_HANDLERS[(op, target)] = handler
 
 
@@ -396,14 +396,14 @@ def handlers_restored() -> Iterator[None]:
 def unregister_module_handler(module_type: Union[type, str]) -> None:
     """Remove the handler for `module_type` (a KeyError names it if there is none)."""
     if module_type not in _MODULE_HANDLERS:
-        raise KeyError(f"no module handler is registered for {module_type!r}")
+        raise InRankKeyError(f"no module handler is registered for {module_type!r}")
     del _MODULE_HANDLERS[module_type]
 
 
 def unregister_function_handler(op: str, target) -> None:
     """Remove the handler for fx nodes with this `op` and `target`."""
     if (op, target) not in _FUNCTION_HANDLERS:
-        raise KeyError(f"no function handler is registered for {op} {target!r}")
+        raise InRankKeyError(f"no function handler is registered for {op} {target!r}")
     del _FUNCTION_HANDLERS[(op, target)]
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..nn.transformer import SUBSTITUTES as _TRANSFORMER_SUBSTITUTES
+from ..errors import InRankTypeError
 
 _SUBSTITUTES: dict[type, type] = {}
 
@@ -28,7 +29,7 @@ def register_substitute(library_type: type, substitute: type) -> None:
     code and left alone) for `substitute`, a subclass of it that defines
     `substituted(module)` / `restored(module)` class hooks if it needs to adjust state."""
     if not issubclass(substitute, library_type):
-        raise TypeError(f"{substitute.__name__} must subclass {library_type.__name__}")
+        raise InRankTypeError(f"{substitute.__name__} must subclass {library_type.__name__}")
     _SUBSTITUTES[library_type] = substitute
 
 

@@ -22,7 +22,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..config import REPORT_ATTR, InRankConfig
-from ..errors import InRankError, InRankTypeError
+from ..errors import InRankError, InRankTypeError, InRankValueError
 from ..nn.experts import FACTORED_STACKS, ExpertList, IndexedExpertList, InRankExperts
 from ..nn.linear import FactoredLayer, InRankLinear
 from ..nn.modules import carry_hooks, replace_module
@@ -510,9 +510,13 @@ def _initial_rank(matrix: torch.Tensor, name: str, config: InRankConfig) -> tupl
         return max(_initial_rank(m, name, config)[0] for m in matrix), None
     if config.init_rank == "auto":
         if matrix.is_meta:
-            raise ValueError(f"{name}: weights on the meta device have no spectrum to choose a rank from")
+            raise InRankValueError(
+                f"{name}: weights on the meta device have no spectrum to choose a rank from"
+            )
         if not torch.isfinite(matrix).all():
-            raise ValueError(f"{name}: non-finite (NaN/Inf) entries; cannot choose a rank from them")
+            raise InRankValueError(
+                f"{name}: non-finite (NaN/Inf) entries; cannot choose a rank from them"
+            )
         s = torch.linalg.svdvals(matrix.detach().to(torch.float64))
         return select_rank(s, config.threshold, config.criterion, full_rank=full_rank), None
     requested = config.rank_for(full_rank)

@@ -36,6 +36,7 @@ from .._table import format_table
 from .._timing import format_rate, median_ratio_interval, ratio_flags
 from ..export import check_inputs, flat_outputs
 from ..export.freeze import freeze
+from ..errors import InRankValueError
 
 BACKENDS = ("eager", "compile", "onnxruntime", "tensorrt")
 INFERENCE_ONLY = ("onnxruntime", "tensorrt")
@@ -155,7 +156,7 @@ def compare(
     """
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
-        raise ValueError(f"unknown backend(s) {unknown}; choose from {BACKENDS}")
+        raise InRankValueError(f"unknown backend(s) {unknown}; choose from {BACKENDS}")
     inputs = check_inputs(example_inputs)
     device = inputs[0].device
     batch = inputs[0].shape[0] if inputs[0].dim() else 1

@@ -44,8 +44,10 @@ def attach(
     if is_fully_sharded(model):  # FSDP2: checks gather factors, resizes re-shard them
         check_shardable(model)
         if distributed is False:
-            raise ValueError("distributed=False with a fully_shard model: its resizes are "
-                             "collectives; attach it on every process with distributed left unset")
+            raise InRankValueError(
+                "distributed=False with a fully_shard model: its resizes are "
+                "collectives; attach it on every process with distributed left unset"
+            )
         config = config if config is not None else _transform_config(model)
         coordinator = ShardedCoordinator(model, process_group, timeout_s)
         return DistributedRankController(model, optimizer, config, seed=seed,
@@ -57,7 +59,7 @@ def attach(
         distributed = is_ddp(model) or process_group is not None
         processes = _world_size()
         if not distributed and processes > 1:
-            raise ValueError(
+            raise InRankValueError(
                 f"torch.distributed is initialised with {processes} processes but attach got a "
                 f"plain {type(model).__name__}: pass the DistributedDataParallel-wrapped model so "
                 "that ranks agree across processes, or distributed=False if every process trains "
@@ -67,7 +69,7 @@ def attach(
         return DistributedRankController(model, optimizer, config, process_group=process_group,
                                          timeout_s=timeout_s, seed=seed, recompile=recompile)
     if is_ddp(model):
-        raise ValueError(
+        raise InRankValueError(
             "distributed=False with a DistributedDataParallel model: a resize would leave DDP's "
             "gradient hooks on the old factors; attach the DDP model with distributed=True"
         )

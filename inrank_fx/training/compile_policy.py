@@ -30,6 +30,7 @@ import weakref
 import torch
 import torch._dynamo
 from torch import nn
+from ..errors import InRankValueError
 
 log = logging.getLogger("inrank_fx")
 
@@ -42,7 +43,7 @@ _RESUME_PREFIX = "torch_dynamo_resume_in_"  # dynamo's name for the code after a
 
 def check_policy(policy: str) -> None:
     if policy not in POLICIES:
-        raise ValueError(f"recompile must be one of {POLICIES}, got {policy!r}")
+        raise InRankValueError(f"recompile must be one of {POLICIES}, got {policy!r}")
 
 
 # -- the one process-wide setting, held by attached controllers ------------------------------

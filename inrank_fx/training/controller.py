@@ -34,6 +34,7 @@ from ..nn.modules import factored_layers
 from ..nn.spectrum import explained_ratios, select_rank
 from .compile_policy import check_policy, hold_compile_settings, release_compile_settings
 from .resize import RankArg, RankChange, per_layer, set_ranks
+from ..errors import InRankValueError
 
 log = logging.getLogger("inrank_fx")
 
@@ -83,7 +84,7 @@ class RankController:
         coordinator: LocalCoordinator | None = None,
     ) -> None:
         if not factored_layers(model):
-            raise ValueError(
+            raise InRankValueError(
                 f"{type(model).__name__} has no factored layers: run inrank_fx.transform first"
             )
         check_policy(recompile)

@@ -37,7 +37,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..config import InRankConfig
-from ..errors import InRankError
+from ..errors import InRankError, InRankValueError
 from ..nn.modules import factored_layers
 from .controller import RankController
 from .resize import RankChange
@@ -72,7 +72,9 @@ class ProcessGroupCoordinator:
             )
         if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) \
                 or not timeout_s > 0:
-            raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+            raise InRankValueError(
+                f"timeout_s must be a positive number of seconds, got {timeout_s!r}"
+            )
         self.ddp = model if isinstance(model, DistributedDataParallel) else None
         self.module = model.module if self.ddp is not None else model
         if process_group is None:

@@ -33,7 +33,7 @@ import numbers
 import torch
 from torch import nn
 
-from ..errors import InRankError
+from ..errors import InRankError, InRankValueError
 
 # Per-element statistics of the gradient's scale, which a new column should inherit from its row.
 SCALE_STATE = ("exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum", "exp_inf", "acc_delta")
@@ -74,9 +74,9 @@ def replace_param(
     "reset". State that "rotate" cannot map (an optimizer's own per-element statistics other
     than gradient and squared-gradient averages) falls back to "reset" for that parameter."""
     if mode not in ("pad", "reset", "pad_zero", "rotate"):
-        raise ValueError(f"mode must be 'pad', 'pad_zero', 'rotate' or 'reset', got {mode!r}")
+        raise InRankValueError(f"mode must be 'pad', 'pad_zero', 'rotate' or 'reset', got {mode!r}")
     if mode == "rotate" and grad_map is None:
-        raise ValueError("mode 'rotate' needs the gradient's column map (grad_map)")
+        raise InRankValueError("mode 'rotate' needs the gradient's column map (grad_map)")
     found = False
     for group in optimizer.param_groups:
         params = group["params"]

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..errors import InRankTypeError, InRankValueError
+from ..errors import InRankKeyError, InRankTypeError, InRankValueError
 from ..nn.modules import factored_layers
 from .compile_policy import after_shape_change, check_policy
 from .optim_state import check_mappable, replace_param
@@ -97,7 +97,7 @@ def set_ranks(
             f"grow_state must be one of {tuple(GROW_STATES)}, got {grow_state!r}")
     if truncate_state not in TRUNCATE_STATES:
         raise InRankValueError(f"truncate_state must be one of {tuple(TRUNCATE_STATES)}, "
-                         f"got {truncate_state!r}")
+                               f"got {truncate_state!r}")
     layers = factored_layers(model)
     if not layers:
         raise InRankValueError(
@@ -146,7 +146,7 @@ def per_layer(value: RankArg, layers: dict, what: str) -> dict[str, int]:
     if isinstance(value, Mapping):
         unknown = [n for n in value if n not in layers]
         if unknown:
-            raise KeyError(
+            raise InRankKeyError(
                 f"{what}: no factored layer named {', '.join(map(repr, unknown))}; "
                 f"factored layers are: {', '.join(layers)}"
             )
