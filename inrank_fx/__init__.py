@@ -30,7 +30,7 @@ _PUBLIC = {
                      "OptimizerStateError", "RankChange", "RankController", "attach",
                      "set_ranks"), ".training"),
 }
-_SUBPACKAGES = ("bench", "cli", "config", "demo", "errors", "export", "integrations", "nn",
+_SUBPACKAGES = ("cli", "config", "demo", "errors", "export", "integrations", "nn",
                 "passes", "tools", "training")
 
 __all__ = sorted(_PUBLIC)

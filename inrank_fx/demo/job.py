@@ -13,7 +13,7 @@
    dense model of at least its size trained from scratch for as many steps in all.
 3. Freeze the InRank model and the compressed one, export both to ONNX and verify them in ONNX
    Runtime.
-4. Compare inference of the two models on every available backend (inrank_fx.bench).
+4. Compare inference of the two models on every available backend (inrank_fx.tools.bench).
 5. Write the report folder: results.json, ranks.csv, summary.txt, model.onnx, slim.onnx,
    dense.pt (the trained dense model, for `inrank-fx compress`) and PNG plots of the loss curves, the rank trajectories and the inference comparison. Everything is written to a
    temp folder first and renamed into place at the end, so an interruption leaves no half report.
@@ -226,7 +226,7 @@ def _train(name, model, opt, train_ids, val_ids, device, s: DemoSettings, seed, 
     def loss_of(x, y):
         return lm_loss(forward(x.to(device)), y.to(device))
 
-    recent = collections.deque(maxlen=50)  # one batch's loss jumps by ±0.1; show a mean
+    recent = collections.deque(maxlen=50)  # one batch's loss is noisy: show a mean
 
     def on_step(step, loss):
         bar.update(1)

@@ -82,8 +82,7 @@ def to_onnx(
 
     `exporter="dynamo"` uses torch.onnx's torch.export-based exporter. `"auto"` (the default)
     does the same, and where torch.export captured the model but torch.onnx could not translate
-    the graph (an upstream limit: e.g. its decomposition of scaled_dot_product_attention in
-    transformers' T5 on torch 2.14) exports with torch.onnx's TorchScript exporter instead,
+    the graph (an upstream limit; the models it was seen on are in docs/MODELS.md) exports with torch.onnx's TorchScript exporter instead,
     with a warning and the reason in the report's notes; `"torchscript"` uses that exporter
     alone. Either way the file is checked the same way. The file is written atomically (nothing
     is left at `path` if anything fails) and carries the per-layer ranks in its metadata_props

@@ -317,8 +317,6 @@ class FactoredLayer(nn.Module):
     def set_extra_state(self, state) -> None:
         if torch.is_tensor(state) and state.numel() == 1:
             self.rank = int(state.item())
-        elif isinstance(state, dict) and "rank" in state:  # checkpoints before the tensor form
-            self.rank = int(state["rank"])
         else:
             raise InRankValueError(f"{type(self).__name__} extra state must hold the rank (a "
                                    f"one-element tensor), got {state!r}")
@@ -423,11 +421,9 @@ def _finite(weight: torch.Tensor, name: str) -> torch.Tensor:
 
 # Spectral init keeps only the top `width` components, so a randomized truncated SVD (Halko et al.,
 # 2011: a Gaussian sketch with OVERSAMPLE extra columns and POWER_ITERATIONS rounds of A·Aᵀ)
-# costs O(out·in·width) instead of the exact SVD's O(out·in·min(out, in)): on a 24×1024 GPT, a
-# transform 1.8× as long as building the model instead of 36× (benchmarks/bench_scale.py).
-# Measured on Gaussian inits (flat spectra, the hardest case) with sketches of at most a quarter
-# of the full rank: the spectral-norm error of the kept rank-2 to rank-4 approximation is within
-# 1.3% of the optimum, of the whole width (silent buffer included) within 17% (docs/DISTRIBUTED.md).
+# costs O(out·in·width) instead of the exact SVD's O(out·in·min(out, in)); what that saves on a
+# large model is measured by benchmarks/bench_scale.py, and how close the sketch comes to the
+# exact truncation on flat (Gaussian) spectra, the hardest case, in docs/DISTRIBUTED.md.
 OVERSAMPLE = 10
 POWER_ITERATIONS = 1
 # Below this full rank the exact SVD takes < 0.1 s: keep it exact (and independent of the sketch).

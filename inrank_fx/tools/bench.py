@@ -344,8 +344,9 @@ def tune_cpu_allocator() -> bool:
     """Keep glibc from returning large freed blocks to the OS, as tcmalloc/jemalloc setups do.
 
     Otherwise every large output tensor is fresh memory whose page faults are paid on first
-    touch (about 10 ms for a 2048x4096 float32 output on 2 cores), a cost the same for dense
-    and factored layers that hides the factored layer's speedup. Returns whether it applied.
+    touch (docs/RESULTS.md, "Inference timing on CPU", says how much), a cost the same for
+    dense and factored layers that hides the factored layer's speedup. Returns whether it
+    applied.
     """
     if platform.system() != "Linux":
         return False

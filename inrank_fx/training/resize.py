@@ -7,7 +7,6 @@ compiled at the cost of at most one recompile (`inrank_fx.training.compile_polic
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Mapping, Union
 
@@ -53,7 +52,6 @@ def set_ranks(
     recompile: str = "dynamic",
     grow_state: str = "seeded",
     truncate_state: str = "reset",
-    init: str | None = None,
 ) -> list[RankChange]:
     """Set the rank (and computed width) of factored layers, growing or truncating them.
 
@@ -65,7 +63,7 @@ def set_ranks(
             without one computes at exactly its rank.
         grow_init: how new components start when a layer grows ("zero" or "random", as
             `InRankConfig.grow_init`; see `InRankLinear.grow`); generator: the random source
-            for them. (`init=` is its old name, still taken with a DeprecationWarning.)
+            for them.
         recompile: what happens to torch.compile'd code after a shape change: "dynamic"
             (widths become symbolic, few recompiles), "reset" (caches cleared every time) or
             "none". See `inrank_fx.training.compile_policy`. Either of the first two costs at most one
@@ -79,11 +77,6 @@ def set_ranks(
 
     Returns the changes made (layers whose rank and width were already as asked are left out).
     """
-    if init is not None:
-        warnings.warn("set_ranks(init=...) is now grow_init=..., the name InRankConfig uses "
-                      "(InRankConfig.init is how layers are initialised from dense weights)",
-                      DeprecationWarning, stacklevel=2)
-        grow_init = init
     check_policy(recompile)
     if isinstance(model, DistributedDataParallel):
         raise InRankValueError(

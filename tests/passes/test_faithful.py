@@ -199,7 +199,7 @@ class LearnedQueries(nn.Module):
 
 
 def test_flops_are_counted_where_the_model_needs_grad_mode():
-    from inrank_fx import bench
+    from inrank_fx.tools import bench
 
     out = transform(LearnedQueries(), FULL)
     x = torch.randn(2, 4, 32)

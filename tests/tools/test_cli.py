@@ -1,13 +1,14 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 import inrank_fx
-from inrank_fx import bench
+from inrank_fx.tools import bench
 from inrank_fx.cli import main
 from inrank_fx.demo import job
 from inrank_fx.demo.gpt import GPTConfig
@@ -264,6 +265,21 @@ def test_import_is_lazy_and_every_public_name_resolves():
     assert int(out) == len(inrank_fx.__all__)
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         inrank_fx.nope  # noqa: B018
+
+
+def test_the_type_checkers_names_are_the_public_names():
+    """inrank_fx/__init__.py lists its public names twice (the lazy table and the imports for
+    type checkers): the two lists are the same names from the same modules."""
+    import ast
+
+    source = Path(inrank_fx.__file__).read_text()
+    block = next(node for node in ast.parse(source).body if isinstance(node, ast.If)
+                 and getattr(node.test, "id", None) == "TYPE_CHECKING")
+    imported = {alias.asname or alias.name: "." * node.level + (node.module or "")
+                for node in block.body if isinstance(node, ast.ImportFrom)
+                for alias in node.names}
+    public = {name: inrank_fx._PUBLIC[name] for name in inrank_fx._PUBLIC}
+    assert imported == public
 
 
 def test_summary_command_does_not_enlarge_a_model_with_flat_spectra(capsys):

@@ -143,7 +143,7 @@ def test_a_resize_clears_only_the_models_compiled_code(caplog):
 
 def test_plotting_leaves_the_matplotlib_backend_alone(tmp_path):
     matplotlib = pytest.importorskip("matplotlib")
-    from inrank_fx import bench
+    from inrank_fx.tools import bench
 
     original = matplotlib.get_backend()
     matplotlib.use("svg")  # a backend the user chose (not the Agg the library used to force)

@@ -330,9 +330,6 @@ def test_checkpoints_in_safetensors_keep_ranks_and_widths(tmp_path):
     assert ranks(fresh) == {"0": 7, "2": 3} and fresh.get_submodule("0").width == 11
     x = torch.randn(5, 32)
     assert torch.equal(fresh(x), model(x))
-    old = dict(model.state_dict(), **{"0._extra_state": {"rank": 6}})  # the former dict form
-    fresh.load_state_dict(old)
-    assert ranks(fresh)["0"] == 6
 
 
 def test_warmup_cosine_follows_the_recipe_through_a_resize():
@@ -381,8 +378,3 @@ def test_growth_init_has_the_configs_name_and_the_old_one_still_works():
         set_ranks(model, 5, **kwargs)
         outputs[kwargs["grow_init"]] = torch.allclose(model(x), y, atol=1e-6)
     assert outputs == {"zero": True, "random": False}  # silent components keep the function
-    model = transform(nn.Sequential(nn.Linear(16, 16)), InRankConfig(init_rank=3, buffer=0))
-    y = model(x)
-    with pytest.warns(DeprecationWarning, match="grow_init"):
-        set_ranks(model, 5, init="random")
-    assert not torch.allclose(model(x), y, atol=1e-6)
