@@ -123,13 +123,10 @@ class InRankConfig:
     exclude: Union[Sequence[str], str, None] = field(default=None)
 
     def __post_init__(self) -> None:
-        for name in ("init", "measure", "criterion", "grow_init", "truncate_state", "convs",
-                     "expert_ranks"):
-            if not isinstance(getattr(self, name), str):  # a wrong type; a wrong word is below
-                raise InRankTypeError(f"InRankConfig.{name} must be a string, "
-                                      f"got {getattr(self, name)!r}")
-        if self.init not in INITS:
-            raise InRankValueError(f"InRankConfig.init must be one of {INITS}, got {self.init!r}")
+        for name, vocabulary in (("init", INITS), ("measure", MEASURES), ("criterion", CRITERIA),
+                                 ("grow_init", GROW_INITS), ("truncate_state", TRUNCATE_STATES),
+                                 ("convs", CONVS), ("expert_ranks", EXPERT_RANKS)):
+            _check_word(name, getattr(self, name), vocabulary)
         _check_rank_spec("init_rank", self.init_rank, allow_auto=True)
         if self.init_rank == "auto" and self.init != "svd":
             raise InRankValueError(
@@ -137,78 +134,36 @@ class InRankConfig:
                 f"init='svd', got init={self.init!r}"
             )
         _check_rank_spec("buffer", self.buffer, allow_zero=True)
-        if self.measure not in MEASURES:
-            raise InRankValueError(
-                f"InRankConfig.measure must be one of {MEASURES}, got {self.measure!r}"
-            )
-        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
-            raise InRankTypeError(f"InRankConfig.threshold must be a number in (0, 1), "
-                                  f"got {self.threshold!r}")
-        if not 0.0 < self.threshold < 1.0:
-            raise InRankValueError(
-                f"InRankConfig.threshold must be in (0, 1), got {self.threshold!r}")
-        if self.criterion not in CRITERIA:
-            raise InRankValueError(
-                f"InRankConfig.criterion must be one of {CRITERIA}, got {self.criterion!r}"
-            )
-        if self.activation is not None:
-            if self.activation not in ACTIVATIONS:
-                raise InRankValueError(f"InRankConfig.activation must be one of "
-                                       f"{tuple(ACTIVATIONS)} or None, got {self.activation!r}")
-            if self.measure != "weight":
-                raise InRankValueError("InRankConfig.activation needs measure='weight': with a "
-                                 "nonlinearity between the factors the update is not a matrix")
-        if not isinstance(self.silent_buffer, bool):
-            raise InRankTypeError(
-                f"InRankConfig.silent_buffer must be a bool, got {self.silent_buffer!r}"
-            )
-        if not isinstance(self.ranks_only_grow, bool):
-            raise InRankTypeError(
-                f"InRankConfig.ranks_only_grow must be a bool, got {self.ranks_only_grow!r}"
-            )
-        if self.grow_init not in GROW_INITS:
-            raise InRankValueError(
-                f"InRankConfig.grow_init must be one of {GROW_INITS}, got {self.grow_init!r}"
-            )
-        if self.truncate_state not in TRUNCATE_STATES:
-            raise InRankValueError(f"InRankConfig.truncate_state must be one of {TRUNCATE_STATES}, "
-                             f"got {self.truncate_state!r}")
+        _check_number("threshold", self.threshold, "(0, 1)", lambda v: 0.0 < v < 1.0)
+        self._check_activation()
+        for name in ("silent_buffer", "ranks_only_grow"):
+            if not isinstance(getattr(self, name), bool):
+                raise InRankTypeError(
+                    f"InRankConfig.{name} must be a bool, got {getattr(self, name)!r}")
         _check_int("warmup_steps", self.warmup_steps, minimum=0)
         _check_int("check_every", self.check_every, minimum=1)
         if self.stop_after is not None and self.stop_after != "settled":
             if isinstance(self.stop_after, str):
-                raise InRankValueError("InRankConfig.stop_after must be an int, 'settled' or None, "
-                                 f"got {self.stop_after!r}")
+                raise InRankValueError("InRankConfig.stop_after must be an int, 'settled' or "
+                                       f"None, got {self.stop_after!r}")
             _check_int("stop_after", self.stop_after, minimum=0)
         _check_int("settle_checks", self.settle_checks, minimum=1)
-        if (isinstance(self.settle_tolerance, bool)
-                or not isinstance(self.settle_tolerance, (int, float))):
-            raise InRankTypeError(
-                f"InRankConfig.settle_tolerance must be a number in [0, 1), "
-                f"got {self.settle_tolerance!r}")
-        if not 0.0 <= self.settle_tolerance < 1.0:
-            raise InRankValueError(
-                f"InRankConfig.settle_tolerance must be in [0, 1), got {self.settle_tolerance!r}"
-            )
+        _check_number("settle_tolerance", self.settle_tolerance, "[0, 1)",
+                      lambda v: 0.0 <= v < 1.0)
         _check_int("rank_multiple", self.rank_multiple, minimum=1)
         _check_int("min_features", self.min_features, minimum=1)
-        if self.convs not in CONVS:
-            raise InRankValueError(f"InRankConfig.convs must be one of {CONVS}, got {self.convs!r}")
-        if self.expert_ranks not in EXPERT_RANKS:
-            raise InRankValueError(f"InRankConfig.expert_ranks must be one of {EXPERT_RANKS}, "
-                                   f"got {self.expert_ranks!r}")
         for name in ("targets", "exclude"):
-            patterns = getattr(self, name)
-            if patterns is None:
-                continue
-            if isinstance(patterns, str):
-                try:
-                    re.compile(patterns)
-                except re.error as err:
-                    raise InRankValueError(
-                        f"InRankConfig.{name} is not a valid regex: {err}") from None
-            elif not all(isinstance(p, str) for p in patterns):
-                raise InRankTypeError(f"InRankConfig.{name} must be a string or a list of strings")
+            _check_patterns(name, getattr(self, name))
+
+    def _check_activation(self) -> None:
+        if self.activation is None:
+            return
+        if self.activation not in ACTIVATIONS:
+            raise InRankValueError(f"InRankConfig.activation must be one of "
+                                   f"{tuple(ACTIVATIONS)} or None, got {self.activation!r}")
+        if self.measure != "weight":
+            raise InRankValueError("InRankConfig.activation needs measure='weight': with a "
+                                   "nonlinearity between the factors the update is not a matrix")
 
     # -- saving and loading (checkpoints, `save_transformed`) --------------------------------
 
@@ -268,6 +223,34 @@ def _matches(patterns: Sequence[str] | str, name: str) -> bool:
     return any(
         name == p or name.endswith("." + p) or fnmatch.fnmatchcase(name, p) for p in patterns
     )
+
+
+def _check_word(name: str, value, vocabulary) -> None:
+    """A string that picks a behaviour: a wrong type is a TypeError, a wrong word a ValueError."""
+    if not isinstance(value, str):
+        raise InRankTypeError(f"InRankConfig.{name} must be a string, got {value!r}")
+    if value not in vocabulary:
+        raise InRankValueError(f"InRankConfig.{name} must be one of {vocabulary}, got {value!r}")
+
+
+def _check_number(name: str, value, interval: str, inside) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InRankTypeError(f"InRankConfig.{name} must be a number in {interval}, got {value!r}")
+    if not inside(value):
+        raise InRankValueError(f"InRankConfig.{name} must be in {interval}, got {value!r}")
+
+
+def _check_patterns(name: str, patterns) -> None:
+    """targets / exclude: None, one regex, or a list of names and glob patterns."""
+    if patterns is None:
+        return
+    if isinstance(patterns, str):
+        try:
+            re.compile(patterns)
+        except re.error as err:
+            raise InRankValueError(f"InRankConfig.{name} is not a valid regex: {err}") from None
+    elif not all(isinstance(p, str) for p in patterns):
+        raise InRankTypeError(f"InRankConfig.{name} must be a string or a list of strings")
 
 
 def _check_int(name: str, value, minimum: int) -> None:

@@ -58,7 +58,7 @@ def set_ranks(
     Args:
         ranks: one rank for every factored layer, or {qualified name: rank}.
         optimizer: if given, its param groups and per-parameter state follow the new factors
-            (growth pads state with zeros; truncation rotates the basis and resets it).
+            (as `grow_state` and `truncate_state` say).
         widths: components to compute with (rank + buffer), same forms as `ranks`; a layer
             without one computes at exactly its rank.
         grow_init: how new components start when a layer grows ("zero" or "random", as
@@ -77,6 +77,28 @@ def set_ranks(
 
     Returns the changes made (layers whose rank and width were already as asked are left out).
     """
+    _check_arguments(model, recompile, grow_state, truncate_state)
+    layers = factored_layers(model)
+    if not layers:
+        raise InRankValueError(
+            f"{type(model).__name__} has no factored layers: run inrank_fx.transform first")
+    plan = _plan(layers, ranks, widths)
+    if optimizer is not None:  # refuse before changing anything
+        for name, layer, _, width in plan:
+            if width != layer.width:
+                check_mappable(optimizer, layer.U, f"{name}.U")
+                check_mappable(optimizer, layer.V, f"{name}.V")
+    changes = [_resize(name, layer, rank, width, optimizer, grow_init=grow_init,
+                       generator=generator, grow_mode=GROW_STATES[grow_state],
+                       truncate_mode=TRUNCATE_STATES[truncate_state])
+               for name, layer, rank, width in plan]
+    resized = sum(c.resized for c in changes)
+    if resized:
+        after_shape_change(recompile, resized, model)
+    return changes
+
+
+def _check_arguments(model, recompile: str, grow_state: str, truncate_state: str) -> None:
     check_policy(recompile)
     if isinstance(model, DistributedDataParallel):
         raise InRankValueError(
@@ -91,48 +113,40 @@ def set_ranks(
     if truncate_state not in TRUNCATE_STATES:
         raise InRankValueError(f"truncate_state must be one of {tuple(TRUNCATE_STATES)}, "
                                f"got {truncate_state!r}")
-    layers = factored_layers(model)
-    if not layers:
-        raise InRankValueError(
-            f"{type(model).__name__} has no factored layers: run inrank_fx.transform first")
-    wanted_ranks = per_layer(ranks, layers, "ranks")
-    wanted_widths = per_layer(widths, layers, "widths") if widths is not None else {}
 
-    plan: list[tuple[str, nn.Module, int, int]] = []
-    for name, rank in wanted_ranks.items():
+
+def _plan(layers: dict, ranks: RankArg, widths: RankArg | None
+          ) -> list[tuple[str, nn.Module, int, int]]:
+    """(name, layer, rank, width) of every layer whose rank or width changes, all checked."""
+    wanted_widths = per_layer(widths, layers, "widths") if widths is not None else {}
+    plan = []
+    for name, rank in per_layer(ranks, layers, "ranks").items():
         layer = layers[name]
         _check_count(f"rank of '{name}'", rank, 1, layer.full_rank)
         width = wanted_widths.get(name, rank)
         _check_count(f"width of '{name}'", width, rank, layer.full_rank)
         if (rank, width) != (layer.rank, layer.width):
             plan.append((name, layer, rank, width))
-    if optimizer is not None:  # refuse before changing anything
-        for name, layer, _, width in plan:
-            if width != layer.width:
-                check_mappable(optimizer, layer.U, f"{name}.U")
-                check_mappable(optimizer, layer.V, f"{name}.V")
+    return plan
 
-    changes = []
-    for name, layer, rank, width in plan:
-        old_rank, old_width, old_u, old_v = layer.rank, layer.width, layer.U, layer.V
-        u_map = v_map = None
-        if width > old_width:
-            layer.grow(width, init=grow_init, generator=generator)
-            mode = GROW_STATES[grow_state]
-        elif width < old_width:
-            u_map, v_map = layer.truncate(width)
-            mode = TRUNCATE_STATES[truncate_state]
-        if width != old_width and optimizer is not None:
-            # U's gradient is ∂L/∂W·V, so it follows V's map, and V's follows U's.
-            replace_param(optimizer, old_u, layer.U, mode, grad_map=v_map)
-            replace_param(optimizer, old_v, layer.V, mode, grad_map=u_map)
-        layer.rank = rank
-        changes.append(RankChange(name, old_rank, rank, old_width, width))
 
-    resized = sum(c.resized for c in changes)
-    if resized:
-        after_shape_change(recompile, resized, model)
-    return changes
+def _resize(name: str, layer: nn.Module, rank: int, width: int, optimizer, *, grow_init: str,
+            generator, grow_mode: str, truncate_mode: str) -> RankChange:
+    """One layer to its new rank and width, its optimizer state following the factors."""
+    old_rank, old_width, old_u, old_v = layer.rank, layer.width, layer.U, layer.V
+    u_map = v_map = None
+    if width > old_width:
+        layer.grow(width, init=grow_init, generator=generator)
+        mode = grow_mode
+    elif width < old_width:
+        u_map, v_map = layer.truncate(width)
+        mode = truncate_mode
+    if width != old_width and optimizer is not None:
+        # U's gradient is ∂L/∂W·V, so it follows V's map, and V's follows U's.
+        replace_param(optimizer, old_u, layer.U, mode, grad_map=v_map)
+        replace_param(optimizer, old_v, layer.V, mode, grad_map=u_map)
+    layer.rank = rank
+    return RankChange(name, old_rank, rank, old_width, width)
 
 
 def per_layer(value: RankArg, layers: dict, what: str) -> dict[str, int]:
