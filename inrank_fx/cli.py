@@ -43,7 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="InRank incremental low-rank training for PyTorch models, as a torch.fx pass.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
+    for add in (_add_demo, _add_bench, _add_compress, _add_summary):
+        add(commands)
+    return parser
 
+
+def _add_demo(commands) -> None:
     demo = commands.add_parser(
         "demo", help="train a GPT dense and with InRank, export and compare (the main job)",
         description="Train the demo GPT twice from the same seed (dense, and InRank with its "
@@ -61,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-compile", action="store_true", help="train eagerly instead of under torch.compile")
     demo.set_defaults(run=run_demo_command)
 
+
+def _add_bench(commands) -> None:
     bench = commands.add_parser(
         "bench", help="throughput of dense vs factored on every backend",
         description="Measure dense against factored side by side on eager, torch.compile, ONNX "
@@ -82,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep glibc's default of returning large freed blocks to the OS")
     bench.set_defaults(run=run_bench_command)
 
+
+def _add_compress(commands) -> None:
     compress = commands.add_parser(
         "compress", help="make a trained model smaller to a parameter budget, fine-tune, export",
         description="Factor a trained model so that its factored layers hold at most --budget of "
@@ -111,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--seed", type=int, default=0)
     compress.set_defaults(run=run_compress_command)
 
+
+def _add_summary(commands) -> None:
     summary = commands.add_parser(
         "summary", help="what transform would factor in a model, and at what cost",
         description="Transform a model from a factory and print the summary table.")
@@ -118,7 +129,6 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("--init", default="svd", choices=INITS)
     summary.add_argument("--init-rank", default="auto", help="an int, a fraction of full rank, or 'auto' (default)")
     summary.set_defaults(run=run_summary_command)
-    return parser
 
 
 # -- demo ---------------------------------------------------------------------------------------

@@ -15,7 +15,8 @@
    Runtime.
 4. Compare inference of the two models on every available backend (inrank_fx.tools.bench).
 5. Write the report folder: results.json, ranks.csv, summary.txt, model.onnx, slim.onnx,
-   dense.pt (the trained dense model, for `inrank-fx compress`) and PNG plots of the loss curves, the rank trajectories and the inference comparison. Everything is written to a
+   dense.pt (the trained dense model, for `inrank-fx compress`) and PNG plots of the loss
+   curves, the rank trajectories and the inference comparison. Everything is written to a
    temp folder first and renamed into place at the end, so an interruption leaves no half report.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -131,51 +133,92 @@ def run_demo(
     train_ids, val_ids = split(text)
     device = torch.device(device)
     with atomic_folder(out) as tmp:
-        results = _run(tmp, out, train_ids, val_ids, source, device, settings, seed, compile,
-                       progress, backends, log)
+        results = _run(_Job(tmp, out, train_ids, val_ids, source, device, settings, seed,
+                            compile, progress, tuple(backends), log))
     log(f"report written to {out}/")
     return results
 
 
-def _run(tmp, out, train_ids, val_ids, source, device, s: DemoSettings, seed, compile, progress,
-         backends, log) -> dict:
-    log(f"data: {len(train_ids):,} training and {len(val_ids):,} validation bytes from {source}")
+@dataclass(frozen=True)
+class _Job:
+    """What every part of one demo run reads."""
+
+    folder: Path  # the report being written (renamed to `out` at the end)
+    out: Path
+    train_ids: torch.Tensor
+    val_ids: torch.Tensor
+    source: str  # where the text came from, in words
+    device: torch.device
+    settings: DemoSettings
+    seed: int
+    compile: bool
+    progress: bool
+    backends: tuple
+    log: Callable
+
+
+def _run(job: _Job) -> dict:
+    s, tmp = job.settings, job.folder
+    job.log(f"data: {len(job.train_ids):,} training and {len(job.val_ids):,} validation bytes "
+            f"from {job.source}")
+    runs, controller = _train_both(job)
+    dense, inrank = runs["dense"], runs["inrank"]
+    save_checkpoint(dense["model"], tmp / "dense.pt")  # for `inrank-fx compress --model`
+    runs["slim"], runs["narrow"] = _slim_and_narrow(dense["model"], job)
+    controller.to_csv(tmp / "ranks.csv")
+    summary_text = str(inrank_fx.summary(inrank["model"]))
+
+    example = (torch.randint(0, s.gpt.vocab_size, (1, s.gpt.block_size), device=job.device),)
+    onnx_report = to_onnx(inrank["model"], example, tmp / "model.onnx")
+    job.log(f"\nONNX export of the InRank model:\n"
+            f"{str(onnx_report).replace(str(tmp), str(job.out))}")
+    slim_onnx = to_onnx(runs["slim"]["model"], example, tmp / "slim.onnx")
+
+    bench_inputs = (torch.randint(0, s.gpt.vocab_size, (8, s.gpt.block_size), device=job.device),)
+    comparison = bench.compare(dense["model"], inrank["model"], bench_inputs,
+                               backends=job.backends, iters=10 if s is QUICK else 20)
+    comparison.plot(tmp / "inference.png")
+
+    results = _results(job, runs, controller, onnx_report, slim_onnx, comparison)
+    table = comparison_table(results) + "\n\n" + slim_table(results)
+    text = "\n\n".join([table, summary_text, comparison.table()])
+    (tmp / "summary.txt").write_text(text + "\n")
+    (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    _plot_losses(runs, tmp / "loss_curves.png")
+    _plot_ranks(controller.history, controller.start_ranks, controller.stop_step,
+                tmp / "rank_trajectories.png")
+    job.log("\n" + text)
+    return results
+
+
+def _train_both(job: _Job) -> tuple[dict, "inrank_fx.RankController"]:
+    """Dense and InRank from the same seed, each at its own learning rate."""
+    s = job.settings
     runs, controller = {}, None
     for name in ("dense", "inrank"):
-        torch.manual_seed(seed)
+        torch.manual_seed(job.seed)
         model = GPT(s.gpt)
         if name == "inrank":
             config = inrank_fx.InRankConfig(warmup_steps=s.check_every,
                                             check_every=s.check_every, stop_after=s.stop_after)
             model = inrank_fx.transform(model, config)
-        model.to(device)
+        model.to(job.device)
         lr = s.inrank_lr if name == "inrank" else s.dense_lr
         opt = recipe_optimizer(model.parameters(), lr, s.weight_decay)
         if name == "inrank":
-            controller = inrank_fx.attach(model, opt, seed=seed)
-        runs[name] = _train(name, model, opt, train_ids, val_ids, device, s, seed, compile, progress)
+            controller = inrank_fx.attach(model, opt, seed=job.seed)
+        runs[name] = _train(name, model, opt, job, s)
         runs[name]["model"] = model
+    return runs, controller
 
+
+def _results(job: _Job, runs: dict, controller, onnx_report, slim_onnx, comparison) -> dict:
+    """What results.json holds."""
     dense, inrank = runs["dense"], runs["inrank"]
-    save_checkpoint(dense["model"], tmp / "dense.pt")  # for `inrank-fx compress --model`
-    runs["slim"], runs["narrow"] = _slim_and_narrow(dense["model"], train_ids, val_ids, device, s,
-                                                    seed, compile, progress)
-    controller.to_csv(tmp / "ranks.csv")
-    summary_text = str(inrank_fx.summary(inrank["model"]))
-
-    example = (torch.randint(0, s.gpt.vocab_size, (1, s.gpt.block_size), device=device),)
-    onnx_report = to_onnx(inrank["model"], example, tmp / "model.onnx")
-    log(f"\nONNX export of the InRank model:\n{str(onnx_report).replace(str(tmp), str(out))}")
-    slim_onnx = to_onnx(runs["slim"]["model"], example, tmp / "slim.onnx")
-
-    bench_inputs = (torch.randint(0, s.gpt.vocab_size, (8, s.gpt.block_size), device=device),)
-    comparison = bench.compare(dense["model"], inrank["model"], bench_inputs, backends=backends,
-                               iters=10 if s is QUICK else 20)
-    comparison.plot(tmp / "inference.png")
-
     results = {
-        "settings": {**asdict(s), "device": str(device), "seed": seed, "compile": compile,
-                     "data": source, "inrank_config": asdict(controller.config)},
+        "settings": {**asdict(job.settings), "device": str(job.device), "seed": job.seed,
+                     "compile": job.compile, "data": job.source,
+                     "inrank_config": asdict(controller.config)},
         "dense": _public(dense),
         "inrank": {**_public(inrank), "final_ranks": inrank_fx.ranks(inrank["model"]),
                    "rank_events": controller.rank_events,
@@ -204,27 +247,23 @@ def _run(tmp, out, train_ids, val_ids, source, device, s: DemoSettings, seed, co
     ratios["flags"] = ratio_flags(1 / ratios["steady_step_seconds"],
                                   _inverted(ratios["steady_step_interval"]),
                                   ideal=1 / ratios["step_flops"])
-    table = comparison_table(results) + "\n\n" + slim_table(results)
-    text = "\n\n".join([table, summary_text, comparison.table()])
-    (tmp / "summary.txt").write_text(text + "\n")
-    (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    _plot_losses(runs, tmp / "loss_curves.png")
-    _plot_ranks(controller.history, controller.start_ranks, controller.stop_step,
-                tmp / "rank_trajectories.png")
-    log("\n" + text)
     return results
 
 
-def _train(name, model, opt, train_ids, val_ids, device, s: DemoSettings, seed, compile, progress):
+def _train(name: str, model, opt, job: _Job, s: DemoSettings) -> dict:
+    """Train `model` for `s.steps` (the settings of this part of the job), evaluating every
+    `s.eval_every`; its measurements."""
     from tqdm.auto import tqdm
 
-    forward = torch.compile(model) if compile else model
-    stream = batches(train_ids, s.gpt.block_size, s.batch_size, torch.Generator().manual_seed(seed))
+    forward = torch.compile(model) if job.compile else model
+    stream = batches(job.train_ids, s.gpt.block_size, s.batch_size,
+                     torch.Generator().manual_seed(job.seed))
     val_curve = []
-    bar = tqdm(total=s.steps, desc=f"{name:>6}", unit="step", disable=not progress, leave=True)
+    bar = tqdm(total=s.steps, desc=f"{name:>6}", unit="step", disable=not job.progress,
+               leave=True)
 
     def loss_of(x, y):
-        return lm_loss(forward(x.to(device)), y.to(device))
+        return lm_loss(forward(x.to(job.device)), y.to(job.device))
 
     recent = collections.deque(maxlen=50)  # one batch's loss is noisy: show a mean
 
@@ -238,7 +277,7 @@ def _train(name, model, opt, train_ids, val_ids, device, s: DemoSettings, seed, 
                 postfix["mean rank"] = f"{statistics.mean(layers.values()):.1f}"
             bar.set_postfix(postfix, refresh=False)
         if step % s.eval_every == 0 or step == s.steps:
-            val_curve.append((step, evaluate(model, val_ids, s.gpt.block_size, seed + 1,
+            val_curve.append((step, evaluate(model, job.val_ids, s.gpt.block_size, job.seed + 1,
                                              s.eval_batches, batch=s.batch_size)))
 
     start = time.perf_counter()
@@ -247,20 +286,21 @@ def _train(name, model, opt, train_ids, val_ids, device, s: DemoSettings, seed, 
                                   clip_norm=s.clip_norm)
     wall = time.perf_counter() - start  # with evaluation; `seconds` holds the steps alone
     bar.close()
+    return _measurements(model, s, job.device, stream, losses, seconds) | {
+        "val_curve": val_curve, "val_loss": val_curve[-1][1],
+        "val_ppl": math.exp(val_curve[-1][1]), "wall_seconds": wall}
+
+
+def _measurements(model, s: DemoSettings, device, stream, losses, seconds) -> dict:
     x, y = next(stream)
     with FlopCounterMode(display=False) as counter:  # one training step at the final ranks
         lm_loss(model(x.to(device)), y.to(device)).backward()
     model.zero_grad(set_to_none=True)
-    val_loss = val_curve[-1][1]
     tokens = s.steps * s.batch_size * s.gpt.block_size
     return {
         "train_losses": losses,
-        "val_curve": val_curve,
-        "val_loss": val_loss,
-        "val_ppl": math.exp(val_loss),
         "params": sum(p.numel() for p in model.parameters()),
         "train_seconds": sum(seconds),  # every optimizer step, compilation included
-        "wall_seconds": wall,
         "median_step_seconds": statistics.median(seconds),
         "step_seconds": seconds,
         "step_flops": counter.get_total_flops(),
@@ -268,19 +308,20 @@ def _train(name, model, opt, train_ids, val_ids, device, s: DemoSettings, seed, 
     }
 
 
-def _slim_and_narrow(dense_model, train_ids, val_ids, device, s: DemoSettings, seed, compile,
-                     progress) -> tuple[dict, dict]:
+def _slim_and_narrow(dense_model, job: _Job) -> tuple[dict, dict]:
     """The trained dense model compressed to the budget (calibrated on training batches) and
     fine-tuned, and a dense model of at least its shipped size trained from scratch for the
     dense model's steps plus the fine-tune's."""
-    calibration = [x.to(device) for x in text_calibration(train_ids, s.gpt.block_size, seed=seed)]
+    s, seed = job.settings, job.seed
+    calibration = [x.to(job.device)
+                   for x in text_calibration(job.train_ids, s.gpt.block_size, seed=seed)]
     model = inrank_fx.compress(dense_model, s.budget, calibration)
-    before = evaluate(model, val_ids, s.gpt.block_size, seed + 1, s.eval_batches,
+    before = evaluate(model, job.val_ids, s.gpt.block_size, seed + 1, s.eval_batches,
                       batch=s.batch_size)
     tune = replace(s, steps=s.finetune_steps, warmup=max(1, s.finetune_steps // 20),
                    eval_every=s.finetune_steps)
     opt = recipe_optimizer(model.parameters(), s.finetune_lr, s.weight_decay)
-    slim = _train("slim", model, opt, train_ids, val_ids, device, tune, seed, compile, progress)
+    slim = _train("slim", model, opt, job, tune)
     slim.update(model=model, before_fine_tune=before, budget=s.budget,
                 fraction=model._inrank_report.compression.fraction,
                 params=sum(p.numel() for p in inrank_fx.freeze(model).parameters()))
@@ -289,10 +330,9 @@ def _slim_and_narrow(dense_model, train_ids, val_ids, device, s: DemoSettings, s
     wide = replace(s, gpt=replace(s.gpt, n_embd=width), steps=total,
                    warmup=round(s.warmup * total / s.steps))
     torch.manual_seed(seed)
-    model = GPT(wide.gpt).to(device)
+    model = GPT(wide.gpt).to(job.device)
     opt = recipe_optimizer(model.parameters(), s.narrow_lr, s.weight_decay)
-    narrow = _train("narrow", model, opt, train_ids, val_ids, device, wide, seed, compile,
-                    progress)
+    narrow = _train("narrow", model, opt, job, wide)
     narrow.update(width=width, lr=s.narrow_lr, steps=total)
     return slim, narrow
 

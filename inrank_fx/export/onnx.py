@@ -82,8 +82,8 @@ def to_onnx(
 
     `exporter="dynamo"` uses torch.onnx's torch.export-based exporter. `"auto"` (the default)
     does the same, and where torch.export captured the model but torch.onnx could not translate
-    the graph (an upstream limit; the models it was seen on are in docs/MODELS.md) exports with torch.onnx's TorchScript exporter instead,
-    with a warning and the reason in the report's notes; `"torchscript"` uses that exporter
+    the graph (an upstream limit; the models it was seen on are in docs/MODELS.md) exports
+    with torch.onnx's TorchScript exporter instead, with a warning and the reason in the report's notes; `"torchscript"` uses that exporter
     alone. Either way the file is checked the same way. The file is written atomically (nothing
     is left at `path` if anything fails) and carries the per-layer ranks in its metadata_props
     under "inrank_fx.ranks". With `verify`, ONNX Runtime (CPU, and CUDA where available) runs
@@ -107,26 +107,8 @@ def to_onnx(
 
     onnx_program = None
     if exporter != "torchscript":
-        with torch.no_grad():
-            program = export_program(frozen, inputs, dynamic_batch)
-        try:
-            onnx_program = torch.onnx.export(
-                program, inputs, dynamo=True, opset_version=opset, optimize=True, verbose=False
-            )
-        except Exception as err:  # torch.export took the model; its ONNX translation did not
-            message = (f"torch.onnx could not translate {type(model).__name__} (traced by "
-                       f"torch.export) to ONNX: {_root_cause(err)}")
-            if exporter == "dynamo":
-                raise ExportError(message + '; exporter="torchscript" may export it') from err
-            report.exporter = "torchscript"
-            report.notes.append(message + "; exported with the TorchScript exporter instead")
-            warnings.warn(report.notes[-1], stacklevel=2)
-        else:
-            report.exporter = "dynamo"
-            if not debug_info:
-                _drop_node_metadata(onnx_program.model)
-            onnx_program.model.metadata_props[RANKS_METADATA_KEY] = json.dumps(ranks)
-            report.opset = _opset_of(onnx_program)
+        onnx_program = _dynamo_program(model, frozen, inputs, report, dynamic_batch=dynamic_batch,
+                                       opset=opset, debug_info=debug_info)
 
     with atomic_destination(path) as tmp:
         if onnx_program is not None:
@@ -142,6 +124,34 @@ def to_onnx(
         written = list(tmp.parent.iterdir())
         report.file_bytes = sum(p.stat().st_size for p in written)
     return report
+
+
+def _dynamo_program(model: nn.Module, frozen: nn.Module, inputs, report: OnnxExportReport, *,
+                    dynamic_batch: bool, opset: int | None, debug_info: bool):
+    """torch.onnx's torch.export-based translation of the frozen model, or None where it could
+    not translate what torch.export captured and the report's exporter allows the TorchScript
+    one (the report says why)."""
+    with torch.no_grad():
+        program = export_program(frozen, inputs, dynamic_batch)
+    try:
+        onnx_program = torch.onnx.export(
+            program, inputs, dynamo=True, opset_version=opset, optimize=True, verbose=False
+        )
+    except Exception as err:  # torch.export took the model; its ONNX translation did not
+        message = (f"torch.onnx could not translate {type(model).__name__} (traced by "
+                   f"torch.export) to ONNX: {_root_cause(err)}")
+        if report.exporter == "dynamo":
+            raise ExportError(message + '; exporter="torchscript" may export it') from err
+        report.exporter = "torchscript"
+        report.notes.append(message + "; exported with the TorchScript exporter instead")
+        warnings.warn(report.notes[-1], stacklevel=3)
+        return None
+    report.exporter = "dynamo"
+    if not debug_info:
+        _drop_node_metadata(onnx_program.model)
+    onnx_program.model.metadata_props[RANKS_METADATA_KEY] = json.dumps(report.ranks)
+    report.opset = _opset_of(onnx_program)
+    return onnx_program
 
 
 def _torchscript_export(frozen: nn.Module, inputs, file: Path, dynamic_batch: bool,

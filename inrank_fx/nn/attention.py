@@ -88,28 +88,10 @@ class InRankMultiheadAttention(nn.Module):
         batch_first = self.batch_first or unbatched
         # Project in the input's own layout (contiguous rows: plain matmuls), then split heads.
         q, k, v = self._project_qkv(query, key, value)
-        if batch_first:
-            N, L, E = q.shape
-            S = k.shape[1]
-            q, k, v = (t.reshape(N, t.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
-                       for t in (q, k, v))
-        else:
-            L, N, E = q.shape
-            S = k.shape[0]
-            q, k, v = (t.reshape(t.shape[0], N, self.num_heads, self.head_dim).permute(1, 2, 0, 3)
-                       for t in (q, k, v))
-        mask = _merged_mask(attn_mask, key_padding_mask, N, self.num_heads, L, S, q.dtype)
-        dropout = self.dropout if self.training else 0.0
-        if need_weights:
-            scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
-            if mask is not None:
-                scores = scores + mask
-            weights = torch.softmax(scores, dim=-1)
-            out = F.dropout(weights, dropout, self.training) @ v
-        else:
-            weights = None
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                                 is_causal=causal)
+        (N, L, E), S = _sizes(q, k, batch_first)
+        q, k, v = (self._split_heads(t, batch_first) for t in (q, k, v))
+        mask = _merged_mask(attn_mask, key_padding_mask, (N, self.num_heads, L, S), q.dtype)
+        out, weights = self._attend(q, k, v, mask, need_weights, causal)
         if batch_first:
             out = out.transpose(1, 2).reshape(N, L, E)
         else:
@@ -122,6 +104,24 @@ class InRankMultiheadAttention(nn.Module):
             if unbatched:
                 weights = weights.squeeze(0)
         return out, weights
+
+    def _split_heads(self, t: torch.Tensor, batch_first: bool) -> torch.Tensor:
+        """(N, L, E) or (L, N, E) to (N, heads, L, head_dim)."""
+        if batch_first:
+            return t.reshape(t.shape[0], t.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+        return t.reshape(t.shape[0], t.shape[1], self.num_heads, self.head_dim).permute(1, 2, 0, 3)
+
+    def _attend(self, q, k, v, mask, need_weights: bool, causal: bool):
+        """Attention over split heads: (output, weights or None)."""
+        dropout = self.dropout if self.training else 0.0
+        if not need_weights:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                                  is_causal=causal), None
+        scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
+        if mask is not None:
+            scores = scores + mask
+        weights = torch.softmax(scores, dim=-1)
+        return F.dropout(weights, dropout, self.training) @ v, weights
 
     def _project_qkv(self, query, key, value):
         E = self.embed_dim
@@ -147,9 +147,18 @@ def _rows_of(layer: nn.Module, x: torch.Tensor, rows: slice) -> torch.Tensor:
     return F.linear(x, layer.weight[rows], bias)
 
 
-def _merged_mask(attn_mask, key_padding_mask, N, heads, L, S, dtype):
-    """One additive float mask of shape (N, heads, L, S) (or broadcastable), or None, with
-    nn.MultiheadAttention's conventions: True / -inf means "do not attend"."""
+def _sizes(q: torch.Tensor, k: torch.Tensor, batch_first: bool) -> tuple[tuple, int]:
+    """((batch N, target length L, embedding E), source length S) of projected q and k."""
+    if batch_first:
+        return tuple(q.shape), k.shape[1]
+    L, N, E = q.shape
+    return (N, L, E), k.shape[0]
+
+
+def _merged_mask(attn_mask, key_padding_mask, shape: tuple[int, int, int, int], dtype):
+    """One additive float mask of `shape` (N, heads, L, S) (or broadcastable to it), or None,
+    with nn.MultiheadAttention's conventions: True / -inf means "do not attend"."""
+    N, heads, L, S = shape
     def as_float(mask):
         if mask is None:
             return None

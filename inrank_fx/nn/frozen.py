@@ -17,7 +17,7 @@ class FactoredLinear(nn.Module):
     """y = up(down(x)): two plain matmuls through an inner dimension `rank` (with
     `activation`, y = up(σ(down(x))): one standard elementwise op between them)."""
 
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, *,
                  device=None, dtype=None, activation: str | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
@@ -30,8 +30,8 @@ class FactoredLinear(nn.Module):
     def from_factors(cls, U: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None,
                      activation: str | None = None) -> "FactoredLinear":
         """The layer x ↦ σ(x·V)·Uᵀ (+ bias), U: out×r, V: in×r (σ the identity by default)."""
-        layer = cls(V.shape[0], U.shape[0], U.shape[1], bias is not None, U.device, U.dtype,
-                    activation)
+        layer = cls(V.shape[0], U.shape[0], U.shape[1], bias is not None, device=U.device,
+                    dtype=U.dtype, activation=activation)
         layer.down.weight.copy_(V.T)
         layer.up.weight.copy_(U)
         if bias is not None:

@@ -115,22 +115,7 @@ def compress(
     A layer is never made bigger than dense. `inrank_fx.summary(model)` and
     `model._inrank_report.compression` say what was done.
     """
-    _check_budget(budget)
-    if allocation not in ALLOCATIONS:
-        raise InRankValueError(f"compress: allocation must be one of {ALLOCATIONS}, "
-                               f"got {allocation!r}")
-    if allocate_on not in ALLOCATE_ON:
-        raise InRankValueError(f"compress: allocate_on must be one of {ALLOCATE_ON}, "
-                               f"got {allocate_on!r}")
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or damping < 0:
-        raise InRankValueError(f"compress: damping must be a number >= 0, got {damping!r}")
-    config = config if config is not None else InRankConfig(buffer=0)
-    if not isinstance(config, InRankConfig):
-        raise InRankTypeError(f"compress: config must be an InRankConfig, got "
-                              f"{type(config).__name__}")
-    if config.activation is not None:
-        raise InRankValueError("compress keeps each layer the linear map it was; "
-                               f"InRankConfig.activation must be None, got {config.activation!r}")
+    config = _checked_arguments(budget, allocation, allocate_on, damping, config)
     full = replace(config, init="svd", init_rank=1.0, buffer=0, silent_buffer=True)
     if example_inputs is None and isinstance(calibration, (list, tuple)) and calibration \
             and isinstance(calibration[0], (torch.Tensor, tuple)):
@@ -148,20 +133,47 @@ def compress(
         {name: _spectrum(layer, None) for name, layer in layers.items()}
     costs = {name: _Cost.of(layer) for name, layer in layers.items()}
     chosen = _allocate(weights, costs, budget, allocation)
-    records = []
-    for name, layer in layers.items():
-        _truncate(layer, chosen[name], whitening.get(name))
-        buffer = config.buffer_for(layer.full_rank)
-        if buffer:  # silent columns: the function is unchanged, ranks can grow back
-            layer.grow(min(config.width_for(layer.rank, layer.full_rank), layer.full_rank))
-        layer.mark_reference()
-        records.append(CompressedLayer(name, layer.full_rank, layer.rank,
-                                       costs[name].at(layer.rank), costs[name].dense,
-                                       _kept_error(spectra[name], layer.rank), name in grams))
+    records = [_compressed(name, layer, chosen[name], whitening.get(name), config=config,
+                           cost=costs[name], spectrum=spectra[name], calibrated=name in grams)
+               for name, layer in layers.items()]
     compression = Compression(budget, allocation, allocate_on if grams else "weights", records,
                               notes)
     _leave_on_report(factored, layers, replace(config, init="svd", init_rank=1.0), compression)
     return factored
+
+
+def _checked_arguments(budget, allocation, allocate_on, damping, config) -> InRankConfig:
+    """compress's arguments checked; the config (the default: no buffer)."""
+    _check_budget(budget)
+    if allocation not in ALLOCATIONS:
+        raise InRankValueError(f"compress: allocation must be one of {ALLOCATIONS}, "
+                               f"got {allocation!r}")
+    if allocate_on not in ALLOCATE_ON:
+        raise InRankValueError(f"compress: allocate_on must be one of {ALLOCATE_ON}, "
+                               f"got {allocate_on!r}")
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or damping < 0:
+        raise InRankValueError(f"compress: damping must be a number >= 0, got {damping!r}")
+    config = config if config is not None else InRankConfig(buffer=0)
+    if not isinstance(config, InRankConfig):
+        raise InRankTypeError(f"compress: config must be an InRankConfig, got "
+                              f"{type(config).__name__}")
+    if config.activation is not None:
+        raise InRankValueError("compress keeps each layer the linear map it was; "
+                               f"InRankConfig.activation must be None, got {config.activation!r}")
+    return config
+
+
+def _compressed(name: str, layer: FactoredLayer, rank: int, whitening, *, config: InRankConfig,
+                cost: "_Cost", spectrum, calibrated: bool) -> CompressedLayer:
+    """The layer truncated to `rank` (where its outputs change least, given a whitening), with
+    its buffer of silent columns, and its record."""
+    _truncate(layer, rank, whitening)
+    buffer = config.buffer_for(layer.full_rank)
+    if buffer:  # silent columns: the function is unchanged, ranks can grow back
+        layer.grow(min(config.width_for(layer.rank, layer.full_rank), layer.full_rank))
+    layer.mark_reference()
+    return CompressedLayer(name, layer.full_rank, layer.rank, cost.at(layer.rank), cost.dense,
+                           _kept_error(spectrum, layer.rank), calibrated)
 
 
 def _leave_on_report(model: nn.Module, layers: dict[str, FactoredLayer], config: InRankConfig,

@@ -143,7 +143,6 @@ def transform(
     captured = (_capture_calls(model, example_inputs, None if inplace else original)
                 if example_inputs is not None else None)
     analysis = analyse(model, config, captured)
-    traced = [p for p, t in analysis.traces.items() if t.ok]
     exported = [p for p, t in analysis.traces.items() if t.ok and t.frontend == "torch.export"]
     context = PlanContext(model, config, filter_fn, {id(w.param): w for w in analysis.weights},
                           analysis.handlers, captured is not None, exported)
@@ -151,7 +150,21 @@ def transform(
              if (plan := plan_weight(weight, context)) is not None]
     candidates = [p for p in plans if isinstance(p, Candidate)]
     built = [(candidate, *build_layer(candidate, config, model)) for candidate in candidates]
+    model, installs = _install(model, built)
+    model, rewritten = _rewrite_forwards(model, analysis, installs)
+    restore_unused(substituted, lambda m: isinstance(m, FactoredLayer))
 
+    report = _report(config, analysis, plans, built, rewritten, captured is not None)
+    _warn_unmatched_patterns(config, report.candidates)
+    _announce(model, report)
+    setattr(model, REPORT_ATTR, report)
+    return model
+
+
+def _install(model: nn.Module, built: list) -> tuple[nn.Module, list]:
+    """Put each built layer in the model: a module call's layer replaces the module; a
+    functional read's goes where the weight was. Returns the model and the (weight, layer)
+    pairs of the functional reads, whose forwards are rewritten next."""
     for candidate, layer, _ in built:
         if candidate.module is not None:  # a module call: swap the module in place
             carry_hooks(candidate.module, layer)
@@ -164,27 +177,26 @@ def transform(
                 # indexed in a forward that did not trace (`self.w[e]`): the layer answers
                 # `[e]` with expert e's matrix, and the metadata reads, as the stack did
                 layer.product_reads = True
-    model, rewritten = _rewrite_forwards(model, analysis, installs)
-    restore_unused(substituted, lambda m: isinstance(m, FactoredLayer))
+    return model, installs
 
-    report = TransformReport(
+
+def _report(config: InRankConfig, analysis, plans: list, built: list, rewritten: list,
+            captured: bool) -> "TransformReport":
+    traces = analysis.traces
+    return TransformReport(
         config=config,
         factored=[_record(c, layer, requested) for c, layer, requested in built],
         dense=[DenseRecord(p.name, p.reason, p.larger_factored, p.expert_stack,
                            p.factor_threshold)
                for p in plans if isinstance(p, Dense)],
-        traced=traced,
-        not_traced={p: t.error for p, t in analysis.traces.items() if not t.ok},
+        traced=[p for p, t in traces.items() if t.ok],
+        not_traced={p: t.error for p, t in traces.items() if not t.ok},
         rewritten_forwards=rewritten,
         already_factored=analysis.already_factored,
         candidates=[p.name for p in plans if p.asked],
-        exported=exported,
-        captured=captured is not None,
+        exported=[p for p, t in traces.items() if t.ok and t.frontend == "torch.export"],
+        captured=captured,
     )
-    _warn_unmatched_patterns(config, report.candidates)
-    _announce(model, report)
-    setattr(model, REPORT_ATTR, report)
-    return model
 
 
 def _warn_unmatched_patterns(config: InRankConfig, names: list[str]) -> None:

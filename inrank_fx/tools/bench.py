@@ -171,42 +171,52 @@ def compare(
     flops = {k: _count_flops(m, inputs, train, loss_fn) for k, m in models.items()}
 
     records = []
-    cuda = device.type == "cuda"
     with tempfile.TemporaryDirectory(prefix="inrank-bench-") as workdir:
         for backend in backends:
             pair, steps = {}, {}
             for name, model in models.items():
-                record = BenchRecord(name, backend, "ok", mode=mode, batch=batch,
-                                     params=sum(p.numel() for p in model.parameters()),
-                                     flops=flops[name])
-                try:
-                    steps[name] = _backend_step(record, model, inputs, Path(workdir), train,
-                                                loss_fn)
-                    for _ in range(warmup):  # compilation, allocation, ORT's first run
-                        steps[name]()
-                except _Skip as skip:
-                    record.status, record.reason = "skipped", str(skip)
-                except Exception as err:  # a backend failing is a result, not a crash
-                    record.status = "failed"
-                    record.reason = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
-                pair[name] = record
-                records.append(record)
+                pair[name] = BenchRecord(name, backend, "ok", mode=mode, batch=batch,
+                                         params=sum(p.numel() for p in model.parameters()),
+                                         flops=flops[name])
+                steps[name] = _prepared_step(pair[name], model, inputs, Path(workdir), train,
+                                             loss_fn, warmup=warmup)
+                records.append(pair[name])
             ok = [name for name in models if pair[name].status == "ok"]
             times, peaks = _time_alternating({name: steps[name] for name in ok}, iters,
-                                             cuda and backend != "onnxruntime")
+                                             device.type == "cuda" and backend != "onnxruntime")
             for name in ok:
                 _record_times(pair[name], times[name], peaks.get(name))
-            dense, factored = pair["dense"], pair["factored"]
-            if dense.status == factored.status == "ok":
-                factored.speedup = dense.latency_median_ms / factored.latency_median_ms
-                factored.speedup_interval = median_ratio_interval(times["dense"],
-                                                                  times["factored"])
-                factored.flop_ideal_speedup = dense.flops / factored.flops if factored.flops else None
-                factored.flags = ratio_flags(factored.speedup, factored.speedup_interval,
-                                             factored.flop_ideal_speedup)
+            _record_speedup(pair["dense"], pair["factored"], times)
     meta = {"mode": mode, "batch": batch, "device": _device_name(device),
             "threads": torch.get_num_threads(), "torch": torch.__version__}
     return BenchResult(records, meta)
+
+
+def _prepared_step(record: BenchRecord, model, inputs, workdir: Path, train: bool, loss_fn, *,
+                   warmup: int):
+    """The model's step on the record's backend, run `warmup` times; None where the backend
+    skipped or failed (the record says which, and why)."""
+    try:
+        step = _backend_step(record, model, inputs, workdir, train, loss_fn)
+        for _ in range(warmup):  # compilation, allocation, ORT's first run
+            step()
+        return step
+    except _Skip as skip:
+        record.status, record.reason = "skipped", str(skip)
+    except Exception as err:  # a backend failing is a result, not a crash
+        record.status = "failed"
+        record.reason = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+    return None
+
+
+def _record_speedup(dense: BenchRecord, factored: BenchRecord, times: dict) -> None:
+    if not dense.status == factored.status == "ok":
+        return
+    factored.speedup = dense.latency_median_ms / factored.latency_median_ms
+    factored.speedup_interval = median_ratio_interval(times["dense"], times["factored"])
+    factored.flop_ideal_speedup = dense.flops / factored.flops if factored.flops else None
+    factored.flags = ratio_flags(factored.speedup, factored.speedup_interval,
+                                 factored.flop_ideal_speedup)
 
 
 class _Skip(Exception):
