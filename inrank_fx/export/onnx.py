@@ -1,7 +1,9 @@
 """`to_onnx`: a slim ONNX file of the frozen model, checked against ONNX Runtime."""
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -134,9 +136,10 @@ def _dynamo_program(model: nn.Module, frozen: nn.Module, inputs, report: OnnxExp
     with torch.no_grad():
         program = export_program(frozen, inputs, dynamic_batch)
     try:
-        onnx_program = torch.onnx.export(
-            program, inputs, dynamo=True, opset_version=opset, optimize=True, verbose=False
-        )
+        with _without_torchvision_notes():
+            onnx_program = torch.onnx.export(
+                program, inputs, dynamo=True, opset_version=opset, optimize=True, verbose=False
+            )
     except Exception as err:  # torch.export took the model; its ONNX translation did not
         message = (f"torch.onnx could not translate {type(model).__name__} (traced by "
                    f"torch.export) to ONNX: {_root_cause(err)}")
@@ -152,6 +155,26 @@ def _dynamo_program(model: nn.Module, frozen: nn.Module, inputs, report: OnnxExp
     onnx_program.model.metadata_props[RANKS_METADATA_KEY] = json.dumps(report.ranks)
     report.opset = _opset_of(onnx_program)
     return onnx_program
+
+
+# torch.onnx's registry logs a warning for each torchvision op it skips when torchvision is not
+# installed, at every export: noise about ops no inrank_fx model holds.
+_REGISTRY_LOGGER = "torch.onnx._internal.exporter._registration"
+
+
+class _DropTorchvisionNotes(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("torchvision is not installed")
+
+
+@contextlib.contextmanager
+def _without_torchvision_notes():
+    logger, note_filter = logging.getLogger(_REGISTRY_LOGGER), _DropTorchvisionNotes()
+    logger.addFilter(note_filter)
+    try:
+        yield
+    finally:
+        logger.removeFilter(note_filter)
 
 
 def _torchscript_export(frozen: nn.Module, inputs, file: Path, dynamic_batch: bool,

@@ -287,3 +287,20 @@ def test_torchscript_exporter_writes_ranks_and_checks_parity(tmp_path):
     assert "torchscript exporter" in str(report)
     with pytest.raises(ValueError, match="exporter='onnx'"):
         to_onnx(model, (torch.randn(4, 32),), tmp_path / "m.onnx", exporter="onnx")
+
+
+def test_the_exporters_torchvision_notes_are_dropped_and_nothing_else(caplog):
+    """torch.onnx logs one warning per torchvision op it skips where torchvision is missing, at
+    every export; to_onnx drops those lines (and only those) while it exports."""
+    import logging
+
+    from inrank_fx.export import onnx as onnx_export
+
+    logger = logging.getLogger(onnx_export._REGISTRY_LOGGER)
+    with caplog.at_level(logging.WARNING, logger=onnx_export._REGISTRY_LOGGER):
+        with onnx_export._without_torchvision_notes():
+            logger.warning("torchvision is not installed. Skipping %s", "torchvision::nms")
+            logger.warning("something else")
+        logger.warning("torchvision is not installed. Skipping %s", "torchvision::roi_align")
+    assert [r.getMessage() for r in caplog.records] == [
+        "something else", "torchvision is not installed. Skipping torchvision::roi_align"]
