@@ -126,7 +126,8 @@ def factored(model) -> list:
 
 def step_flops(model, protocol: Protocol) -> tuple[int, int]:
     """(FLOPs of one training step counted by torch, FLOPs of its factored layers' matmuls)."""
-    x = torch.zeros(protocol.batch, protocol.gpt.block_size, dtype=torch.long)
+    x = torch.zeros(protocol.batch, protocol.gpt.block_size, dtype=torch.long,
+                    device=next(model.parameters()).device)
     with FlopCounterMode(display=False) as counter:
         model.loss(x, x).backward()
     model.zero_grad(set_to_none=True)
@@ -138,10 +139,11 @@ def _factored_flops(model, protocol: Protocol) -> int:
     return 3 * tokens * sum(m.flops_per_row() for m in factored(model))  # forward + backward
 
 
-def run(arm: Arm, lr: float, seed: int, protocol: Protocol, data) -> dict:
-    """Train one arm at one peak learning rate and seed; the measurements of the run."""
+def run(arm: Arm, lr: float, seed: int, protocol: Protocol, data, device="cpu") -> dict:
+    """Train one arm at one peak learning rate and seed (on `device`); the measurements of the
+    run."""
     train_ids, val_ids = data
-    model = build(arm, protocol, seed)
+    model = build(arm, protocol, seed).to(device)
     total, layer_part = step_flops(model, protocol)
     rest = total - layer_part  # attention, norms, embeddings, the tied head: the same in every arm
     weight_decay = protocol.weight_decay if arm.weight_decay is None else arm.weight_decay
@@ -151,8 +153,8 @@ def run(arm: Arm, lr: float, seed: int, protocol: Protocol, data) -> dict:
     steps = protocol.steps
     sched = warmup_cosine(opt, steps, max(1, int(protocol.warmup_fraction * steps)),
                           protocol.floor)
-    stream = batches(train_ids, protocol.gpt.block_size, protocol.batch,
-                     torch.Generator().manual_seed(seed))
+    stream = ((x.to(device), y.to(device)) for x, y in batches(
+        train_ids, protocol.gpt.block_size, protocol.batch, torch.Generator().manual_seed(seed)))
     every = max(1, steps // protocol.evals)
     curve, train_curve, flops, since = [], [], [0], []
 

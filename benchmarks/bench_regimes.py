@@ -2,7 +2,7 @@
 learning rates, in a data-limited regime and as the width grows.
 
     python benchmarks/bench_regimes.py [--parts frontier lr-grid data-limited width]
-                                       [--seeds 0 1] [--widths 64 256] [--json-dir DIR]
+                                       [--seeds 0 1] [--widths 64 192] [--json-dir DIR]
                                        [--plot FILE.png] [--quick]
 
 Every part trains bench_convergence's GPT with its recipe (AdamW, warm-up + cosine, clipping,
@@ -17,12 +17,12 @@ interpolated in log(parameters) between the widths of the same seed.
   docs/convergence.json) are read, not repeated.
 - lr-grid: the fixed-rank frontier and the defaults at every peak learning rate of a grid
   (one shared rate for every arm), so the gap to each frontier is read at every rate.
-- data-limited: the paper's regime. A 200 kB corpus read for 11 epochs, so that a dense model
-  overfits within the run; every arm read at its best validation checkpoint (early stopping
-  for all), the dense models (width 128 and the narrower ones) with their regularisation
-  tuned after their learning rate (dropout 0.1 / 0.2, weight decay 1.0), InRank's defaults and
+- data-limited: the paper's regime. A 100 kB corpus read for 11 epochs (1000 steps), so
+  that a dense model overfits within the run; every arm read at its best validation checkpoint
+  (early stopping for all), the dense models (width 128 and the narrower ones) with their
+  regularisation tuned after their learning rate (dropout 0.1 / 0.2, weight decay 1.0), InRank's defaults and
   InRank-Efficient (ranks adapting for the first 130 steps only) without.
-- width: the protocol at n_embd 64 and 256 (steps, batch and context held, so every width
+- width: the protocol at n_embd 64 and 192 (steps, batch and context held, so every width
   reads the same 2 M tokens and tokens per parameter fall with width): dense of that width and
   of 1/2 and 3/4 of it, fixed ranks 1/4 and 1/2, the defaults. The gaps at 128 come from the
   frontier part.
@@ -62,6 +62,7 @@ DENSE_LRS = (2e-3, 4e-3, 8e-3)
 LR_GRID = (1e-3, 2e-3, 4e-3, 8e-3)
 REGULARISERS = (("dropout", 0.1), ("dropout", 0.2), ("weight_decay", 1.0))
 FROM_SCRATCH = ("fixed-1/16", "fixed-1/8", "fixed-1/4", "fixed-1/2", "defaults")
+WIDTH_ARMS = ("defaults", "fixed-1/4", "fixed-1/2")
 
 
 @dataclass(frozen=True)
@@ -69,13 +70,15 @@ class Setting:
     """Everything a run of this benchmark depends on besides the seeds."""
 
     protocol: Protocol = field(default_factory=Protocol)
-    data_limited: Protocol = field(default_factory=lambda: Protocol(corpus_bytes=200_000,
+    data_limited: Protocol = field(default_factory=lambda: Protocol(steps=1000,
+                                                                    corpus_bytes=100_000,
                                                                     evals=20))
     widths: tuple = WIDTHS
-    trend: tuple = (64, 256)  # the other widths of the width part (128 is the protocol's)
+    trend: tuple = (64, 192)  # the other widths of the width part (128 is the protocol's)
     dense_lrs: tuple = DENSE_LRS
     lr_grid: tuple = LR_GRID
     regularisers: tuple = REGULARISERS
+    width_arms: tuple = WIDTH_ARMS  # the from-scratch arms of the width part
     extensions: int = 2  # how often a sweep may extend past a winning edge
     factored_lrs: tuple | None = None  # replaces every factored arm's sweep (quick)
 
@@ -100,6 +103,15 @@ def at_width(arm: Arm, width: int, reference: int) -> Arm:
     """The arm on a GPT of another width (its name says which), its sweep moved with it."""
     return replace(arm, name=f"{arm.name}-w{width}", width=width,
                    lrs=width_scaled(arm.lrs, width, reference))
+
+
+def dense_at(width: int, reference: int, lrs: tuple) -> Arm:
+    """Dense of this width, the sweep `lrs` (for width `reference`) moved to it; at the
+    reference width, bench_convergence's own dense arm (its runs are shared)."""
+    lrs = width_scaled(lrs, width, reference)
+    if width == reference:
+        return replace(ARMS["dense"], lrs=lrs, width=width)
+    return Arm(f"dense-w{width}", "dense", lrs=lrs, width=width)
 
 
 def regularised(arm: Arm, what: str, value: float) -> Arm:
@@ -169,11 +181,7 @@ class Regime:
                 for r in self.tuned(self.dense_arm(w), seeds, regularise)]
 
     def dense_arm(self, width: int) -> Arm:
-        """Dense of this width, its sweep moved to the width."""
-        lrs = width_scaled(self.setting.dense_lrs, width, self.protocol.gpt.n_embd)
-        if width == self.protocol.gpt.n_embd:  # bench_convergence's name for it
-            return replace(ARMS["dense"], lrs=lrs)
-        return Arm(f"dense-w{width}", "dense", lrs=lrs, width=width)
+        return dense_at(width, self.protocol.gpt.n_embd, self.setting.dense_lrs)
 
     def save(self) -> None:
         self.runs.save({"chosen": self.chosen,
@@ -209,6 +217,11 @@ def shipped(r: dict) -> dict:
 
 def _cell(g) -> str:
     return "out" if g is None else f"{g:+.3f}"
+
+
+def _cells(gaps: list) -> str:
+    """Per-seed gaps; "not run" where the arm was not asked for."""
+    return " ".join(map(_cell, gaps)) or "not run"
 
 
 def _per_seed(rs, f) -> str:
@@ -340,13 +353,13 @@ def part_width(regime: Regime, seeds, at_protocol: dict | None) -> dict:
         frontier = regime.frontier(sorted({width // 2, 3 * width // 4, width}), seeds)
         arms = {name: regime.tuned(at_width(ARMS[name], width, regime.protocol.gpt.n_embd),
                                    seeds)
-                for name in ("fixed-1/4", "fixed-1/2", "defaults")}
+                for name in s.width_arms}
         table_rows.append(_width_row(width, frontier, arms))
     if at_protocol:
         width = regime.protocol.gpt.n_embd
         widths = {width // 2, 3 * width // 4, width}
         frontier = [r for r in at_protocol["frontier"] if r["width"] in widths]
-        arms = {n: at_protocol["arms"][n] for n in ("fixed-1/4", "fixed-1/2", "defaults")}
+        arms = {n: at_protocol["arms"][n] for n in WIDTH_ARMS}
         table_rows.append(_width_row(width, frontier, arms))
     table_rows.sort(key=lambda row: row["width"])
     lines.append(f"{'width':>5} {'dense':>7} {'defaults':>8} {'params':>6}  "
@@ -354,25 +367,28 @@ def part_width(regime: Regime, seeds, at_protocol: dict | None) -> dict:
                  f"{'fixed 1/2 vs narrower':>21}  {'defaults vs fixed-rank':>22}")
     for row in table_rows:
         lines.append(f"{row['width']:>5} {row['dense']:>7.4f} {row['defaults']:>8.4f} "
-                     f"{row['params']:>6.3f}  {' '.join(map(_cell, row['defaults_vs_dense'])):>26}"
-                     f"  {' '.join(map(_cell, row['fixed-1/4_vs_dense'])):>21}"
-                     f"  {' '.join(map(_cell, row['fixed-1/2_vs_dense'])):>21}"
-                     f"  {' '.join(map(_cell, row['defaults_vs_fixed'])):>22}")
+                     f"{row['params']:>6.3f}  {_cells(row['defaults_vs_dense']):>26}"
+                     f"  {_cells(row['fixed-1/4_vs_dense']):>21}"
+                     f"  {_cells(row['fixed-1/2_vs_dense']):>21}"
+                     f"  {_cells(row['defaults_vs_fixed']):>22}")
     lines.append("per seed; narrower dense: dense of 1/2, 3/4 and the full width, each at its own "
                  "rate; params: the defaults' shipped parameters relative to dense of the width")
     return {"text": lines, "rows": table_rows}
 
 
 def _width_row(width: int, frontier: list[dict], arms: dict) -> dict:
-    fixed = [shipped(r) for n in ("fixed-1/4", "fixed-1/2") for r in arms[n]]
+    """The gaps at one width; an arm that did not run (--width-arms) leaves its cells empty."""
+    fixed = [shipped(r) for n in ("fixed-1/4", "fixed-1/2") for r in arms.get(n, [])]
     dense_runs = [r for r in frontier if r["width"] == width]
     row = {"width": width, "dense": statistics.mean(r["val"] for r in dense_runs),
            "defaults": statistics.mean(r["val"] for r in arms["defaults"]),
            "params": statistics.mean(shipped(r)["params"] for r in arms["defaults"])
            / statistics.mean(r["params"] for r in dense_runs),
-           "defaults_vs_fixed": [gap_to(fixed, shipped(r), "params") for r in arms["defaults"]]}
-    for name in ("defaults", "fixed-1/4", "fixed-1/2"):
-        row[f"{name}_vs_dense"] = [gap_to(frontier, shipped(r), "params") for r in arms[name]]
+           "defaults_vs_fixed": [gap_to(fixed, shipped(r), "params") for r in arms["defaults"]]
+           if fixed else []}
+    for name in WIDTH_ARMS:
+        row[f"{name}_vs_dense"] = [gap_to(frontier, shipped(r), "params")
+                                   for r in arms.get(name, [])]
     return row
 
 
@@ -459,7 +475,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", help="default 0 1")
     parser.add_argument("--grid-seeds", type=int, nargs="+",
                         help="the lr grid's seeds (default: the first of --seeds)")
-    parser.add_argument("--widths", type=int, nargs="+", help="the width part's (default 64 256)")
+    parser.add_argument("--widths", type=int, nargs="+", help="the width part's (default 64 192)")
+    parser.add_argument("--width-arms", nargs="+", choices=WIDTH_ARMS,
+                        help="the width part's from-scratch arms (default: all; the defaults "
+                             "always run)")
     parser.add_argument("--quick", action="store_true", help="tiny GPTs, 60 steps, one lr each")
     parser.add_argument("--json-dir", help="keep every run in this folder (read back to resume)")
     parser.add_argument("--plot", help="write the figure to this PNG")
@@ -467,6 +486,9 @@ def main(argv=None) -> dict:
     setting = QUICK if args.quick else Setting()
     if args.widths:
         setting = replace(setting, trend=tuple(args.widths))
+    if args.width_arms:
+        setting = replace(setting, width_arms=tuple(dict.fromkeys(("defaults",
+                                                                   *args.width_arms))))
     seeds = args.seeds or [0, 1]
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     folder = Path(args.json_dir) if args.json_dir else None

@@ -18,6 +18,12 @@ DIR/gpu_check.md (a short table). Sections, in the order they run:
   inference    dense vs frozen at 25% rank, compiled, batch 1 and 32 (context 1024, bf16):
                latency ratio next to the FLOP-ideal and the time-based (Amdahl) ceiling, then
                with CUDA graphs (mode="reduce-overhead", static shapes)
+  width        the run that would settle the width trend of docs/RESULTS.md section 3
+               (bench_regimes' width part, past the CPU's reach): the protocol GPT of
+               bench_convergence at n_embd 512 and 1024, dense at 1/2, 3/4 and the full width
+               and InRank's defaults at the full width, each at the rate its sweep chose at
+               width 128 moved to the width; seed 0, then seed 1 while the budget lasts; the
+               defaults' distance to the narrower dense model at equal shipped parameters
   skipped      what did not run (TensorRT, onnxruntime-gpu, a section past the time budget)
 
 `--budget` (seconds, default 400) bounds the run: a part that would start past it is skipped
@@ -41,7 +47,7 @@ import statistics
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 
@@ -59,14 +65,17 @@ class Sizes:
     timed_steps: int  # dense, and InRank after the stop
     inference_batches: tuple[int, ...]
     inference_calls: int
+    trend_widths: tuple[int, ...]  # the width section's model widths
+    trend_quick: bool  # the width section on bench_convergence's quick protocol
 
 
 FULL = Sizes(layers=12, heads=12, embd=768, context=1024, vocab=50304, train_batch=8,
              warmup_steps=10, check_every=10, stop_after=30, timed_steps=30,
-             inference_batches=(32, 1), inference_calls=30)
+             inference_batches=(32, 1), inference_calls=30, trend_widths=(512, 1024),
+             trend_quick=False)
 TINY = Sizes(layers=2, heads=2, embd=64, context=64, vocab=256, train_batch=4,
              warmup_steps=2, check_every=2, stop_after=8, timed_steps=4,
-             inference_batches=(4, 1), inference_calls=5)
+             inference_batches=(4, 1), inference_calls=5, trend_widths=(64,), trend_quick=True)
 
 
 class Budget:
@@ -531,6 +540,57 @@ def run_inference(device, sizes: Sizes, backend: str | None, budget: Budget,
 # -- the run ---------------------------------------------------------------------------------
 
 
+# -- width ----------------------------------------------------------------------------------
+
+def run_width_trend(device, sizes: Sizes, budget: Budget) -> dict:
+    """Does InRank's gap to the narrower dense model shrink as the model widens? The protocol
+    of bench_convergence (steps, batch and context held) at the widths of `sizes`, every arm at
+    the rate chosen at width 128 (docs/convergence.json) moved to its width; runs in order of
+    what matters (the defaults and dense of the full width first), each only if the budget
+    allows it."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_convergence import ARMS, QUICK, Protocol, run
+    from bench_regimes import at_width, dense_at, gap_to, shipped
+
+    from inrank_fx.demo.corpus import split, stdlib_corpus
+
+    protocol = QUICK if sizes.trend_quick else Protocol()
+    chosen = json.loads((Path(__file__).resolve().parents[1] / "docs" / "convergence.json")
+                        .read_text())["chosen"]
+    reference = 128  # the width docs/convergence.json's rates were chosen at
+    data = split(stdlib_corpus(protocol.corpus_bytes))
+    result: dict = {"protocol": f"bench_convergence {'quick' if sizes.trend_quick else 'default'}"
+                    f" ({protocol.steps} steps, batch {protocol.batch}, context "
+                    f"{protocol.gpt.block_size}, {protocol.gpt.n_layer} layers)",
+                    "runs": [], "gaps": [], "skipped": []}
+    estimate = 30.0
+    for seed in (0, 1):
+        for width in sizes.trend_widths:
+            arms = [dense_at(width, reference, (chosen["dense"],)),
+                    at_width(replace(ARMS["defaults"], lrs=(chosen["defaults"],)), width,
+                             reference),
+                    *[dense_at(w, reference, (chosen["dense"],))
+                      for w in (width // 2, 3 * width // 4)]]
+            group = []
+            for arm in arms:
+                if not budget.allows(estimate * 1.2):
+                    result["skipped"].append(f"{arm.name} seed {seed}: time budget")
+                    continue
+                started = time.perf_counter()
+                r = run(arm, arm.lrs[0], seed, protocol, data, device=device)
+                estimate = time.perf_counter() - started
+                r = {k: v for k, v in r.items() if k not in ("curve", "train_curve", "ranks",
+                                                               "trajectory")}
+                group.append(r | {"width": arm.width or width, "wall_s": estimate})
+            result["runs"] += group
+            dense = [r for r in group if r["arm"].startswith("dense")]
+            for r in group:
+                if not r["arm"].startswith("dense"):
+                    result["gaps"].append({"width": width, "seed": seed, "arm": r["arm"],
+                                           "vs_narrower_dense": gap_to(dense, shipped(r))})
+    return result
+
+
 def device_section(device) -> dict:
     import torch
 
@@ -620,9 +680,25 @@ def table(report: dict) -> str:
             lines.append(f"| {run['mode']}, batch {run['batch']} | {lat['dense'] * 1e3:.2f} | "
                          f"{lat['frozen'] * 1e3:.2f} | {run['speedup']:.2f}x | "
                          f"{run['flop_ideal']:.2f}x | {ceiling} |")
+    width = report.get("width", {})
+    if width.get("runs"):
+        lines += ["", f"width: {width['protocol']}", "",
+                  "| arm | width | seed | lr | val | params | shipped params |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in width["runs"]:
+            lines.append(f"| {r['arm']} | {r['width']} | {r['seed']} | {r['lr']:.2g} | "
+                         f"{r.get('val_frozen', r['val']):.4f} | {r['params']:,} | "
+                         f"{r['params_frozen']:,} |")
+        lines += [f"- {g['arm']} seed {g['seed']}: {g['vs_narrower_dense']:+.4f} against the "
+                  "narrower dense model" if g["vs_narrower_dense"] is not None else
+                  f"- {g['arm']} seed {g['seed']}: outside the dense widths measured"
+                  for g in width["gaps"]]
     if report["skipped"]:
         lines += ["", "skipped:"] + [f"- {s['what']}: {s['why']}" for s in report["skipped"]]
     return "\n".join(lines) + "\n"
+
+
+SECTIONS = ("correctness", "training", "inference", "width")
 
 
 def main(argv=None) -> int:
@@ -631,8 +707,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cpu", action="store_true", help="run on the CPU (with --tiny: CI)")
     parser.add_argument("--tiny", action="store_true", help="toy sizes")
     parser.add_argument("--budget", type=float, default=400.0, help="seconds for the whole run")
-    parser.add_argument("--sections", nargs="+", default=["correctness", "training", "inference"],
-                        choices=["correctness", "training", "inference"])
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     args = parser.parse_args(argv)
 
     import torch
@@ -656,7 +731,7 @@ def main(argv=None) -> int:
         torch.backends.cudnn.allow_tf32 = True
     report: dict = {"mode": f"{'cpu' if args.cpu else 'cuda'}{', tiny' if args.tiny else ''}",
                     "device": device_section(device), "sizes": sizes.__dict__,
-                    "correctness": [], "training": {}, "inference": {},
+                    "correctness": [], "training": {}, "inference": {}, "width": {},
                     "skipped": backend_skips(device)}
 
     def section(name: str, run, estimate: float):
@@ -679,6 +754,7 @@ def main(argv=None) -> int:
     section("training", lambda: run_training(device, sizes, backend, budget), 120)
     section("inference", lambda: run_inference(device, sizes, None if device.type == "cuda"
                                                else backend, budget, report["skipped"]), 45)
+    section("width", lambda: run_width_trend(device, sizes, budget), 30)
     report["seconds"] = budget.elapsed()
     with atomic_destination(out / "gpu_check.json") as tmp:
         tmp.write_text(json.dumps(report, indent=1, default=str))

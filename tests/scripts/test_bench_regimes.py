@@ -28,6 +28,10 @@ def test_sweeps_move_with_width_by_powers_of_two(bench):
     assert bench.width_scaled((2e-3,), 96, 128) == (2e-3,)  # 4/3: the nearest power is 1
     arm = bench.at_width(bench.ARMS["defaults"], 256, 128)
     assert arm.name == "defaults-w256" and arm.width == 256 and arm.config == {}
+    # dense at the reference width is bench_convergence's own arm (its runs are shared)
+    assert bench.dense_at(128, 128, (4e-3,)).name == "dense"
+    narrow = bench.dense_at(64, 128, (4e-3,))
+    assert (narrow.name, narrow.width, narrow.lrs) == ("dense-w64", 64, (8e-3,))
 
 
 def test_regularised_arms_train_with_what_their_name_says(bench):
@@ -116,3 +120,18 @@ def test_a_run_of_another_protocol_is_not_taken_as_a_start(bench, tmp_path):
                                   "runs": []}))
     bench.seeded_from(str(target), str(source), bench.Setting().protocol, log=lambda *_: None)
     assert target.exists()
+
+
+def test_the_width_part_can_run_the_defaults_alone(bench, quick, capsys):
+    """--width-arms defaults: the fixed ranks at the other widths are not run, and say so."""
+    _, folder = quick
+    capsys.readouterr()
+    results = bench.main(["--quick", "--parts", "width", "--widths", "48", "--width-arms",
+                          "defaults", "--seeds", "0", "1", "--json-dir", str(folder)])
+    rows = {row["width"]: row for row in results["width"]["rows"]}
+    assert rows[48]["fixed-1/4_vs_dense"] == [] and rows[48]["defaults_vs_fixed"] == []
+    assert len(rows[48]["defaults_vs_dense"]) == 2
+    assert len(rows[64]["fixed-1/4_vs_dense"]) == 2  # the protocol's width: from the frontier
+    line = next(l for l in results["width"]["text"] if l.strip().startswith("48"))
+    assert "not run" in line
+    assert "defaults-w48" in capsys.readouterr().out  # it trained the defaults at 48

@@ -34,11 +34,19 @@ def test_cpu_tiny_writes_every_section(tmp_path):
     assert [r["batch"] for r in runs] == sorted(report["sizes"]["inference_batches"], reverse=True)
     assert all("amdahl_ceiling" in r for r in runs)
     assert all(r["flop_ideal"] > 1 and r["latency_s"]["frozen"] > 0 for r in runs)
+    width = report["width"]  # the width trend: dense of three widths and the defaults, two seeds
+    assert {(r["arm"], r["seed"]) for r in width["runs"]} == {
+        (arm, seed) for arm in ("dense-w64", "defaults-w64", "dense-w32", "dense-w48")
+        for seed in (0, 1)}
+    assert [(g["arm"], g["seed"]) for g in width["gaps"]] == [("defaults-w64", 0),
+                                                             ("defaults-w64", 1)]
+    assert all(isinstance(g["vs_narrower_dense"], float) for g in width["gaps"])
     skipped = {s["what"]: s["why"] for s in report["skipped"]}
     assert {"TensorRT", "onnxruntime-gpu"} <= set(skipped)
     assert "CUDA graphs need a CUDA device" in \
         skipped["inference with CUDA graphs (mode='reduce-overhead')"]
-    assert "| dense |" in (tmp_path / "gpu_check.md").read_text()
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert "| dense |" in table and "| defaults-w64 | 64 | 1 |" in table
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
