@@ -2,7 +2,7 @@
 learning rates, in a data-limited regime and as the width grows.
 
     python benchmarks/bench_regimes.py [--parts frontier lr-grid data-limited width]
-                                       [--seeds 0 1] [--widths 64 192] [--json-dir DIR]
+                                       [--seeds 0 1] [--widths 64 96] [--json-dir DIR]
                                        [--plot FILE.png] [--quick]
 
 Every part trains bench_convergence's GPT with its recipe (AdamW, warm-up + cosine, clipping,
@@ -22,7 +22,7 @@ interpolated in log(parameters) between the widths of the same seed.
   (early stopping for all), the dense models (width 128 and the narrower ones) with their
   regularisation tuned after their learning rate (dropout 0.1 / 0.2, weight decay 1.0), InRank's defaults and
   InRank-Efficient (ranks adapting for the first 130 steps only) without.
-- width: the protocol at n_embd 64 and 192 (steps, batch and context held, so every width
+- width: the protocol at n_embd 64 and 96 (steps, batch and context held, so every width
   reads the same 2 M tokens and tokens per parameter fall with width): dense of that width and
   of 1/2 and 3/4 of it, fixed ranks 1/4 and 1/2, the defaults. The gaps at 128 come from the
   frontier part.
@@ -74,7 +74,7 @@ class Setting:
                                                                     corpus_bytes=100_000,
                                                                     evals=20))
     widths: tuple = WIDTHS
-    trend: tuple = (64, 192)  # the other widths of the width part (128 is the protocol's)
+    trend: tuple = (64, 96)  # the other widths of the width part (128 is the protocol's)
     dense_lrs: tuple = DENSE_LRS
     lr_grid: tuple = LR_GRID
     regularisers: tuple = REGULARISERS
@@ -475,7 +475,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", help="default 0 1")
     parser.add_argument("--grid-seeds", type=int, nargs="+",
                         help="the lr grid's seeds (default: the first of --seeds)")
-    parser.add_argument("--widths", type=int, nargs="+", help="the width part's (default 64 192)")
+    parser.add_argument("--widths", type=int, nargs="+", help="the width part's (default 64 96)")
     parser.add_argument("--width-arms", nargs="+", choices=WIDTH_ARMS,
                         help="the width part's from-scratch arms (default: all; the defaults "
                              "always run)")
