@@ -198,13 +198,57 @@ def _compiled(gm: fx.GraphModule, graph: fx.Graph):
     return type(fx.GraphModule(gm, copy.deepcopy(graph))).forward
 
 
-def install_layer(root: nn.Module, param_name: str, layer: nn.Module) -> None:
-    """Put the factored layer where the parameter was (the parameter goes away)."""
+def install_layer(root: nn.Module, param_name: str, layer: nn.Module, *,
+                  beside: bool = False) -> str:
+    """Put the factored layer where the parameter was (the parameter goes away); returns the
+    layer's path. `beside`, for a module whose own forward is not rewritten (its parent hands
+    its weight to F.linear, as timm's attention does with `self.qkv.weight`): the layer goes
+    beside the attribute, at `<attr>_factored`, and the attribute keeps reading as a tensor,
+    the layer's dense product, so `.weight` reads (shapes, tools that walk nn.Linear modules)
+    keep working on the module that holds it."""
     parent_name, _, attr = param_name.rpartition(".")
     parent = root.get_submodule(parent_name)
     if attr in parent._parameters:
         del parent._parameters[attr]
-    parent.add_module(attr, layer)
+    if not beside:
+        parent.add_module(attr, layer)
+        return param_name
+    name = f"{attr}{FACTORED_SUFFIX}"
+    parent.add_module(name, layer)
+    if not isinstance(getattr(type(parent), attr, None), property):
+        parent.__class__ = _reading_through(type(parent), attr, name)
+    return f"{parent_name}.{name}" if parent_name else name
+
+
+# Where a module's attribute keeps reading as a tensor, its factored layer's name is the
+# attribute's with this suffix (`qkv.weight` → `qkv.weight_factored`).
+FACTORED_SUFFIX = "_factored"
+_READ_THROUGH: dict[tuple[type, str, str], type] = {}
+
+
+def _reading_through(cls: type, attr: str, layer_name: str) -> type:
+    """A subclass of `cls` whose `attr` reads the dense product of the layer at `layer_name`,
+    as torch.nn.utils.parametrize does for a parametrized weight (one class per kind, cached;
+    pickled as its base class and the two names, so torch.save and deepcopy work)."""
+    key = (cls, attr, layer_name)
+    if key not in _READ_THROUGH:
+        def read(self):
+            return getattr(self, layer_name).weight
+
+        def reduce(self, protocol):
+            return _restored, (cls, attr, layer_name, self.__getstate__())
+
+        read.__doc__ = f"The dense product of the factored layer `{layer_name}` (read-only)."
+        _READ_THROUGH[key] = type(f"FactoredWeight{cls.__name__}", (cls,),
+                                  {attr: property(read), "__reduce_ex__": reduce,
+                                   "__module__": cls.__module__})
+    return _READ_THROUGH[key]
+
+
+def _restored(cls: type, attr: str, layer_name: str, state: dict) -> nn.Module:
+    module = object.__new__(_reading_through(cls, attr, layer_name))
+    module.__setstate__(state)
+    return module
 
 
 def read_through_weight(gm: fx.GraphModule, targets: list[str]) -> set[str]:

@@ -163,20 +163,31 @@ def transform(
 
 def _install(model: nn.Module, built: list) -> tuple[nn.Module, list]:
     """Put each built layer in the model: a module call's layer replaces the module; a
-    functional read's goes where the weight was. Returns the model and the (weight, layer)
-    pairs of the functional reads, whose forwards are rewritten next."""
+    functional read's goes where the weight was (beside it, where the module holding the
+    weight keeps its own forward: see `install_layer`). Returns the model and the
+    (weight, layer, {weight name: layer path}) of the functional reads, whose forwards are
+    rewritten next."""
     for candidate, layer, _ in built:
         if candidate.module is not None:  # a module call: swap the module in place
             carry_hooks(candidate.module, layer)
             model = replace_module(model, candidate.module, layer)
-    installs = [(c.weight, layer) for c, layer, _ in built if c.module is None]
-    for weight, layer in installs:  # functional reads: the layer goes where the weight was
-        for name in weight.names:
-            install_layer(model, name, layer)
-            if isinstance(layer, FACTORED_STACKS) and weight.reads_of("opaque")[0].untraced:
-                # indexed in a forward that did not trace (`self.w[e]`): the layer answers
-                # `[e]` with expert e's matrix, and the metadata reads, as the stack did
-                layer.product_reads = True
+    functional = [(c.weight, layer) for c, layer, _ in built if c.module is None]
+    # the modules whose forwards read these weights: rewritten next, they hold their layers
+    readers = {r.owner for weight, _ in functional for r in weight.reads}
+    installs = []
+    for weight, layer in functional:
+        if isinstance(layer, FACTORED_STACKS) and weight.reads_of("opaque")[0].untraced:
+            # indexed in a forward that did not trace (`self.w[e]`): the layer stays where the
+            # stack was and answers `[e]` with expert e's matrix, and the metadata reads
+            layer.product_reads = True
+            paths = {name: install_layer(model, name, layer) for name in weight.names}
+        else:
+            # a stack answers reads of the tensor it replaced; a matrix's holder, if its own
+            # forward stays, keeps reading its attribute as a tensor
+            paths = {name: install_layer(model, name, layer, beside=not isinstance(
+                        layer, FACTORED_STACKS) and name.rpartition(".")[0] not in readers)
+                     for name in weight.names}
+        installs.append((weight, layer, paths))
     return model, installs
 
 
@@ -353,6 +364,10 @@ def _expert_stack(weight: WeightUse, opaque: list, batched: list,
 
 def _prefix(owner: str) -> str:
     return f"{owner}." if owner else ""
+
+
+def _relative(path: str, owner: str) -> str:
+    return path[len(_prefix(owner)):]
 
 
 def _functional(weight: WeightUse, sites: list, ctx: PlanContext) -> Candidate | Dense:
@@ -545,13 +560,14 @@ def _rewrite_forwards(model: nn.Module, analysis: Analysis,
     by_owner: dict[str, list[tuple[MatmulSite, str, nn.Module]]] = {}
     stacks: dict[str, list[str]] = {}  # owner → get_attr targets of factored expert stacks
     layers: dict[tuple[str, str], nn.Module] = {}  # (owner, target) → the stack's layer
-    for weight, layer in installs:
+    for weight, layer, paths in installs:
         for read in weight.reads_of("site"):
-            target = read.site.param_node.target
+            target = _relative(paths[_prefix(read.owner) + read.site.param_node.target],
+                               read.owner)
             by_owner.setdefault(read.owner, []).append((read.site, target, layer))
         if isinstance(layer, FACTORED_STACKS):
             for read in [r for r in weight.reads_of("opaque") if not r.untraced]:
-                mine = [n[len(_prefix(read.owner)):] for n in weight.names
+                mine = [_relative(paths[n], read.owner) for n in weight.names
                         if n.startswith(_prefix(read.owner))]
                 stacks.setdefault(read.owner, []).extend(mine)
                 layers.update({(read.owner, target): layer for target in mine})
@@ -561,8 +577,9 @@ def _rewrite_forwards(model: nn.Module, analysis: Analysis,
         sites = by_owner.get(owner, [])
         if trace.frontend == "torch.export":
             gm = trace.module  # the exported module holds the same parameters at the same paths
-            for _, target, layer in sites:
-                install_layer(gm, target, layer)
+            for site, target, layer in sites:
+                install_layer(gm, site.param_node.target, layer,
+                              beside=target != site.param_node.target)
             for target in stacks.get(owner, []):
                 install_layer(gm, target, layers[owner, target])
             carry_hooks(module, gm)

@@ -41,7 +41,9 @@ def test_torch_export_frontend_factors_what_fx_cannot_see(rel_err):
     assert "did not trace" in {d.name: d.reason for d in summary(without).dense}["inner.w"]
 
     out = transform(model, FULL_SVD, example_inputs=(x,))
-    assert set(ranks(out)) == {"inner.fc.weight", "inner.w", "head"}
+    # fc is called inside the captured forward: its weight is factored there, and still reads
+    assert set(ranks(out)) == {"inner.fc.weight_factored", "inner.w", "head"}
+    assert out.inner.fc.weight.shape == (32, 32)
     assert out._inrank_report.exported == ["inner"]
     assert "captured with torch.export" in str(summary(out))
     assert rel_err(out(x), model(x)) < 1e-5
@@ -163,6 +165,7 @@ def test_weights_handed_to_a_wrapped_function_need_example_inputs():
 
     x = torch.randn(1, 32)  # a batch of one: the captured graph must still take other batches
     captured = transform(model, InRankConfig(init_rank=1.0, min_features=1), example_inputs=(x,))
-    assert set(ranks(captured)) == {"gate.weight", "out.weight"}  # the exported subtree's names
+    assert set(ranks(captured)) == {"gate.weight_factored", "out.weight_factored"}  # exported
+    assert captured.gate.weight.shape == model.gate.weight.shape  # .weight still reads
     x4 = torch.randn(4, 32)
     torch.testing.assert_close(captured(x4), model(x4), rtol=1e-5, atol=1e-5)

@@ -1,4 +1,6 @@
+import copy
 import importlib.metadata
+import io
 import warnings
 
 import pytest
@@ -408,14 +410,25 @@ def test_a_modules_weight_handed_to_f_linear_by_its_parent_is_factored(rel_err, 
     model = FusedBiasAttention(qkv_bias=qkv_bias)
     x = torch.randn(2, 5, 32)
     out = transform(model, FULL_SVD)
-    assert set(ranks(out)) == {"qkv.weight", "proj"}, summary(out).dense
+    assert set(ranks(out)) == {"qkv.weight_factored", "proj"}, summary(out).dense
     assert rel_err(out(x), model(x)) < 1e-5
     assert ("qkv.bias" in dict(out.named_parameters())) == qkv_bias  # its bias stays in place
+    # .weight still reads as the tensor it was (the layer's product), on an nn.Linear
+    assert isinstance(out.qkv, nn.Linear) and isinstance(out.qkv.weight, torch.Tensor)
+    assert rel_err(out.qkv.weight, model.qkv.weight) < 1e-5
+    assert [n for n, m in out.named_modules() if n.endswith("weight")] == []
+    saved = io.BytesIO()
+    torch.save(out.qkv, saved)  # the holder pickles (its class is made per kind)
+    saved.seek(0)
+    assert torch.equal(torch.load(saved, weights_only=False).weight, out.qkv.weight)
+    again = transform(FusedBiasAttention(qkv_bias=qkv_bias), FULL_SVD)
+    again.load_state_dict(copy.deepcopy(out).state_dict())  # saved and copied as a module is
+    assert rel_err(again(x), model(x)) < 1e-5
     low = transform(model, InRankConfig(init_rank=4, buffer=0))
     opt = torch.optim.AdamW(low.parameters(), lr=1e-2)
     low(x).square().mean().backward()
     opt.step()  # trains: the layer inside qkv gets gradients
-    assert ranks(low)["qkv.weight"] == 4
+    assert ranks(low)["qkv.weight_factored"] == 4
     with torch.no_grad():
         assert rel_err(inrank_fx.freeze(low)(x), low(x)) < 1e-5  # freezes, and runs
 
