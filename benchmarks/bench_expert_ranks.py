@@ -92,10 +92,10 @@ def train(seed: int, steps: int, data, stop_after) -> dict:
     checks: list[dict] = []
 
     def on_step(step: int, loss: float) -> None:
-        if ctrl.frozen and checks and checks[-1].get("stopped"):
+        if ctrl.stopped and checks and checks[-1].get("stopped"):
             return
-        if step % ctrl.config.check_every == 0 or ctrl.frozen:
-            checks.append({"step": step, "loss": loss, "stopped": ctrl.frozen, "stacks": {
+        if step % ctrl.config.check_every == 0 or ctrl.stopped:
+            checks.append({"step": step, "loss": loss, "stopped": ctrl.stopped, "stacks": {
                 n: {"stack": m.rank, "experts": expert_ranks(ctrl, m)} for n, m in stacks.items()}})
 
     stream = (step_batch(train_ids, GPT_CONFIG.block_size, BATCH, seed, s) for s in range(steps))

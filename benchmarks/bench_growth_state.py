@@ -6,7 +6,7 @@ Trains the demo GPT (4 layers, n_embd 128, AdamW 3e-3) at rank 8, grows every fa
 16 components at step --grow-at with `set_ranks(..., grow_state=...)`, and trains on:
   seeded - new columns' second moments start at their row's mean over the existing columns
            (the default);
-  zero   - all new state zero (Adam's step count is kept, so its bias correction is already
+  unseeded - all new state zero (Adam's step count is kept, so its bias correction is already
            ≈ 1 and the first updates divide a small first moment by a tiny second moment);
   none   - no growth, for the loss curve.
 Prints, for the first steps after growth, the RMS update of the new U columns over that of the
@@ -64,10 +64,10 @@ def main() -> None:
     args = parser.parse_args()
     train_ids, _ = split(stdlib_corpus(1_000_000))
     runs = {name: run(None if name == "none" else name, args.grow_at, args.after, train_ids)
-            for name in ("seeded", "zero", "none")}
+            for name in ("seeded", "unseeded", "none")}
     print("RMS update of new U columns / existing U columns (median over 16 layers):")
     print("step after growth  " + "  ".join(f"{i:>5}" for i in range(1, 11)))
-    for name in ("seeded", "zero"):
+    for name in ("seeded", "unseeded"):
         print(f"{name:<17}  " + "  ".join(f"{r:>5.2f}" for r in runs[name]["ratios"][:10]))
     print(f"\nmean training loss over the {args.after} steps after growth "
           "(same batches; the difference to no growth in brackets):")

@@ -22,9 +22,9 @@ _PUBLIC = {
     **dict.fromkeys(("handlers_restored", "register_function_handler",
                      "register_module_handler", "register_substitute",
                      "unregister_function_handler", "unregister_module_handler"), ".passes"),
-    "TransformReport": ".passes.transform", "transform": ".passes.transform",
+    "TransformReport": ".passes.report", "transform": ".passes.transform",
     "materialize": ".passes.materialize",
-    "Compression": ".passes.compress", "compress": ".passes.compress",
+    "Compression": ".passes.report", "compress": ".passes.compress",
     "summary": ".tools.summary",
     **dict.fromkeys(("DistributedRankController", "InRankDistributedError",
                      "OptimizerStateError", "RankChange", "RankController", "attach",
@@ -61,8 +61,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     )
     from .export.freeze import freeze
     from .nn import FactoredLayer, InRankConv2d, InRankLinear, ranks
-    from .passes.compress import Compression, compress
-    from .passes.materialize import materialize
     from .passes import (
         handlers_restored,
         register_function_handler,
@@ -71,7 +69,10 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         unregister_function_handler,
         unregister_module_handler,
     )
-    from .passes.transform import TransformReport, transform
+    from .passes.compress import compress
+    from .passes.materialize import materialize
+    from .passes.report import Compression, TransformReport
+    from .passes.transform import transform
     from .tools.summary import summary
     from .training import (
         DistributedRankController,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 import statistics
 from typing import Sequence
+
 from .errors import InRankValueError
 
 # A ratio whose 90% interval spans more than this factor (high / low) is flagged as noisy.

@@ -11,12 +11,11 @@ import sys
 from pathlib import Path
 
 from .errors import InRankError
+from .vocabulary import ALLOCATIONS, BACKENDS, INITS
 
 # Parsing and --help come before any import of torch (seconds): every import of torch or of the
-# rest of inrank_fx is inside the command that needs it. INITS mirrors nn.linear.INITS and
-# ALLOCATIONS passes.compress.ALLOCATIONS (a test keeps them equal).
-INITS = ("svd", "random", "iid")
-ALLOCATIONS = ("global", "uniform")  # passes.compress.ALLOCATIONS (a test keeps them equal)
+# rest of inrank_fx is inside the command that needs it; the choices come from the torch-free
+# vocabulary, as the library's do.
 
 
 class UsageError(InRankError):
@@ -162,7 +161,7 @@ def run_bench_command(args) -> int:
     import torch
 
     from . import InRankConfig, transform
-    from .tools.bench import BACKENDS, compare, tune_cpu_allocator
+    from .tools.bench import compare, tune_cpu_allocator
 
     backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())
     unknown = [b for b in backends if b not in BACKENDS]

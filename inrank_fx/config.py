@@ -14,21 +14,31 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Literal, Sequence, Union
 
 from ._io import atomic_destination, check_destination
 from .errors import InRankTypeError, InRankValueError
-from .nn.linear import ACTIVATIONS, INITS
-from .nn.spectrum import CRITERIA
+from .nn.linear import ACTIVATIONS
+from .vocabulary import (
+    CONVS,
+    CRITERIA,
+    EXPERT_RANKS,
+    GROW_INITS,
+    INITS,
+    MEASURES,
+    TRUNCATE_STATES,
+    Convs,
+    Criterion,
+    ExpertRanks,
+    GrowInit,
+    Init,
+    Measure,
+    TruncateState,
+)
 
-MEASURES = ("update", "weight")
 # The attribute on which `transform` leaves its report (with the config it used), so that
 # `attach` and `freeze` can read it without depending on the pass.
 REPORT_ATTR = "_inrank_report"
-TRUNCATE_STATES = ("rotated", "reset")
-GROW_INITS = ("zero", "random")
-CONVS = ("1x1", "all", "none")
-EXPERT_RANKS = ("stack", "expert")
 
 RankSpec = Union[int, float, str]
 
@@ -99,26 +109,26 @@ class InRankConfig:
             the long runs, docs/TRAINING.md).
     """
 
-    init: str = "svd"
+    init: Init = "svd"
     init_rank: RankSpec = 2
     buffer: Union[int, float] = 0.1
     silent_buffer: bool = True
-    measure: str = "weight"
+    measure: Measure = "weight"
     threshold: float = 0.9995
-    criterion: str = "variance"
+    criterion: Criterion = "variance"
     ranks_only_grow: bool = False
     warmup_steps: int = 25
     check_every: int = 25
-    stop_after: int | str | None = "settled"
+    stop_after: int | Literal["settled"] | None = "settled"
     settle_checks: int = 4
     settle_tolerance: float = 0.05
     rank_multiple: int = 1
-    grow_init: str = "zero"
-    truncate_state: str = "reset"
+    grow_init: GrowInit = "zero"
+    truncate_state: TruncateState = "reset"
     activation: str | None = None
     min_features: int = 16
-    convs: str = "1x1"
-    expert_ranks: str = "stack"
+    convs: Convs = "1x1"
+    expert_ranks: ExpertRanks = "stack"
     targets: Union[Sequence[str], str, None] = None
     exclude: Union[Sequence[str], str, None] = field(default=None)
 

@@ -6,6 +6,7 @@ import sysconfig
 from pathlib import Path
 
 import torch
+
 from ..errors import InRankValueError
 
 

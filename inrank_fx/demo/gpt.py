@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from inrank_fx._io import atomic_destination, check_destination
+
 from ..errors import InRankValueError
 
 

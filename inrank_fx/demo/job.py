@@ -5,7 +5,7 @@
    the same recipe (warm-up, cosine decay, clipping): dense, and InRank with the library's
    defaults: every layer starts at rank 2 from a truncated SVD of the GPT's own initialisation
    (spectral initialisation: both arms start from the same init scheme), ranks are measured by
-   the InRank rule on optimizer steps and, once they have settled, frozen (the buffer dropped)
+   the InRank rule on optimizer steps and, once they have settled, fixed (adaptation stops, the buffer dropped)
    for the rest of the run.
 2. Compare validation loss / perplexity, parameters, final ranks, wall-clock and tokens/s.
    Then what ships smaller: the trained dense model compressed to a budget
@@ -27,7 +27,7 @@ import math
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -44,6 +44,7 @@ from inrank_fx.demo.slim import text_calibration
 from inrank_fx.demo.training import evaluate, recipe_optimizer, train_steps, warmup_cosine
 from inrank_fx.export import to_onnx
 from inrank_fx.tools import bench
+
 from ..errors import InRankValueError
 
 
@@ -123,9 +124,9 @@ def run_demo(
     progress: bool = True,
     backends=bench.BACKENDS,
     log=print,
-) -> dict:
-    """Run the demo and write the report folder `out` (replacing an earlier one). Returns the
-    results that results.json holds."""
+) -> DemoResults:
+    """Run the demo and write the report folder `out` (replacing an earlier one). Returns what
+    it measured (`.to_json()`: what results.json holds)."""
     out = Path(out)
     if not out.parent.is_dir():
         raise FileNotFoundError(f"--out {out}: folder {out.parent} does not exist")
@@ -157,41 +158,163 @@ class _Job:
     log: Callable
 
 
-def _run(job: _Job) -> dict:
+@dataclass
+class Run:
+    """One training of the demo: the model and what was measured (results.json holds all of it
+    but the model)."""
+
+    model: torch.nn.Module
+    train_losses: list[float]
+    params: int
+    train_seconds: float  # every optimizer step, compilation included
+    median_step_seconds: float
+    step_seconds: list[float]
+    step_flops: int  # one training step at the final ranks
+    tokens_per_second: float
+    val_curve: list[tuple[int, float]]
+    val_loss: float
+    val_ppl: float
+    wall_seconds: float  # with evaluation; the step times hold the steps alone
+
+    def to_json(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model"}
+
+
+@dataclass
+class InRankRun(Run):
+    """InRank trained from rank 2: also its final ranks and what the controller did."""
+
+    final_ranks: dict[str, int] = field(default_factory=dict)
+    rank_events: int = 0
+    stop_step: int | None = None
+    controller_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class OnnxFile:
+    """A model of the report exported to ONNX and checked in ONNX Runtime."""
+
+    file: str
+    file_bytes: int
+    max_rel_error: float
+
+
+@dataclass(frozen=True)
+class ExportedOnnx(OnnxFile):
+    parameters: int
+    providers: list[str]
+    batch_sizes: list[int]
+
+
+@dataclass
+class SlimRun(Run):
+    """The trained dense model compressed to the budget and fine-tuned (`params`: as shipped,
+    frozen)."""
+
+    before_fine_tune: float = math.nan
+    budget: float = 0.0
+    fraction: float = 0.0
+    final_ranks: dict[str, int] = field(default_factory=dict)
+    onnx: OnnxFile | None = None
+
+    def to_json(self) -> dict:
+        return super().to_json() | {"onnx": asdict(self.onnx) if self.onnx else None}
+
+
+@dataclass
+class NarrowRun(Run):
+    """A dense model of at least the slim one's size, trained from scratch for as many steps
+    in all."""
+
+    width: int = 0
+    lr: float = 0.0
+    steps: int = 0
+
+
+@dataclass
+class Ratios:
+    """InRank over dense; `flags` read the steady step as a speedup, dense over InRank."""
+
+    train_seconds: float
+    steady_step_seconds: float
+    steady_step_interval: list[float]  # its 90% bootstrap interval (runs timed one after another)
+    val_loss: float
+    params: float
+    step_flops: float  # at the final ranks
+    flags: list[str]
+
+
+@dataclass
+class DemoResults:
+    """What the demo measured; `to_json()` is what results.json holds."""
+
+    settings: DemoSettings
+    device: str
+    seed: int
+    compile: bool
+    data: str  # where the text came from, in words
+    inrank_config: "inrank_fx.InRankConfig"
+    dense: Run
+    inrank: InRankRun
+    ratios: Ratios
+    slim: SlimRun
+    narrow: NarrowRun
+    onnx: ExportedOnnx
+    inference: "bench.BenchResult"
+
+    def to_json(self) -> dict:
+        return {
+            "settings": {**asdict(self.settings), "device": self.device, "seed": self.seed,
+                         "compile": self.compile, "data": self.data,
+                         "inrank_config": asdict(self.inrank_config)},
+            "dense": self.dense.to_json(), "inrank": self.inrank.to_json(),
+            "ratios": asdict(self.ratios), "slim": self.slim.to_json(),
+            "narrow": self.narrow.to_json(), "onnx": asdict(self.onnx),
+            "inference": {"meta": self.inference.meta,
+                          "records": [asdict(r) for r in self.inference.records]},
+        }
+
+
+def _run(job: _Job) -> DemoResults:
     s, tmp = job.settings, job.folder
     job.log(f"data: {len(job.train_ids):,} training and {len(job.val_ids):,} validation bytes "
             f"from {job.source}")
-    runs, controller = _train_both(job)
-    dense, inrank = runs["dense"], runs["inrank"]
-    save_checkpoint(dense["model"], tmp / "dense.pt")  # for `inrank-fx compress --model`
-    runs["slim"], runs["narrow"] = _slim_and_narrow(dense["model"], job)
+    dense, inrank, controller = _train_both(job)
+    save_checkpoint(dense.model, tmp / "dense.pt")  # for `inrank-fx compress --model`
+    slim, narrow = _slim_and_narrow(dense.model, job)
     controller.to_csv(tmp / "ranks.csv")
-    summary_text = str(inrank_fx.summary(inrank["model"]))
+    summary_text = str(inrank_fx.summary(inrank.model))
 
     example = (torch.randint(0, s.gpt.vocab_size, (1, s.gpt.block_size), device=job.device),)
-    onnx_report = to_onnx(inrank["model"], example, tmp / "model.onnx")
+    onnx_report = to_onnx(inrank.model, example, tmp / "model.onnx")
     job.log(f"\nONNX export of the InRank model:\n"
             f"{str(onnx_report).replace(str(tmp), str(job.out))}")
-    slim_onnx = to_onnx(runs["slim"]["model"], example, tmp / "slim.onnx")
+    slim_onnx = to_onnx(slim.model, example, tmp / "slim.onnx")
+    slim.onnx = OnnxFile("slim.onnx", slim_onnx.file_bytes, slim_onnx.max_rel_error)
 
     bench_inputs = (torch.randint(0, s.gpt.vocab_size, (8, s.gpt.block_size), device=job.device),)
-    comparison = bench.compare(dense["model"], inrank["model"], bench_inputs,
+    comparison = bench.compare(dense.model, inrank.model, bench_inputs,
                                backends=job.backends, iters=10 if s is QUICK else 20)
     comparison.plot(tmp / "inference.png")
 
-    results = _results(job, runs, controller, onnx_report, slim_onnx, comparison)
+    onnx = ExportedOnnx("model.onnx", onnx_report.file_bytes, onnx_report.max_rel_error,
+                        onnx_report.parameters, onnx_report.providers, onnx_report.batch_sizes)
+    results = DemoResults(job.settings, str(job.device), job.seed, job.compile, job.source,
+                          controller.config, dense, inrank, _ratios(dense, inrank), slim, narrow,
+                          onnx, comparison)
     table = comparison_table(results) + "\n\n" + slim_table(results)
     text = "\n\n".join([table, summary_text, comparison.table()])
     (tmp / "summary.txt").write_text(text + "\n")
-    (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    _plot_losses(runs, tmp / "loss_curves.png")
+    (tmp / "results.json").write_text(json.dumps(results.to_json(), indent=2) + "\n")
+    _plot_losses({"dense": dense, "inrank": inrank, "slim": slim, "narrow": narrow},
+                 tmp / "loss_curves.png")
     _plot_ranks(controller.history, controller.start_ranks, controller.stop_step,
                 tmp / "rank_trajectories.png")
     job.log("\n" + text)
     return results
 
 
-def _train_both(job: _Job) -> tuple[dict, "inrank_fx.RankController"]:
+def _train_both(job: _Job) -> tuple[Run, InRankRun, "inrank_fx.RankController"]:
     """Dense and InRank from the same seed, each at its own learning rate."""
     s = job.settings
     runs, controller = {}, None
@@ -208,49 +331,24 @@ def _train_both(job: _Job) -> tuple[dict, "inrank_fx.RankController"]:
         if name == "inrank":
             controller = inrank_fx.attach(model, opt, seed=job.seed)
         runs[name] = _train(name, model, opt, job, s)
-        runs[name]["model"] = model
-    return runs, controller
+    inrank = InRankRun(**vars(runs["inrank"]), final_ranks=inrank_fx.ranks(runs["inrank"].model),
+                       rank_events=controller.rank_events, stop_step=controller.stop_step,
+                       controller_seconds=controller.seconds)
+    return runs["dense"], inrank, controller
 
 
-def _results(job: _Job, runs: dict, controller, onnx_report, slim_onnx, comparison) -> dict:
-    """What results.json holds."""
-    dense, inrank = runs["dense"], runs["inrank"]
-    results = {
-        "settings": {**asdict(job.settings), "device": str(job.device), "seed": job.seed,
-                     "compile": job.compile, "data": job.source,
-                     "inrank_config": asdict(controller.config)},
-        "dense": _public(dense),
-        "inrank": {**_public(inrank), "final_ranks": inrank_fx.ranks(inrank["model"]),
-                   "rank_events": controller.rank_events,
-                   "stop_step": controller.stop_step,
-                   "controller_seconds": controller.seconds},
-        "ratios": {
-            "train_seconds": inrank["train_seconds"] / dense["train_seconds"],
-            "steady_step_seconds": inrank["median_step_seconds"] / dense["median_step_seconds"],
-            # its 90% bootstrap interval (the two runs are timed one after the other)
-            "steady_step_interval": list(median_ratio_interval(inrank["step_seconds"],
-                                                               dense["step_seconds"])),
-            "val_loss": inrank["val_loss"] / dense["val_loss"],
-            "params": inrank["params"] / dense["params"],
-            "step_flops": inrank["step_flops"] / dense["step_flops"],  # at the final ranks
-        },
-        "slim": {**_public(runs["slim"]), "final_ranks": inrank_fx.ranks(runs["slim"]["model"]),
-                 "onnx": {"file": "slim.onnx", "file_bytes": slim_onnx.file_bytes,
-                          "max_rel_error": slim_onnx.max_rel_error}},
-        "narrow": _public(runs["narrow"]),
-        "onnx": {"file": "model.onnx", "file_bytes": onnx_report.file_bytes,
-                 "parameters": onnx_report.parameters, "max_rel_error": onnx_report.max_rel_error,
-                 "providers": onnx_report.providers, "batch_sizes": onnx_report.batch_sizes},
-        "inference": {"meta": comparison.meta, "records": [asdict(r) for r in comparison.records]},
-    }
-    ratios = results["ratios"]  # flagged as a speedup, dense over InRank
-    ratios["flags"] = ratio_flags(1 / ratios["steady_step_seconds"],
-                                  _inverted(ratios["steady_step_interval"]),
-                                  ideal=1 / ratios["step_flops"])
-    return results
+def _ratios(dense: Run, inrank: InRankRun) -> Ratios:
+    steady = inrank.median_step_seconds / dense.median_step_seconds
+    interval = list(median_ratio_interval(inrank.step_seconds, dense.step_seconds))
+    flops = inrank.step_flops / dense.step_flops
+    return Ratios(train_seconds=inrank.train_seconds / dense.train_seconds,
+                  steady_step_seconds=steady, steady_step_interval=interval,
+                  val_loss=inrank.val_loss / dense.val_loss, params=inrank.params / dense.params,
+                  step_flops=flops,
+                  flags=ratio_flags(1 / steady, _inverted(interval), ideal=1 / flops))
 
 
-def _train(name: str, model, opt, job: _Job, s: DemoSettings) -> dict:
+def _train(name: str, model, opt, job: _Job, s: DemoSettings) -> Run:
     """Train `model` for `s.steps` (the settings of this part of the job), evaluating every
     `s.eval_every`; its measurements."""
     from tqdm.auto import tqdm
@@ -286,9 +384,9 @@ def _train(name: str, model, opt, job: _Job, s: DemoSettings) -> dict:
                                   clip_norm=s.clip_norm)
     wall = time.perf_counter() - start  # with evaluation; `seconds` holds the steps alone
     bar.close()
-    return _measurements(model, s, job.device, stream, losses, seconds) | {
-        "val_curve": val_curve, "val_loss": val_curve[-1][1],
-        "val_ppl": math.exp(val_curve[-1][1]), "wall_seconds": wall}
+    return Run(model=model, **_measurements(model, s, job.device, stream, losses, seconds),
+               val_curve=val_curve, val_loss=val_curve[-1][1],
+               val_ppl=math.exp(val_curve[-1][1]), wall_seconds=wall)
 
 
 def _measurements(model, s: DemoSettings, device, stream, losses, seconds) -> dict:
@@ -308,7 +406,7 @@ def _measurements(model, s: DemoSettings, device, stream, losses, seconds) -> di
     }
 
 
-def _slim_and_narrow(dense_model, job: _Job) -> tuple[dict, dict]:
+def _slim_and_narrow(dense_model, job: _Job) -> tuple[SlimRun, NarrowRun]:
     """The trained dense model compressed to the budget (calibrated on training batches) and
     fine-tuned, and a dense model of at least its shipped size trained from scratch for the
     dense model's steps plus the fine-tune's."""
@@ -321,19 +419,20 @@ def _slim_and_narrow(dense_model, job: _Job) -> tuple[dict, dict]:
     tune = replace(s, steps=s.finetune_steps, warmup=max(1, s.finetune_steps // 20),
                    eval_every=s.finetune_steps)
     opt = recipe_optimizer(model.parameters(), s.finetune_lr, s.weight_decay)
-    slim = _train("slim", model, opt, job, tune)
-    slim.update(model=model, before_fine_tune=before, budget=s.budget,
-                fraction=model._inrank_report.compression.fraction,
-                params=sum(p.numel() for p in inrank_fx.freeze(model).parameters()))
-    width = narrow_width(s.gpt, slim["params"])
+    trained = vars(_train("slim", model, opt, job, tune))
+    trained["params"] = sum(p.numel() for p in inrank_fx.freeze(model).parameters())  # shipped
+    slim = SlimRun(**trained, before_fine_tune=before, budget=s.budget,
+                   fraction=model._inrank_report.compression.fraction,
+                   final_ranks=inrank_fx.ranks(model))
+    width = narrow_width(s.gpt, slim.params)
     total = s.steps + s.finetune_steps
     wide = replace(s, gpt=replace(s.gpt, n_embd=width), steps=total,
                    warmup=round(s.warmup * total / s.steps))
     torch.manual_seed(seed)
     model = GPT(wide.gpt).to(job.device)
     opt = recipe_optimizer(model.parameters(), s.narrow_lr, s.weight_decay)
-    narrow = _train("narrow", model, opt, job, wide)
-    narrow.update(width=width, lr=s.narrow_lr, steps=total)
+    narrow = NarrowRun(**vars(_train("narrow", model, opt, job, wide)), width=width,
+                       lr=s.narrow_lr, steps=total)
     return slim, narrow
 
 
@@ -345,63 +444,55 @@ def narrow_width(gpt: GPTConfig, params: int) -> int:
     return width
 
 
-def slim_table(results: dict) -> str:
+def slim_table(results: DemoResults) -> str:
     """What ships smaller: the compressed dense model against a dense model of its size."""
-    dense, inrank, slim, narrow = (results[k] for k in ("dense", "inrank", "slim", "narrow"))
-    settings = results["settings"]
-    base = dense["params"]
+    dense, inrank, slim, narrow = results.dense, results.inrank, results.slim, results.narrow
+    s = results.settings
+    base = dense.params
     rows = [
-        ("dense (above)", f"{dense['params']:,}", "1.000", f"{dense['val_loss']:.4f}",
-         f"{settings['steps']}"),
-        ("InRank from rank 2 (above)", f"{inrank['params']:,}", f"{inrank['params'] / base:.3f}",
-         f"{inrank['val_loss']:.4f}", f"{settings['steps']}"),
-        (f"dense, width {narrow['width']}, from scratch", f"{narrow['params']:,}",
-         f"{narrow['params'] / base:.3f}", f"{narrow['val_loss']:.4f}", f"{narrow['steps']}"),
-        (f"dense compressed to {slim['budget']:g} + fine-tune", f"{slim['params']:,}",
-         f"{slim['params'] / base:.3f}", f"{slim['val_loss']:.4f}",
-         f"{settings['steps']} + {settings['finetune_steps']}"),
+        ("dense (above)", f"{dense.params:,}", "1.000", f"{dense.val_loss:.4f}", f"{s.steps}"),
+        ("InRank from rank 2 (above)", f"{inrank.params:,}", f"{inrank.params / base:.3f}",
+         f"{inrank.val_loss:.4f}", f"{s.steps}"),
+        (f"dense, width {narrow.width}, from scratch", f"{narrow.params:,}",
+         f"{narrow.params / base:.3f}", f"{narrow.val_loss:.4f}", f"{narrow.steps}"),
+        (f"dense compressed to {slim.budget:g} + fine-tune", f"{slim.params:,}",
+         f"{slim.params / base:.3f}", f"{slim.val_loss:.4f}", f"{s.steps} + {s.finetune_steps}"),
     ]
-    gap = slim["val_loss"] - narrow["val_loss"]
-    notes = [f"the compressed model, {slim['before_fine_tune']:.4f} right after compress(), is "
+    gap = slim.val_loss - narrow.val_loss
+    notes = [f"the compressed model, {slim.before_fine_tune:.4f} right after compress(), is "
              f"{abs(gap):.4f} nats {'below' if gap < 0 else 'ABOVE'} the dense model of at "
-             f"least its size trained from scratch (lr {narrow['lr']:g}); compress + fine-tune "
-             f"at lr {settings['finetune_lr']:g}, ranks fixed; it ships as slim.onnx"]
+             f"least its size trained from scratch (lr {narrow.lr:g}); compress + fine-tune "
+             f"at lr {s.finetune_lr:g}, ranks fixed; it ships as slim.onnx"]
     return "\n".join([format_table(("what ships", "parameters", "/ dense", "val loss", "steps"),
                                     rows), *notes])
 
 
-def _public(run: dict) -> dict:
-    return {k: v for k, v in run.items() if k != "model"}
-
-
-def comparison_table(results: dict) -> str:
-    dense, inrank, ratios = results["dense"], results["inrank"], results["ratios"]
-    ranks = list(inrank["final_ranks"].values())
-    settings = results["settings"]
-    low, high = ratios["steady_step_interval"]
-    flags = ratios.get("flags", [])
-    stop = inrank.get("stop_step")
+def comparison_table(results: DemoResults) -> str:
+    dense, inrank, ratios, s = results.dense, results.inrank, results.ratios, results.settings
+    ranks = list(inrank.final_ranks.values())
+    low, high = ratios.steady_step_interval
+    stop = inrank.stop_step
     header = ("", "dense", "InRank", "InRank / dense")
     rows = [
-        ("peak lr (own sweep)", f"{settings['dense_lr']:g}", f"{settings['inrank_lr']:g}", ""),
-        ("val loss", f"{dense['val_loss']:.4f}", f"{inrank['val_loss']:.4f}", f"{ratios['val_loss']:.3f}"),
-        ("val perplexity", f"{dense['val_ppl']:.3f}", f"{inrank['val_ppl']:.3f}", ""),
-        ("parameters", f"{dense['params']:,}", f"{inrank['params']:,}", f"{ratios['params']:.3f}"),
-        ("all steps, compiles incl. (s)", f"{dense['train_seconds']:.1f}",
-         f"{inrank['train_seconds']:.1f}", f"{ratios['train_seconds']:.3f}"),
-        ("median step, steady (ms)", f"{dense['median_step_seconds'] * 1e3:.1f}",
-         f"{inrank['median_step_seconds'] * 1e3:.1f}",
-         f"{ratios['steady_step_seconds']:.3f} ({low:.3f}-{high:.3f}){' !' if flags else ''}"),
-        ("tokens / s", f"{dense['tokens_per_second']:,.0f}", f"{inrank['tokens_per_second']:,.0f}", ""),
+        ("peak lr (own sweep)", f"{s.dense_lr:g}", f"{s.inrank_lr:g}", ""),
+        ("val loss", f"{dense.val_loss:.4f}", f"{inrank.val_loss:.4f}", f"{ratios.val_loss:.3f}"),
+        ("val perplexity", f"{dense.val_ppl:.3f}", f"{inrank.val_ppl:.3f}", ""),
+        ("parameters", f"{dense.params:,}", f"{inrank.params:,}", f"{ratios.params:.3f}"),
+        ("all steps, compiles incl. (s)", f"{dense.train_seconds:.1f}",
+         f"{inrank.train_seconds:.1f}", f"{ratios.train_seconds:.3f}"),
+        ("median step, steady (ms)", f"{dense.median_step_seconds * 1e3:.1f}",
+         f"{inrank.median_step_seconds * 1e3:.1f}",
+         f"{ratios.steady_step_seconds:.3f} ({low:.3f}-{high:.3f}){' !' if ratios.flags else ''}"),
+        ("tokens / s", f"{dense.tokens_per_second:,.0f}", f"{inrank.tokens_per_second:,.0f}", ""),
         ("final ranks", "full", f"{min(ranks)}..{max(ranks)} (mean {statistics.mean(ranks):.1f})", ""),
-        ("ranks frozen at step", "", "never" if stop is None else str(stop), ""),
+        ("adaptation stopped at step", "", "never" if stop is None else str(stop), ""),
     ]
     notes = ["all steps: every optimizer step's wall-clock, torch.compile's first compile and "
              "InRank's recompiles after rank changes included (evaluation excluded); median "
              "step: a steady-state step, compiles aside",
              "ratios of wall-clock medians carry their 90% bootstrap interval; a training step "
-             f"of InRank at its final ranks costs {ratios['step_flops']:.3f}x dense's FLOPs"]
-    notes += [f"! median step, as a speedup: {flag}" for flag in flags]
+             f"of InRank at its final ranks costs {ratios.step_flops:.3f}x dense's FLOPs"]
+    notes += [f"! median step, as a speedup: {flag}" for flag in ratios.flags]
     return "\n".join([format_table(header, rows), *notes])
 
 
@@ -409,20 +500,20 @@ def _inverted(interval: tuple[float, float]) -> tuple[float, float]:
     return 1 / interval[1], 1 / interval[0]
 
 
-def _plot_losses(runs: dict, path: Path) -> None:
+def _plot_losses(runs: dict[str, Run], path: Path) -> None:
     from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
 
     fig = Figure(figsize=(6.4, 3.8))
     ax = fig.subplots()
     colours = {"dense": "#8a8a8a", "inrank": "#2a7ab9", "narrow": "#d98c1f", "slim": "#2a9a4a"}
     for name in [n for n in colours if n in runs]:
-        offset = len(runs["dense"]["train_losses"]) if name == "slim" else 0  # after dense
-        losses = runs[name]["train_losses"]
+        offset = len(runs["dense"].train_losses) if name == "slim" else 0  # after dense
+        losses = runs[name].train_losses
         window = max(1, len(losses) // 30)
         smooth = [statistics.mean(losses[max(0, i - window + 1): i + 1]) for i in range(len(losses))]
         ax.plot(range(offset + 1, offset + len(losses) + 1), smooth, color=colours[name], lw=1.2,
                 label=f"{name} train")
-        steps, vals = zip(*runs[name]["val_curve"])
+        steps, vals = zip(*runs[name].val_curve)
         ax.plot([offset + step for step in steps], vals, "o--", color=colours[name], ms=4,
                 label=f"{name} validation")
     ax.set_xlabel("optimizer step")
@@ -464,7 +555,7 @@ def _plot_ranks(history: list[dict], start_ranks: dict, stop_step: int | None,
                         va="bottom", xytext=(-2, 2), textcoords="offset points")
     if stop_step is not None:  # where adaptation stopped (a fixed step, or where ranks settled)
         ax.axvline(stop_step, color="#aa3333", ls=":", lw=1)
-        ax.text(stop_step, ax.get_ylim()[1], " ranks frozen", color="#aa3333", va="top",
+        ax.text(stop_step, ax.get_ylim()[1], " adaptation stopped", color="#aa3333", va="top",
                 fontsize=8)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("rank")

@@ -14,6 +14,7 @@ import time
 import torch
 
 from inrank_fx.demo.corpus import batches
+
 from ..errors import InRankValueError
 
 RECIPE_BETAS = (0.9, 0.95)  # the usual language-model betas (GPT-2/3, nanoGPT)

@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from ..config import REPORT_ATTR
+from ..errors import InRankValueError
+from ..nn.attention import InRankMultiheadAttention
 from ..nn.conv import InRankConv2d
 from ..nn.experts import FactoredExperts, InRankExperts
-from ..nn.attention import InRankMultiheadAttention
 from ..nn.frozen import (
     FactoredConv2d,
     FactoredLinear,
@@ -27,7 +28,6 @@ from ..nn.frozen import (
 )
 from ..nn.linear import FactoredLayer
 from ..nn.modules import carry_hooks, factored_layers, replace_module
-from ..errors import InRankValueError
 
 FROZEN_ATTR = "_inrank_frozen"
 

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 from .._io import atomic_destination, check_destination
+from ..errors import InRankValueError
+from ..vocabulary import EXPORTERS
 from ._common import (
     ExportError,
     ExportParityError,
@@ -26,10 +28,8 @@ from ._common import (
     second_batch,
 )
 from .freeze import freeze, frozen_ranks
-from ..errors import InRankValueError
 
 RANKS_METADATA_KEY = "inrank_fx.ranks"
-EXPORTERS = ("auto", "dynamo", "torchscript")
 
 
 @dataclass

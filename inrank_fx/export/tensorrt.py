@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .._io import atomic_destination, check_destination
+from ..errors import InRankValueError
 from ._common import (
     ExportParityError,
     MissingDependencyError,
@@ -26,7 +27,6 @@ from ._common import (
     missing_modules,
 )
 from .freeze import freeze, frozen_ranks
-from ..errors import InRankValueError
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # fp16/bf16 engines are compared to the PyTorch model run at the same precision.

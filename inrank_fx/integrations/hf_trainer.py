@@ -24,11 +24,11 @@ from transformers import TrainerCallback
 
 from .._io import atomic_destination
 from ..config import REPORT_ATTR, InRankConfig
+from ..errors import InRankRuntimeError, InRankTypeError, InRankValueError
 from ..nn.modules import ranks
 from ..passes.transform import transform
 from ..training.attach import attach
 from ..training.controller import RankController
-from ..errors import InRankRuntimeError, InRankTypeError, InRankValueError
 
 CONTROLLER_FILE = "inrank_controller.pt"
 CONFIG_FILE = "inrank_config.json"

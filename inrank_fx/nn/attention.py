@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .linear import InRankLinear
 from ..errors import InRankRuntimeError, InRankValueError
+from .linear import InRankLinear
 
 
 class InRankMultiheadAttention(nn.Module):
@@ -48,7 +48,7 @@ class InRankMultiheadAttention(nn.Module):
     @staticmethod
     def supports(mha: nn.MultiheadAttention) -> bool:
         """Packed projections of equal dimensions, no bias_k/v, no zero-attention column."""
-        return (mha._qkv_same_embed_dim and mha.in_proj_weight is not None
+        return (mha.kdim == mha.embed_dim == mha.vdim and mha.in_proj_weight is not None
                 and mha.bias_k is None and not mha.add_zero_attn)
 
     @classmethod

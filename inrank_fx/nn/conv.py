@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.utils import _pair
 
 from .linear import FactoredLayer
+from .torch_internals import pair
 
 
 class InRankConv2d(FactoredLayer):
@@ -33,12 +33,12 @@ class InRankConv2d(FactoredLayer):
         device=None,
         dtype=None,
     ) -> None:
-        kernel_size = _pair(kernel_size)
+        kernel_size = pair(kernel_size)
         super().__init__(in_channels * kernel_size[0] * kernel_size[1], out_channels, rank,
                          buffer=buffer, bias=bias, device=device, dtype=dtype)
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
-        self.stride, self.dilation = _pair(stride), _pair(dilation)
-        self.padding = padding if isinstance(padding, str) else _pair(padding)
+        self.stride, self.dilation = pair(stride), pair(dilation)
+        self.padding = padding if isinstance(padding, str) else pair(padding)
 
     @classmethod
     def from_conv(

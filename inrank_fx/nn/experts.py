@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils import _pytree
 
+from ..errors import InRankValueError
 from .linear import INITS, FactoredLayer, _random_factors, _random_like, _svd_factors
 from .spectrum import factor_singular_values, update_singular_values
-from ..errors import InRankValueError
-
+from .torch_internals import initialised, tree_map
 
 # What StackReads answers from the factors' metadata, without forming the product.
 STACK_METADATA = frozenset({"shape", "dtype", "device", "ndim", "requires_grad", "is_cuda",
@@ -82,7 +81,7 @@ class StackMetadata:
             return super().__getattr__(name)
         except AttributeError:
             if name.startswith("_") or name not in _TENSOR_ATTRIBUTES \
-                    or "_parameters" not in self.__dict__:
+                    or not initialised(self):
                 raise
             return getattr(self.weight, name)
 
@@ -90,7 +89,7 @@ class StackMetadata:
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         """A torch function handed the stack itself (`torch.bmm(x, w)`, `x @ w`) gets its
         product."""
-        args, kwargs = _pytree.tree_map(_product, (tuple(args), kwargs or {}))
+        args, kwargs = tree_map(_product, (tuple(args), kwargs or {}))
         return func(*args, **kwargs)
 
     def size(self, dim: int | None = None):

@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .spectrum import factor_singular_values, update_singular_values
 from ..errors import InRankValueError
+from ..vocabulary import INITS
+from .spectrum import factor_singular_values, update_singular_values
 
-INITS = ("svd", "random", "iid")
 # Opt-in nonlinearity between the factors, x → σ(x·V) → ·Uᵀ (CoLA, Liu et al., EMNLP 2025): a
 # different model, for training from scratch; never the dense function it was built from.
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from .linear import FactoredLayer
+from .torch_internals import HOOK_DICTS, children_by_name
 
 
 def factored_layers(model: nn.Module) -> dict[str, FactoredLayer]:
@@ -18,18 +19,9 @@ def ranks(model: nn.Module) -> dict[str, int]:
     return {name: layer.rank for name, layer in factored_layers(model).items()}
 
 
-_HOOK_DICTS = (
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-)
-
-
 def carry_hooks(old: nn.Module, new: nn.Module) -> None:
     """Forward hooks registered on the module being replaced keep firing on its replacement."""
-    for attr in _HOOK_DICTS:
+    for attr in HOOK_DICTS:
         if hasattr(old, attr) and hasattr(new, attr):
             getattr(new, attr).update(getattr(old, attr))
 
@@ -40,7 +32,7 @@ def replace_module(root: nn.Module, old: nn.Module, new: nn.Module) -> nn.Module
     if old is root:
         return new
     for parent in list(root.modules()):
-        for name, child in list(parent._modules.items()):
+        for name, child in children_by_name(parent):
             if child is old:
                 setattr(parent, name, new)
     return root

@@ -9,12 +9,13 @@ product of the stacked factors [U_t, U_0]·[V_t, −V_0]ᵀ, so it is measured t
 from __future__ import annotations
 
 import torch
+
 from ..errors import InRankValueError
+from ..vocabulary import CRITERIA
 
 # "variance": the paper's 1 − var(s − s_k)/var(s) over the measured singular values;
 # "variance_padded": the reference code's exact ratio, s zero-padded to the full rank first;
 # "energy": Σ_{i<k} s_i² / Σ s_i².
-CRITERIA = ("variance", "variance_padded", "energy")
 
 
 @torch.no_grad()

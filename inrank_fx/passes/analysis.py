@@ -13,14 +13,17 @@ component, whatever path the tensor was reached by.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import networkx as nx
 import torch.fx as fx
 from torch import nn
 
 from ..nn.linear import FactoredLayer
+from .faithful import differs_from_original
 from .matchers import (
     MatmulSite,
+    ModuleHandler,
     NotFactorable,
     function_handler,
     handled_weights,
@@ -30,7 +33,6 @@ from .matchers import (
     module_handler,
     view_chain,
 )
-from .faithful import differs_from_original
 from .substitutes import calls_children_only
 from .tracing import (
     TraceResult,
@@ -40,24 +42,28 @@ from .tracing import (
     trace_own_forward,
 )
 
+# How a weight is read: through a call of its module, by a matmul node, by a module call
+# assumed (its caller did not trace), or some other way.
+ReadVia = Literal["call", "site", "blind", "opaque"]
+
 
 @dataclass
 class Read:
     """One read of a weight.
 
-    kind: "module" (a call of a module with a handler), "site" (a matmul node in a traced
+    via: "call" (a call of a module with a handler), "site" (a matmul node in a traced
     forward), "blind" (a module with a handler whose caller did not trace: assumed a call), or
     "opaque" (anything else). `owner` is the called module's path, or for a site the path of the
     module whose forward holds it; `handler` is the called module's handler.
     """
 
-    kind: str
+    via: ReadVia
     where: str
     owner: str = ""
     site: MatmulSite | None = None
     untraced: bool = False  # read by a forward that could not be traced
     leaf_call: bool = False  # handed to a function fx keeps as a leaf (torch.export sees in)
-    handler: object = None
+    handler: ModuleHandler | None = None
     batched: bool = False  # an operand of a batched matmul (bmm, einsum, ...): expert stacks
     exportable: bool = True  # untraced: torch.export may capture its forward (example_inputs)
 
@@ -74,8 +80,8 @@ class WeightUse:
     def name(self) -> str:
         return self.names[0]
 
-    def reads_of(self, kind: str) -> list[Read]:
-        return [r for r in self.reads if r.kind == kind]
+    def reads_of(self, via: ReadVia) -> list[Read]:
+        return [r for r in self.reads if r.via == via]
 
 
 @dataclass
@@ -83,7 +89,7 @@ class Analysis:
     weights: list[WeightUse]
     traces: dict[str, TraceResult]
     already_factored: list[str]
-    handlers: dict[int, object]  # id(module) → its handler, for every module that has one
+    handlers: dict[int, ModuleHandler]  # id(module) → its handler, for every module that has one
 
 
 class _Reads:
@@ -105,10 +111,11 @@ class _Reads:
             self.graph.add_edge(("name", name), ("read", len(self.reads)))
             self.reads.append(read)
 
-    def add_calls(self, module: nn.Module, path: str, handler, where: str, kind: str) -> None:
+    def add_calls(self, module: nn.Module, path: str, handler: ModuleHandler, where: str,
+                  via: ReadVia) -> None:
         """The weights of `module` (at `path`), read through calls of it."""
         for wpath, p in handled_weights(module, handler).items():
-            self.add(p, _join(path, wpath), Read(kind, where, path, handler=handler))
+            self.add(p, _join(path, wpath), Read(via, where, path, handler=handler))
 
     def weights(self) -> list[WeightUse]:
         found = []
@@ -129,7 +136,7 @@ def analyse(model: nn.Module, config=None, captured: dict | None = None) -> Anal
     submodules inlined) stands for the whole subtree."""
     reads = _Reads(model)
     traces: dict[str, TraceResult] = {}
-    handlers: dict[int, object] = {}
+    handlers: dict[int, ModuleHandler] = {}
     already: list[str] = []
     exported: list[str] = []
     for path, module in model.named_modules():
@@ -140,7 +147,7 @@ def analyse(model: nn.Module, config=None, captured: dict | None = None) -> Anal
         elif (handler := module_handler(module, config)) is not None:
             handlers[id(module)] = handler
             if not path:  # the model itself is the layer: the user calls it
-                reads.add_calls(module, path, handler, "the model itself", "module")
+                reads.add_calls(module, path, handler, "the model itself", "call")
             # otherwise its reads are the calls of it, found in its callers' traces
         elif not has_own_forward(module):
             pass  # a container (ModuleList, ModuleDict): its callers call its children
@@ -250,7 +257,7 @@ def _reads_in_graph(graph: fx.Graph, module: nn.Module, path: str, reads: _Reads
             if handler is not None:
                 target = _join(path, node.target)
                 reads.add_calls(child, target, handler, f"call of '{target}' in {where_mod}",
-                                "module")
+                                "call")
 
     candidates = set(param_nodes)
     for pnode, param in param_nodes.items():

@@ -17,73 +17,22 @@ budget; the returned model is a transformed model: `attach` fine-tunes it, `free
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._table import format_table
 from ..config import REPORT_ATTR, InRankConfig
 from ..errors import InRankTypeError, InRankValueError
 from ..nn.conv import InRankConv2d
-from ..nn.experts import InRankExperts
 from ..nn.linear import FactoredLayer, InRankLinear
 from ..nn.modules import factored_layers
-from .transform import FilterFn, transform
-
-ALLOCATIONS = ("global", "uniform")
-# Which spectra the global allocation reads: the weights' (W) or the outputs' on the calibration
-# inputs (W·S). docs/SLIM.md has the measurements behind the default.
-ALLOCATE_ON = ("weights", "outputs")
-
-
-@dataclass(frozen=True)
-class CompressedLayer:
-    """One layer as compressed: its rank, what it holds once frozen, the error it keeps."""
-
-    name: str
-    full_rank: int
-    rank: int
-    params: int  # as frozen: min(rank·(in + out), in·out) per matrix, plus the bias
-    dense_params: int
-    error: float  # ‖(W − W_r)·S‖² / ‖W·S‖²: on the calibration inputs where `calibrated`
-    calibrated: bool
-
-
-@dataclass
-class Compression:
-    """What `compress` did: the budget, how it was spent, and anything it could not measure."""
-
-    budget: float
-    allocation: str
-    allocate_on: str  # the spectra a global allocation read: "weights" or "outputs"
-    layers: list[CompressedLayer]
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def params(self) -> int:
-        return sum(layer.params for layer in self.layers)
-
-    @property
-    def dense_params(self) -> int:
-        return sum(layer.dense_params for layer in self.layers)
-
-    @property
-    def fraction(self) -> float:
-        """Parameters of the factored layers, as frozen, over what they held dense."""
-        return self.params / self.dense_params
-
-    def __str__(self) -> str:
-        rows = [(c.name, f"{c.rank}/{c.full_rank}", f"{c.params:,}", f"{c.dense_params:,}",
-                 f"{c.error:.4f}", "yes" if c.calibrated else "no") for c in self.layers]
-        head = (f"compressed {len(self.layers)} layer(s) to {self.fraction:.3f} of their dense "
-                f"parameters ({self.params:,} of {self.dense_params:,}; budget {self.budget}, "
-                f"allocation {self.allocation!r}"
-                + (f" on the {self.allocate_on}' spectra)" if self.allocation == "global" else ")"))
-        table = format_table(("layer", "rank", "params", "dense", "error", "calibrated"), rows)
-        return "\n".join([head, table, *self.notes])
+from ..vocabulary import ALLOCATE_ON, ALLOCATIONS
+from .plan import FilterFn
+from .report import CompressedLayer, Compression
+from .transform import transform
 
 
 def compress(

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils import _pytree
 
 from .rewrite import CallFormsGraphModule, graph_module_like
+from .torch_internals import tree_flatten, tree_leaves
 from .tracing import CallForm, TraceResult, state_kept
 
 # Outputs agree when |graph - original| <= RTOL * max|original| + ATOL elementwise: the graph
@@ -52,7 +52,7 @@ def _run(module: nn.Module, forward, args: tuple, kwargs: dict):
     """`forward(*args, **kwargs)` without autograd, from a fixed random state, leaving the
     module's attributes, buffers and the random state as they were."""
     buffers = {name: b.clone() for name, b in module.named_buffers()}
-    devices = sorted({t.device.index or 0 for t in _pytree.tree_leaves((args, kwargs))
+    devices = sorted({t.device.index or 0 for t in tree_leaves((args, kwargs))
                       if isinstance(t, torch.Tensor) and t.device.type == "cuda"})
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad(), state_kept(module):
@@ -66,8 +66,8 @@ def _run(module: nn.Module, forward, args: tuple, kwargs: dict):
 
 
 def _difference(got, expected) -> str | None:
-    got_leaves, got_spec = _pytree.tree_flatten(got)
-    expected_leaves, expected_spec = _pytree.tree_flatten(expected)
+    got_leaves, got_spec = tree_flatten(got)
+    expected_leaves, expected_spec = tree_flatten(expected)
     if got_spec != expected_spec:
         return "its traced forward returns another structure than the original on the example call"
     for a, b in zip(got_leaves, expected_leaves):

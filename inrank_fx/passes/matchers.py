@@ -25,10 +25,12 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import InRankConfig
 from ..errors import InRankError, InRankKeyError, InRankValueError
 from ..nn.attention import InRankMultiheadAttention
 from ..nn.conv import InRankConv2d
 from ..nn.linear import InRankLinear
+from .torch_internals import C_LINEAR
 
 Argument = Any
 
@@ -268,7 +270,7 @@ def _addmm(node: fx.Node, params: set) -> MatmulSite | None:
 _matmul = _two_operand("matmul", "input", "other")
 _mm = _two_operand("mm", "input", "mat2")
 
-for _target in (F.linear, torch._C._nn.linear, torch.ops.aten.linear.default):
+for _target in [t for t in (F.linear, C_LINEAR, torch.ops.aten.linear.default) if t]:
     register_function_handler("call_function", _target, _linear)
 for _target in (torch.matmul, operator.matmul, torch.ops.aten.matmul.default):
     register_function_handler("call_function", _target, _matmul)
@@ -295,9 +297,9 @@ class ModuleHandler:
 
     module_type: Union[type, str]
     weight_attr: str
-    build: Callable[..., InRankLinear]
+    build: Callable[..., nn.Module]  # an InRankLinear, InRankConv2d, InRankMultiheadAttention
     matrix: Callable[[nn.Module], torch.Tensor]
-    accepts: Callable[[nn.Module, object], bool]
+    accepts: Callable[[nn.Module, InRankConfig], bool]
     kind: str
     extra_weights: tuple[str, ...] = ()  # other weights the call reads and `build` factors too
 
@@ -307,11 +309,11 @@ _MODULE_HANDLERS: dict[Union[type, str], ModuleHandler] = {}
 
 def register_module_handler(
     module_type: Union[type, str],
-    build: Callable[..., InRankLinear],
+    build: Callable[..., nn.Module],
     weight_attr: str = "weight",
     *,
     matrix: Callable[[nn.Module], torch.Tensor] | None = None,
-    accepts: Callable[[nn.Module, object], bool] | None = None,
+    accepts: Callable[[nn.Module, InRankConfig], bool] | None = None,
     kind: str | None = None,
     extra_weights: tuple[str, ...] = (),
 ) -> None:

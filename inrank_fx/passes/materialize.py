@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import InRankTypeError, InRankValueError
-from .transform import TEMPLATE_ATTR, DenseTemplate
+from .build import TEMPLATE_ATTR, DenseTemplate
 
 InitFn = Callable[[nn.Module], None]
 

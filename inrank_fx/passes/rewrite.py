@@ -18,6 +18,7 @@ from ..errors import InRankError
 from ..nn.experts import STACK_METADATA
 from ..nn.modules import carry_hooks
 from .matchers import MatmulSite, is_expert_index, view_chain
+from .torch_internals import register_tensors_like, remove_parameter
 
 
 @torch.fx.wrap
@@ -76,16 +77,7 @@ def graph_module_like(module: nn.Module, graph: fx.Graph,
     gm = kind(module, graph, class_name=type(module).__name__)
     for name, child in module.named_children():
         setattr(gm, name, child)  # fx copies only what the graph uses, as bare containers
-    for name, p in module.named_parameters(recurse=False):
-        if name not in gm._parameters:
-            gm.register_parameter(name, p)
-    for name, b in module.named_buffers(recurse=False):
-        persistent = name not in module._non_persistent_buffers_set
-        if name in gm._buffers:
-            if not persistent:
-                gm._non_persistent_buffers_set.add(name)
-        else:
-            gm.register_buffer(name, b, persistent=persistent)
+    register_tensors_like(gm, module)
     for key, value in vars(module).items():
         if not key.startswith("_") and key not in vars(gm):
             setattr(gm, key, value)
@@ -208,8 +200,7 @@ def install_layer(root: nn.Module, param_name: str, layer: nn.Module, *,
     keep working on the module that holds it."""
     parent_name, _, attr = param_name.rpartition(".")
     parent = root.get_submodule(parent_name)
-    if attr in parent._parameters:
-        del parent._parameters[attr]
+    remove_parameter(parent, attr)
     if not beside:
         parent.add_module(attr, layer)
         return param_name

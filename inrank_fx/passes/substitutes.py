@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..nn.transformer import SUBSTITUTES as _TRANSFORMER_SUBSTITUTES
 from ..errors import InRankTypeError
+from ..nn.transformer import SUBSTITUTES as _TRANSFORMER_SUBSTITUTES
 
 _SUBSTITUTES: dict[type, type] = {}
 

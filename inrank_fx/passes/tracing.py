@@ -21,6 +21,7 @@ from torch import nn
 
 from ..nn.attention import InRankMultiheadAttention
 from ..nn.linear import FactoredLayer
+from .torch_internals import STORES, size_oblivious, store_of, stored, tree_map
 
 
 class ShallowTracer(fx.Tracer):
@@ -242,26 +243,19 @@ def _same_value(a, b) -> bool:
 def _plain_state(module: nn.Module) -> dict[str, object]:
     """Attributes, parameters, buffers and children by name (identity of each value)."""
     state = {k: v for k, v in vars(module).items()
-             if k not in ("_parameters", "_buffers", "_modules") and not k.startswith("_forward")
+             if k not in STORES and not k.startswith("_forward")
              and not k.startswith("_backward") and not k.endswith("_hooks")}
-    for kind in ("_parameters", "_buffers", "_modules"):
-        state.update(module.__dict__.get(kind, {}))
-    return state
+    return state | stored(module)
 
 
 def _put_back(module: nn.Module, key: str, value) -> None:
-    for kind in ("_parameters", "_buffers", "_modules"):
-        store = module.__dict__.get(kind, {})
-        if key in store:
-            if value is _MISSING:
-                del store[key]
-            else:
-                store[key] = value
-            return
+    store = store_of(module, key)
+    if store is None:
+        store = module.__dict__
     if value is _MISSING:
-        module.__dict__.pop(key, None)
+        store.pop(key, None)
     else:
-        module.__dict__[key] = value
+        store[key] = value
 
 
 def _attribute(module: nn.Module, target: str):
@@ -286,8 +280,6 @@ def export_own_forward(module: nn.Module, path: str, args: tuple, kwargs: dict) 
     The leading (batch) dimension of every tensor argument is left to torch.export to keep
     dynamic where the code allows (Dim.AUTO), so the graph runs at other batch sizes.
     """
-    from torch.utils import _pytree
-
     def batch_dynamic(value):
         if isinstance(value, torch.Tensor) and value.dim() >= 1:
             return {0: torch.export.Dim.AUTO}
@@ -295,9 +287,9 @@ def export_own_forward(module: nn.Module, path: str, args: tuple, kwargs: dict) 
 
     try:
         bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
-        dynamic = {name: _pytree.tree_map(batch_dynamic, value) for name, value in bound.items()}
+        dynamic = {name: tree_map(batch_dynamic, value) for name, value in bound.items()}
         # An example batch of 1 would otherwise be specialised to 1 (0/1 specialisation).
-        with _size_oblivious(), state_kept(module) as writes:
+        with size_oblivious(), state_kept(module) as writes:
             program = torch.export.export(module, tuple(args), dict(kwargs),
                                           dynamic_shapes=dynamic, strict=False)
         unlifted = program.module()
@@ -309,14 +301,3 @@ def export_own_forward(module: nn.Module, path: str, args: tuple, kwargs: dict) 
                            "torch.export", writes=True)
     graph_module.train(module.training)
     return TraceResult(path, graph_module.graph, None, "torch.export", graph_module)
-
-
-def _size_oblivious():
-    """torch.export without 0/1 specialisation, where this torch has the switch (private)."""
-    import contextlib
-
-    from torch.fx.experimental import _config
-
-    if hasattr(_config, "backed_size_oblivious"):
-        return _config.patch(backed_size_oblivious=True)
-    return contextlib.nullcontext()

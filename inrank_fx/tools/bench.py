@@ -34,11 +34,11 @@ from .._flops import counted_forward
 from .._io import atomic_destination, check_destination
 from .._table import format_table
 from .._timing import format_rate, median_ratio_interval, ratio_flags
+from ..errors import InRankValueError
 from ..export import check_inputs, flat_outputs
 from ..export.freeze import freeze
-from ..errors import InRankValueError
+from ..vocabulary import BACKENDS
 
-BACKENDS = ("eager", "compile", "onnxruntime", "tensorrt")
 INFERENCE_ONLY = ("onnxruntime", "tensorrt")
 
 

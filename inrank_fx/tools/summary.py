@@ -11,7 +11,7 @@ from .._table import format_table
 from ..config import REPORT_ATTR
 from ..nn.experts import FACTORED_STACKS
 from ..nn.modules import factored_layers
-from ..passes.transform import DenseRecord, TransformReport, larger_factored_note
+from ..passes.report import DenseRecord, TransformReport, larger_factored_note
 
 
 @dataclass

@@ -20,7 +20,8 @@ eager. Three policies for what `set_ranks` does after a shape change:
 - "none": leave compiled code alone (the caller manages it).
 
 Either of the first two costs at most one recompile of the model's compiled forwards per event
-and never lets dynamo fall back to eager for them.
+and never lets dynamo fall back to eager for them. The dynamo internals used (its config, its
+per-code caches) are reached through `torch_internals`, which names each one.
 """
 from __future__ import annotations
 
@@ -28,13 +29,21 @@ import logging
 import weakref
 
 import torch
-import torch._dynamo
 from torch import nn
+
 from ..errors import InRankValueError
+from ..vocabulary import COMPILE_POLICIES
+from .torch_internals import (
+    dynamo_compiled_codes,
+    parameter_shapes_static,
+    recompile_limit,
+    reset_compiled_code,
+    set_parameter_shapes_static,
+)
 
 log = logging.getLogger("inrank_fx")
 
-POLICIES = ("dynamic", "reset", "none")
+POLICIES = COMPILE_POLICIES
 # Cache entries a rank change may leave a compiled function with: room for the next event's
 # recompile in both train and eval mode below dynamo's recompile_limit.
 _HEADROOM = 3
@@ -56,9 +65,9 @@ def allow_dynamic_parameter_shapes() -> None:
     """Let dynamo make changed parameter dimensions symbolic instead of recompiling forever
     (remembering the previous value for `restore_compile_settings`)."""
     global _saved
-    if torch._dynamo.config.force_parameter_static_shapes:
+    if parameter_shapes_static():
         _saved = True if _saved is None else _saved
-        torch._dynamo.config.force_parameter_static_shapes = False
+        set_parameter_shapes_static(False)
         log.info("inrank_fx: torch._dynamo.config.force_parameter_static_shapes = False, so that "
                  "compiled code follows rank changes with few recompiles")
 
@@ -81,7 +90,7 @@ def restore_compile_settings() -> None:
     """Put back the dynamo setting InRank changed (what `detach()` does for the last controller)."""
     global _saved
     if _saved is not None:
-        torch._dynamo.config.force_parameter_static_shapes = _saved
+        set_parameter_shapes_static(_saved)
         log.info("inrank_fx: torch._dynamo.config.force_parameter_static_shapes restored to %s",
                  _saved)
         _saved = None
@@ -107,14 +116,13 @@ def after_shape_change(policy: str, layers: int, model: nn.Module | None = None)
                  "callers recompile once on their next call", layers)
         return
     allow_dynamic_parameter_shapes()
-    limit = torch._dynamo.config.recompile_limit
+    limit = recompile_limit()
     compiled = compiled_codes()
     owned = _owned_codes(model, compiled) if model is not None else set()
     for code, entries in compiled:
         if entries < limit - _HEADROOM:
             continue
-        if code in owned and hasattr(torch._dynamo, "reset_code"):
-            torch._dynamo.reset_code(code)
+        if code in owned and reset_compiled_code(code):
             log.info("inrank_fx: %d layer(s) changed shape; the compile cache of %s (%d of %d "
                      "graphs) was cleared", layers, _describe(code), entries, limit)
         elif code not in _warned:
@@ -130,15 +138,7 @@ def after_shape_change(policy: str, layers: int, model: nn.Module | None = None)
 def compiled_codes() -> list[tuple[object, int]]:
     """(code object, cached graphs) for every function dynamo has compiled (empty where this
     torch does not say)."""
-    try:
-        from torch._dynamo import convert_frame
-        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
-
-        codes = [code for ref in list(convert_frame.input_codes.seen)
-                 if (code := ref()) is not None]
-        return [(code, len(_debug_get_cache_entry_list(code))) for code in codes]
-    except (ImportError, AttributeError, RuntimeError):
-        return []
+    return dynamo_compiled_codes()
 
 
 def _owned_codes(model: nn.Module, compiled: list[tuple[object, int]]) -> set:

@@ -24,23 +24,33 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from .._io import atomic_destination, check_destination
 from ..config import InRankConfig
+from ..errors import InRankValueError
 from ..nn.modules import factored_layers
 from ..nn.spectrum import explained_ratios, select_rank
+from ..vocabulary import Event
 from .compile_policy import check_policy, hold_compile_settings, release_compile_settings
 from .resize import RankArg, RankChange, per_layer, set_ranks
-from ..errors import InRankValueError
 
 log = logging.getLogger("inrank_fx")
 
 HISTORY_FIELDS = ("step", "layer", "event", "rank", "width", "explained")
 
-Decisions = dict  # {layer name: (rank, width, explained ratio at that rank)} for every layer
+class Decision(NamedTuple):
+    """One layer's decision at a check."""
+
+    rank: int
+    width: int  # the rank plus the buffer
+    explained: float  # the explained ratio at that rank
+
+
+Decisions = dict[str, Decision]  # layer name → its decision, for every layer
 
 
 class LocalCoordinator:
@@ -48,7 +58,7 @@ class LocalCoordinator:
     nothing to agree on. `inrank_fx.training.distributed.ProcessGroupCoordinator` is the one for
     torch.distributed; a controller takes either (or a test's own)."""
 
-    def agree(self, controller: "RankController", event: str, decide) -> Decisions:
+    def agree(self, controller: "RankController", event: Event, decide) -> Decisions:
         """The decision every process applies; `decide()` measures on this process."""
         return decide()
 
@@ -97,7 +107,7 @@ class RankController:
         self.recompile = recompile
         self.coordinator = coordinator if coordinator is not None else LocalCoordinator()
         self.step = 0
-        self.frozen = False
+        self.stopped = False
         self.history: list[dict] = []
         self.rank_events = 0
         self.seconds = 0.0  # time spent deciding and applying ranks: the controller's overhead
@@ -117,15 +127,15 @@ class RankController:
     def update(self) -> list[RankChange]:
         """Run whatever the schedule asks for at the current step."""
         cfg = self.config
-        if self.frozen:
+        if self.stopped:
             return []
         if isinstance(cfg.stop_after, int) and self.step >= cfg.stop_after:
-            return self.finish_adaptation()
+            return self.stop()
         if self.step < cfg.warmup_steps or self.step % cfg.check_every:
             return []
         changes = self.check()
         if cfg.stop_after == "settled" and self.settled():
-            changes += self.finish_adaptation()
+            changes += self.stop()
         return changes
 
     def settled(self) -> bool:
@@ -148,8 +158,8 @@ class RankController:
 
     @property
     def stop_step(self) -> int | None:
-        """The optimizer step at which adaptation stopped (ranks frozen), or None."""
-        return next((h["step"] for h in self.history if h["event"] == "truncate"), None)
+        """The optimizer step at which adaptation stopped (ranks fixed from then on), or None."""
+        return next((h["step"] for h in self.history if h["event"] == "stop"), None)
 
     def spectrum(self, layer) -> torch.Tensor:
         """The singular values the rule reads for `layer` (`InRankConfig.measure`)."""
@@ -178,11 +188,11 @@ class RankController:
         return self._act(decisions, "check", "grew")
 
     @torch.no_grad()
-    def finish_adaptation(self) -> list[RankChange]:
-        """InRank-Efficient: truncate every layer to its rank (buffer dropped); ranks freeze."""
-        decisions = self.coordinator.agree(self, "truncate", self._truncation)
-        self.frozen = True
-        return self._act(decisions, "truncate", "truncated to their ranks (adaptation stopped)")
+    def stop(self) -> list[RankChange]:
+        """InRank-Efficient: truncate every layer to its rank (buffer dropped); ranks stay fixed."""
+        decisions = self.coordinator.agree(self, "stop", self._truncation)
+        self.stopped = True
+        return self._act(decisions, "stop", "truncated to their ranks (adaptation stopped)")
 
     @torch.no_grad()
     def set_ranks(self, ranks: RankArg, widths: RankArg | None = None) -> list[RankChange]:
@@ -198,7 +208,8 @@ class RankController:
             for name, layer in layers.items():
                 rank = wanted.get(name, layer.rank)
                 width = wanted_widths.get(name, rank if name in wanted else layer.width)
-                decisions[name] = (rank, width, self._explained(layer, self.spectrum(layer), rank))
+                decisions[name] = Decision(rank, width,
+                                          self._explained(layer, self.spectrum(layer), rank))
             return decisions
 
         return self._act(self.coordinator.agree(self, "manual", decide), "manual", "set by hand")
@@ -216,7 +227,7 @@ class RankController:
             rank = self._select(layer, s, floor)
             rank = min(rank, layer.width)  # the buffer bounds growth per check
             width = max(cfg.width_for(rank, layer.full_rank), layer.width)
-            decisions[name] = (rank, width, self._explained(layer, s, rank))
+            decisions[name] = Decision(rank, width, self._explained(layer, s, rank))
         return decisions
 
     def _truncation(self) -> dict[str, tuple[int, int, float]]:
@@ -225,17 +236,17 @@ class RankController:
         for name, layer in factored_layers(self.model).items():
             width = min(-(-layer.rank // multiple) * multiple, layer.full_rank)
             explained = self._explained(layer, self.spectrum(layer), layer.rank)
-            decisions[name] = (layer.rank, width, explained)
+            decisions[name] = Decision(layer.rank, width, explained)
         return decisions
 
-    def _act(self, decisions: dict, event: str, verb: str) -> list[RankChange]:
+    def _act(self, decisions: Decisions, event: Event, verb: str) -> list[RankChange]:
         layers = factored_layers(self.model)
         ranks, widths = {}, {}
         for name, (rank, width, explained) in decisions.items():
             changed = (rank, width) != (layers[name].rank, layers[name].width)
             if event != "manual" or changed:
                 self._record(name, event, rank, width, explained)
-            if event == "truncate" or changed:
+            if event == "stop" or changed:
                 ranks[name], widths[name] = rank, width
         changes = self._apply(ranks, widths, verb)
         self.coordinator.after_apply(self, changes)
@@ -256,7 +267,7 @@ class RankController:
                      ", ".join(map(str, changes)))
         return changes
 
-    def _record(self, name: str, event: str, rank: int, width: int, explained: float) -> None:
+    def _record(self, name: str, event: Event, rank: int, width: int, explained: float) -> None:
         self.history.append(
             {"step": self.step, "layer": name, "event": event, "rank": rank, "width": width,
              "explained": explained}
@@ -276,7 +287,7 @@ class RankController:
     def state_dict(self) -> dict:
         return {
             "step": self.step,
-            "frozen": self.frozen,
+            "stopped": self.stopped,
             "rank_events": self.rank_events,
             "history": [dict(r) for r in self.history],
             "generator": self.generator.get_state(),
@@ -285,7 +296,7 @@ class RankController:
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
-        self.frozen = bool(state["frozen"])
+        self.stopped = bool(state["stopped"])
         self.rank_events = int(state.get("rank_events", 0))
         self.history = [dict(r) for r in state["history"]]
         self.generator.set_state(state["generator"])
@@ -301,7 +312,7 @@ class RankController:
             release_compile_settings(self)
 
     def __repr__(self) -> str:
-        phase = "frozen" if self.frozen else "adapting"
+        phase = "stopped" if self.stopped else "adapting"
         return (f"{type(self).__name__}(step={self.step}, {phase}, "
                 f"layers={len(factored_layers(self.model))}, rank_events={self.rank_events}"
                 f"{self.coordinator.describe()})")

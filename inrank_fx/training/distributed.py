@@ -39,8 +39,10 @@ from torch.nn.parallel import DistributedDataParallel
 from ..config import InRankConfig
 from ..errors import InRankError, InRankValueError
 from ..nn.modules import factored_layers
-from .controller import RankController
+from ..vocabulary import Event
+from .controller import Decision, Decisions, RankController
 from .resize import RankChange
+from .torch_internals import ddp_delays_all_reduce, ddp_lacks, rebuild_ddp_reducer
 
 log = logging.getLogger("inrank_fx")
 
@@ -93,7 +95,7 @@ class ProcessGroupCoordinator:
 
     # -- the coordinator's part in a controller's life ------------------------------------------
 
-    def agree(self, controller, event: str, decide) -> dict[str, tuple[int, int, float]]:
+    def agree(self, controller, event: Event, decide) -> Decisions:
         self.verify(controller, f"rank {event}")
         table = torch.zeros(len(self.layer_names), 3, dtype=torch.float64)
         if self.process == 0:
@@ -102,7 +104,7 @@ class ProcessGroupCoordinator:
                 table[i] = torch.tensor(decisions[name], dtype=torch.float64)
         self._collective(f"rank decision ({event})",
                          lambda: dist.broadcast(table, self.source, group=self.group))
-        return {name: (int(row[0]), int(row[1]), float(row[2]))
+        return {name: Decision(int(row[0]), int(row[1]), float(row[2]))
                 for name, row in zip(self.layer_names, table)}
 
     def before_apply(self, controller, ranks: dict, widths: dict) -> None:
@@ -153,7 +155,7 @@ class ProcessGroupCoordinator:
 
     def _state_tensor(self, controller) -> torch.Tensor:
         layers = factored_layers(self.module)
-        values = [controller.step, int(controller.frozen), self._names_crc, len(layers)]
+        values = [controller.step, int(controller.stopped), self._names_crc, len(layers)]
         for layer in layers.values():
             values += [layer.rank, layer.width]
         return torch.tensor(values, dtype=torch.int64)
@@ -254,8 +256,8 @@ class DistributedRankController(RankController):
 # -- helpers ------------------------------------------------------------------------------------
 
 
-def _phase(frozen: int) -> str:
-    return "frozen" if frozen else "adapting"
+def _phase(stopped: int) -> str:
+    return "stopped" if stopped else "adapting"
 
 
 def _control_group(process_group, timeout_s: float):
@@ -329,35 +331,18 @@ def rebuild_reducer(ddp: DistributedDataParallel) -> None:
     DDP hooks every parameter's gradient accumulation and buckets parameters at construction;
     after a resize the new factors are not in any bucket. The old reducer's hooks are removed
     first (they would still fire for unchanged parameters and all-reduce into stale buckets).
+    The rebuild itself reaches DDP's internals, so it is `torch_internals.rebuild_ddp_reducer`;
+    what it cannot carry over is refused here.
     """
-    needed = ("reducer", "_build_params_for_reducer", "_build_debug_param_to_name_mapping",
-              "_ddp_init_helper", "parameters_to_ignore")
-    missing = [a for a in needed if not hasattr(ddp, a)]
+    missing = ddp_lacks(ddp)
     if missing:
         raise InRankDistributedError(
             f"this torch {torch.__version__} DistributedDataParallel lacks {missing}, which "
             "inrank_fx uses to rebuild its reducer after a resize"
         )
-    if (getattr(ddp, "mixed_precision", None) is not None
-            or getattr(ddp, "_delay_all_reduce_params", [])):
+    if getattr(ddp, "mixed_precision", None) is not None or ddp_delays_all_reduce(ddp):
         raise InRankDistributedError(
             "DistributedDataParallel's mixed_precision and delay_all_reduce_named_params are not "
             "supported with InRank's resizes; use torch.autocast for mixed precision"
         )
-    ddp.reducer._remove_autograd_hooks()
-    for handle in getattr(ddp, "_accum_grad_hooks", []):
-        handle.remove()
-    ddp._module_parameters = [p for n, p in ddp.module.named_parameters()
-                              if n not in ddp.parameters_to_ignore]
-    parameters, expect_sparse_gradient = ddp._build_params_for_reducer()
-    mapping = ddp._build_debug_param_to_name_mapping(parameters)
-    ddp._ddp_init_helper(parameters, expect_sparse_gradient, mapping, ddp.static_graph)
-    for hook, state in getattr(ddp, "_comm_hooks", []):
-        dist._register_comm_hook(ddp.reducer, state, hook)
-    if ddp.static_graph:
-        ddp.reducer._set_static_graph()
-        ddp.logger._set_static_graph()
-    ddp._has_rebuilt_buckets = False
-    if getattr(ddp, "_use_python_reducer", False):
-        ddp._accum_grad_hooks = []
-        ddp._register_accum_grad_hook()
+    rebuild_ddp_reducer(ddp)

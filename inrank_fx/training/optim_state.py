@@ -4,7 +4,7 @@ When `set_ranks` replaces a factor by a wider or narrower tensor, the optimizer 
 new tensor (in the same place of its param group, so that `optimizer.state_dict()` stays aligned
 with checkpoints) and its per-parameter state must follow:
 
-- growth ("pad"): the existing components keep their columns, so per-element state (Adam / AdamW
+- growth ("seeded"): the existing components keep their columns, so per-element state (Adam / AdamW
   moments, SGD momentum, ...) is copied into the leading columns; step counts are kept. New
   columns get zero first moments, and their second-moment statistics (Adam's exp_avg_sq,
   RMSprop's square_avg, Adagrad's sum, ...) start at the mean of the existing columns in the same
@@ -16,7 +16,7 @@ with checkpoints) and its per-parameter state must follow:
   step counts to 0, so that Adam's bias correction restarts with the moments instead of dividing
   stale counts into fresh moments (the reference implementation keeps the old moments on the
   rotated columns).
-- truncation ("rotate"): the new factor is a linear map of the old one (`InRankLinear.truncate`
+- truncation ("rotated"): the new factor is a linear map of the old one (`InRankLinear.truncate`
   returns it), and so is its gradient. First moments (Adam's exp_avg, SGD's momentum) are
   gradient averages and follow the map exactly; second moments follow it through the squared
   map (exact for uncorrelated columns, an estimate otherwise); step counts are kept. On the
@@ -34,11 +34,15 @@ import torch
 from torch import nn
 
 from ..errors import InRankError, InRankValueError
+from ..vocabulary import GROW_STATES, TRUNCATE_STATES
 
 # Per-element statistics of the gradient's scale, which a new column should inherit from its row.
 SCALE_STATE = ("exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum", "exp_inf", "acc_delta")
 # Per-element averages of the gradient itself, which a linear change of basis maps exactly.
 GRADIENT_STATE = ("exp_avg", "momentum_buffer", "prev")
+
+# How a resize carries a factor's optimizer state: the growth words, then the truncation words.
+STATE_CARRIES = GROW_STATES + TRUNCATE_STATES
 
 
 class OptimizerStateError(InRankError, TypeError):
@@ -68,14 +72,14 @@ def replace_param(
     optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter, mode: str,
     grad_map: torch.Tensor | None = None,
 ) -> None:
-    """Point the optimizer at `new` instead of `old` and carry the state: "pad" (growth, as
-    above), "pad_zero" (growth with all new state zero, for comparison), "rotate" (truncation:
+    """Point the optimizer at `new` instead of `old` and carry the state: "seeded" (growth,
+    as above), "unseeded" (growth with all new state zero, for comparison), "rotated" (truncation:
     `grad_map` maps the old gradient's columns to the new one's, ∂L/∂new = ∂L/∂old·grad_map) or
-    "reset". State that "rotate" cannot map (an optimizer's own per-element statistics other
+    "reset". State that "rotated" cannot map (an optimizer's own per-element statistics other
     than gradient and squared-gradient averages) falls back to "reset" for that parameter."""
-    if mode not in ("pad", "reset", "pad_zero", "rotate"):
+    if mode not in STATE_CARRIES:
         raise InRankValueError(f"mode must be 'pad', 'pad_zero', 'rotate' or 'reset', got {mode!r}")
-    if mode == "rotate" and grad_map is None:
+    if mode == "rotated" and grad_map is None:
         raise InRankValueError("mode 'rotate' needs the gradient's column map (grad_map)")
     found = False
     for group in optimizer.param_groups:
@@ -89,7 +93,7 @@ def replace_param(
     state = optimizer.state.pop(old, None)
     if not state:
         return
-    if mode == "rotate" and any(
+    if mode == "rotated" and any(
         torch.is_tensor(v) and v.dim() > 0 and k not in GRADIENT_STATE + SCALE_STATE
         for k, v in state.items()
     ):
@@ -97,16 +101,16 @@ def replace_param(
     carried = {}
     for key, value in state.items():
         if torch.is_tensor(value) and value.dim() > 0:
-            if mode == "rotate":
+            if mode == "rotated":
                 m = grad_map.to(device=value.device, dtype=value.dtype)
                 fresh = value @ (m if key in GRADIENT_STATE else m.square())
                 carried[key] = fresh.contiguous()
                 continue
             fresh = torch.zeros_like(new, dtype=value.dtype, memory_format=torch.contiguous_format)
-            if mode in ("pad", "pad_zero"):
+            if mode in GROW_STATES:
                 old_columns = value.shape[-1]
                 fresh[..., :old_columns] = value
-                if mode == "pad" and key in SCALE_STATE and old_columns:
+                if mode == "seeded" and key in SCALE_STATE and old_columns:
                     fresh[..., old_columns:] = value.mean(dim=-1, keepdim=True)
             carried[key] = fresh
         elif torch.is_tensor(value):  # a count such as Adam's step

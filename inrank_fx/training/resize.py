@@ -16,12 +16,18 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import InRankKeyError, InRankTypeError, InRankValueError
 from ..nn.modules import factored_layers
+from ..vocabulary import (
+    GROW_STATES,
+    TRUNCATE_STATES,
+    CompilePolicy,
+    GrowInit,
+    GrowState,
+    TruncateState,
+)
 from .compile_policy import after_shape_change, check_policy
 from .optim_state import check_mappable, replace_param
 
 RankArg = Union[int, Mapping[str, int]]
-GROW_STATES = {"seeded": "pad", "zero": "pad_zero"}  # set_ranks' names → optim.replace_param's
-TRUNCATE_STATES = {"rotated": "rotate", "reset": "reset"}
 
 
 @dataclass(frozen=True)
@@ -47,11 +53,11 @@ def set_ranks(
     optimizer: torch.optim.Optimizer | None = None,
     *,
     widths: RankArg | None = None,
-    grow_init: str = "zero",
+    grow_init: GrowInit = "zero",
     generator: torch.Generator | None = None,
-    recompile: str = "dynamic",
-    grow_state: str = "seeded",
-    truncate_state: str = "reset",
+    recompile: CompilePolicy = "dynamic",
+    grow_state: GrowState = "seeded",
+    truncate_state: TruncateState = "reset",
 ) -> list[RankChange]:
     """Set the rank (and computed width) of factored layers, growing or truncating them.
 
@@ -69,7 +75,7 @@ def set_ranks(
             "none". See `inrank_fx.training.compile_policy`. Either of the first two costs at most one
             recompile per event and never lets dynamo fall back to eager.
         grow_state: optimizer state of grown components: "seeded" (second moments from the
-            existing columns of the same row, see `inrank_fx.training.optim_state`) or "zero" (all zero; new
+            existing columns of the same row, see `inrank_fx.training.optim_state`) or "unseeded" (all zero; new
             columns then take steps several times the learning rate at first, for comparison).
         truncate_state: optimizer state of truncated layers: "rotated" (moments carried into the
             new basis through the truncation's linear map, step counts kept) or "reset" (zero
@@ -89,8 +95,8 @@ def set_ranks(
                 check_mappable(optimizer, layer.U, f"{name}.U")
                 check_mappable(optimizer, layer.V, f"{name}.V")
     changes = [_resize(name, layer, rank, width, optimizer, grow_init=grow_init,
-                       generator=generator, grow_mode=GROW_STATES[grow_state],
-                       truncate_mode=TRUNCATE_STATES[truncate_state])
+                       generator=generator, grow_state=grow_state,
+                       truncate_state=truncate_state)
                for name, layer, rank, width in plan]
     resized = sum(c.resized for c in changes)
     if resized:
@@ -131,16 +137,16 @@ def _plan(layers: dict, ranks: RankArg, widths: RankArg | None
 
 
 def _resize(name: str, layer: nn.Module, rank: int, width: int, optimizer, *, grow_init: str,
-            generator, grow_mode: str, truncate_mode: str) -> RankChange:
+            generator, grow_state: GrowState, truncate_state: TruncateState) -> RankChange:
     """One layer to its new rank and width, its optimizer state following the factors."""
     old_rank, old_width, old_u, old_v = layer.rank, layer.width, layer.U, layer.V
     u_map = v_map = None
     if width > old_width:
         layer.grow(width, init=grow_init, generator=generator)
-        mode = grow_mode
+        mode = grow_state
     elif width < old_width:
         u_map, v_map = layer.truncate(width)
-        mode = truncate_mode
+        mode = truncate_state
     if width != old_width and optimizer is not None:
         # U's gradient is ∂L/∂W·V, so it follows V's map, and V's follows U's.
         replace_param(optimizer, old_u, layer.U, mode, grad_map=v_map)

@@ -20,9 +20,10 @@ event, every process does the same:
 
 Only the resized layers' factors are ever gathered; no other parameter is touched. FSDP2 has no
 public API for changing a parameter's shape, so step 3 builds the FSDPParam as fully_shard does
-(`torch.distributed.fsdp._fully_shard`); attach checks that those internals are present and
-refuses what this does not cover: HSDP (a 2-D mesh), CPU offload, sharding other than by rows,
-and the first FSDP (FullyShardedDataParallel). Checkpoints: `save_checkpoint` / `load_checkpoint`
+(`torch.distributed.fsdp._fully_shard`, reached only through `torch_internals`, which names each
+internal it uses); attach checks that those internals are present and refuses what this does not
+cover: HSDP (a 2-D mesh), CPU offload, sharding other than by rows, and the first FSDP
+(FullyShardedDataParallel). Checkpoints: `save_checkpoint` / `load_checkpoint`
 (torch.distributed.checkpoint, resuming across rank changes). See docs/DISTRIBUTED.md.
 """
 from __future__ import annotations
@@ -43,13 +44,18 @@ from .distributed import (
     _broadcast_tensors,
 )
 from .resize import RankChange
+from .torch_internals import (  # noqa: F401 - the *_INTERNALS still importable from here
+    GROUP_INTERNALS,
+    PARAM_INTERNALS,
+    group_fqn,
+    missing_fsdp_internals,
+    module_parameter,
+    param_groups,
+    replace_sharded_parameter,
+    set_module_parameter,
+)
 
 FACTORS = ("U", "V")
-# What the re-shard reads of FSDP2's parameter groups and parameters (checked at attach).
-GROUP_INTERNALS = ("fsdp_params", "mesh_info", "post_forward_mesh_info", "mp_policy",
-                   "offload_policy", "device", "_module_fqn")
-PARAM_INTERNALS = ("_module_info", "_post_load_hook_handle", "_param_fqn", "init_dtype_attrs",
-                   "sharded_param")
 
 
 def is_fully_sharded(model: nn.Module) -> bool:
@@ -59,19 +65,6 @@ def is_fully_sharded(model: nn.Module) -> bool:
     except ImportError:  # pragma: no cover - torch without fsdp
         return False
     return any(isinstance(m, FSDPModule) for m in model.modules())
-
-
-def _param_groups(model: nn.Module):
-    """FSDP2's parameter groups of every fully_shard-ed module (private: checked at attach)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            state = module._get_fsdp_state()
-            if hasattr(state, "_fsdp_param_groups"):  # newer torch: a list per module
-                yield from state._fsdp_param_groups
-            elif state._fsdp_param_group is not None:  # torch 2.11: at most one
-                yield state._fsdp_param_group
 
 
 def check_shardable(model: nn.Module) -> None:
@@ -85,31 +78,21 @@ def check_shardable(model: nn.Module) -> None:
         raise InRankDistributedError(
             f"'{legacy or type(model).__name__}' is wrapped in FullyShardedDataParallel (the first "
             "FSDP), whose flat parameters cannot change shape; use FSDP2's fully_shard")
-    try:
-        from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam  # noqa: F401
-
-        groups = list(_param_groups(model))
-    except (ImportError, AttributeError) as error:
-        missing = [str(error)]
-    else:
-        missing = sorted({f"FSDPParamGroup.{a}" for g in groups for a in GROUP_INTERNALS
-                          if not hasattr(g, a)} |
-                         {f"FSDPParam.{a}" for g in groups for p in g.fsdp_params
-                          for a in PARAM_INTERNALS if not hasattr(p, a)})
+    missing = missing_fsdp_internals(model)
     if missing:
         raise InRankDistributedError(
             f"this torch {torch.__version__} lacks the FSDP2 internals that inrank_fx uses to "
             f"re-shard a resized factor ({', '.join(missing)}); adapt ranks under DDP, detach "
             "and fully_shard the fixed-rank model instead (docs/DISTRIBUTED.md)")
-    for group in groups:
+    for group in param_groups(model):
         if isinstance(group.offload_policy, CPUOffloadPolicy):
             raise InRankDistributedError(
-                f"fully_shard(offload_policy=CPUOffloadPolicy()) on '{group._module_fqn}': CPU "
+                f"fully_shard(offload_policy=CPUOffloadPolicy()) on '{group_fqn(group)}': CPU "
                 "offload is not supported while ranks adapt (resized factors are gathered and "
                 "re-sharded on the training device)")
         if group.mesh_info.mesh.ndim != 1:
             raise InRankDistributedError(
-                f"'{group._module_fqn}' is sharded over a {group.mesh_info.mesh.ndim}-D mesh "
+                f"'{group_fqn(group)}' is sharded over a {group.mesh_info.mesh.ndim}-D mesh "
                 "(HSDP: replicate x shard); only a 1-D mesh (plain fully_shard) is supported "
                 "while ranks adapt")
     layers = factored_layers(model)
@@ -151,7 +134,7 @@ class ShardedCoordinator(ProcessGroupCoordinator):
                 sharded = getattr(layers[name], factor)
                 full = nn.Parameter(sharded.full_tensor(), requires_grad=sharded.requires_grad)
                 _swap_in_optimizer(controller.optimizer, sharded, full, _full_state)
-                layers[name]._parameters[factor] = full
+                set_module_parameter(layers[name], factor, full)
                 self._gathered[(name, factor)] = sharded
 
     def after_apply(self, controller, changes: list[RankChange]) -> None:
@@ -188,14 +171,14 @@ class ShardedCoordinator(ProcessGroupCoordinator):
         try:
             for name, layer in layers.items():
                 for factor in FACTORS:
-                    sharded = layer._parameters[factor]
+                    sharded = module_parameter(layer, factor)
                     saved[(name, factor)] = sharded
-                    layer._parameters[factor] = nn.Parameter(
-                        sharded.full_tensor().detach(), requires_grad=False)
+                    set_module_parameter(layer, factor, nn.Parameter(
+                        sharded.full_tensor().detach(), requires_grad=False))
             yield
         finally:
             for (name, factor), sharded in saved.items():
-                layers[name]._parameters[factor] = sharded
+                set_module_parameter(layers[name], factor, sharded)
 
 
 # -- moving one factor between its sharded and its full form ------------------------------------
@@ -230,24 +213,14 @@ def _swap_in_optimizer(optimizer, old, new, convert) -> None:
 def _reshard_param(model: nn.Module, layer: nn.Module, factor: str, old: nn.Parameter,
                    full: nn.Parameter) -> nn.Parameter:
     """Give `full` (layer.<factor>, a new shape) a new FSDPParam in the FSDP parameter group that
-    owned `old`, as fully_shard builds one; returns the new sharded parameter."""
-    from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
-
-    for group in _param_groups(model):
-        for i, fsdp_param in enumerate(group.fsdp_params):
-            info = fsdp_param._module_info
-            if info.module is layer and info.param_name == factor:
-                setattr(layer, factor, full)  # FSDPParam shards the module's attribute in place
-                fresh = FSDPParam(full, info, group.mesh_info, group.post_forward_mesh_info,
-                                  group.device, None, group.mp_policy, group.offload_policy)
-                fresh._param_fqn = fsdp_param._param_fqn
-                fresh.init_dtype_attrs(group.mp_policy)
-                fsdp_param._post_load_hook_handle.remove()
-                group.fsdp_params[i] = fresh
-                return fresh.sharded_param
-    raise InRankDistributedError(
-        f"no FSDP parameter group owns the factor {factor} of a resized layer: was the model "
-        "changed after attach?")
+    owned `old`, as fully_shard builds one (`torch_internals.replace_sharded_parameter`);
+    returns the new sharded parameter."""
+    sharded = replace_sharded_parameter(model, layer, factor, full)
+    if sharded is None:
+        raise InRankDistributedError(
+            f"no FSDP parameter group owns the factor {factor} of a resized layer: was the model "
+            "changed after attach?")
+    return sharded
 
 
 # -- checkpoints through torch.distributed.checkpoint -------------------------------------------

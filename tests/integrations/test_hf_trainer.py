@@ -67,7 +67,7 @@ def test_trainer_checkpoint_and_resume_continue_with_the_same_ranks(tmp_path):
     run.train()
     final = ranks(model)
     assert final != start and len(set(final.values())) > 1  # ranks moved, per layer
-    assert callback.controller.frozen and callback.controller.step == 40
+    assert callback.controller.stopped and callback.controller.step == 40
     logged = [h for h in run.state.log_history if "inrank/mean_rank" in h]
     assert logged and logged[-1]["inrank/rank_events"] == callback.controller.rank_events
     assert any("inrank/mean_rank" in logs for logs in recorder.logs)  # reporters after it see them

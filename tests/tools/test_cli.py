@@ -36,7 +36,10 @@ def test_demo_writes_the_report(demo_report):
     out, results = demo_report
     assert {p.name for p in out.iterdir()} == REPORT_FILES
     saved = json.loads((out / "results.json").read_text())
-    assert saved["ratios"] == results["ratios"]
+    returned = json.loads(json.dumps(results.to_json()))  # what run_demo returned, typed
+    assert set(saved) == set(returned) and saved["ratios"] == returned["ratios"]
+    assert results.slim.params < results.narrow.params <= results.dense.params
+    assert results.inrank.final_ranks == saved["inrank"]["final_ranks"]
     for key in ("val_loss", "val_ppl", "params", "train_seconds", "tokens_per_second", "val_curve"):
         assert key in saved["dense"] and key in saved["inrank"]
     assert saved["inrank"]["params"] < saved["dense"]["params"]
@@ -201,11 +204,15 @@ def test_help_and_usage_errors_come_before_torch():
 
 
 def test_cli_init_choices_match_the_layers():
-    from inrank_fx import cli
-    from inrank_fx.nn.linear import INITS
-    from inrank_fx.passes.compress import ALLOCATIONS
+    from inrank_fx import cli, vocabulary
+    from inrank_fx.nn import linear
+    from inrank_fx.passes import compress
+    from inrank_fx.tools import bench
 
-    assert cli.INITS == INITS and cli.ALLOCATIONS == ALLOCATIONS
+    # one tuple each, read by the command line and the library alike
+    assert cli.INITS is vocabulary.INITS is linear.INITS
+    assert cli.ALLOCATIONS is vocabulary.ALLOCATIONS is compress.ALLOCATIONS
+    assert cli.BACKENDS is vocabulary.BACKENDS is bench.BACKENDS
 
 
 def test_compress_command_makes_the_demo_model_smaller_and_exports_it(demo_report, tmp_path,

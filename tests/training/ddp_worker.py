@@ -72,7 +72,7 @@ def refusals(example, args, process, processes, device) -> dict:
 
     # The documented way to FSDP2: adapt under DDP until ranks freeze, then shard.
     example.train(args, process, processes, device, model, trained, optimizer, controller, 0)
-    assert controller.frozen
+    assert controller.stopped
     controller.detach()
     frozen_ranks = inrank_fx.ranks(model)
     fully_shard(model, mesh=init_device_mesh("cpu", (processes,)))

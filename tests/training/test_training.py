@@ -128,7 +128,7 @@ def test_set_ranks_errors():
         set_ranks(model, {"0": 8}, widths={"0": 4})
     with pytest.raises(ValueError, match="no factored layers"):
         set_ranks(nn.Linear(3, 3), 2)
-    with pytest.raises(ValueError, match="grow_state must be one of \\('seeded', 'zero'\\), got 'mean'"):
+    with pytest.raises(ValueError, match="grow_state must be one of \\('seeded', 'unseeded'\\), got 'mean'"):
         set_ranks(model, 8, grow_state="mean")
     with pytest.raises(ValueError, match="truncate_state must be one of \\('rotated', 'reset'\\), got 'keep'"):
         set_ranks(model, 2, truncate_state="keep")
@@ -161,11 +161,11 @@ def test_inrank_efficient_truncates_and_freezes(truncate_state):
         model(torch.randn(16, 32)).pow(2).mean().backward()
         opt.step()
         opt.zero_grad()
-    assert ctrl.frozen
+    assert ctrl.stopped
     for layer in (model[0], model[2]):
         assert layer.width == layer.rank and layer.buffer == 0
     events = [(h["step"], h["event"]) for h in ctrl.history]
-    assert max(s for s, _ in events) == 6 and events[-1] == (6, "truncate")
+    assert max(s for s, _ in events) == 6 and events[-1] == (6, "stop")
     assert {s for s, e in events if e == "check"} == {2, 4}
     # the optimizer state followed the config: restarted at the stop (6 steps before the
     # end), or carried on through it
@@ -179,9 +179,9 @@ def test_settled_stop_waits_for_the_ranks_to_stop_growing():
                        stop_after="settled", settle_checks=3)
     student = transform(nn.Sequential(nn.Linear(d, d)), cfg)
     loss, ctrl = teacher_student(student, teacher, 400, cfg)
-    assert ctrl.frozen and 0.7 * r <= ranks(student)["0"] <= 1.4 * r and loss < 1e-3
+    assert ctrl.stopped and 0.7 * r <= ranks(student)["0"] <= 1.4 * r and loss < 1e-3
     checks = [(h["step"], h["rank"]) for h in ctrl.history if h["event"] == "check"]
-    stop = next(h["step"] for h in ctrl.history if h["event"] == "truncate")
+    stop = next(h["step"] for h in ctrl.history if h["event"] == "stop")
     assert stop == checks[-1][0]  # it stopped at a check ...
     assert ctrl.stop_step == stop
     # ... only once the last three checks added no rank, after growing through several
