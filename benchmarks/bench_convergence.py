@@ -72,7 +72,8 @@ class Arm:
     controller, each layer fixed from the start at the final rank that arm `ranks_of` measured
     on the same seed: InRank's allocation without its growth). `width`: the GPT's n_embd (None:
     the protocol's; a narrower dense model is `Arm("dense-w96", "dense", width=96)`);
-    `dropout`, `weight_decay`: regularisation (None: the protocol's)."""
+    `dropout`, `weight_decay`: regularisation (None: the protocol's); `factor_lr`: the factored
+    layers' U and V train at this multiple of the peak rate (a per-factor rate, μP-style)."""
 
     name: str
     kind: str
@@ -83,6 +84,7 @@ class Arm:
     width: int | None = None
     dropout: float = 0.0
     weight_decay: float | None = None
+    factor_lr: float = 1.0  # the factors' (U, V) learning rate relative to the rest's
 
 
 ARMS = {arm.name: arm for arm in [
@@ -147,8 +149,8 @@ def run(arm: Arm, lr: float, seed: int, protocol: Protocol, data, device="cpu") 
     total, layer_part = step_flops(model, protocol)
     rest = total - layer_part  # attention, norms, embeddings, the tied head: the same in every arm
     weight_decay = protocol.weight_decay if arm.weight_decay is None else arm.weight_decay
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=protocol.betas,
-                            weight_decay=weight_decay)
+    opt = torch.optim.AdamW(_param_groups(model, lr, arm.factor_lr), lr=lr,
+                            betas=protocol.betas, weight_decay=weight_decay)
     ctrl = inrank_fx.attach(model, opt, seed=seed) if arm.kind == "inrank" else None
     steps = protocol.steps
     sched = warmup_cosine(opt, steps, max(1, int(protocol.warmup_fraction * steps)),
@@ -189,6 +191,17 @@ def run(arm: Arm, lr: float, seed: int, protocol: Protocol, data, device="cpu") 
         "trajectory": _trajectory(ctrl) if ctrl else [],
         "flops": flops[0], "seconds": sum(seconds),
     }
+
+
+def _param_groups(model, lr: float, factor_lr: float) -> list[dict]:
+    """One group, or with `factor_lr` != 1 the factors in a group of their own at that multiple
+    of `lr` (a resize keeps a parameter's group; the schedule scales both alike)."""
+    if factor_lr == 1.0:
+        return [{"params": list(model.parameters())}]
+    factors = {id(p) for m in factored(model) for p in (m.U, m.V)}
+    return [{"params": [p for p in model.parameters() if id(p) not in factors]},
+            {"params": [p for p in model.parameters() if id(p) in factors],
+             "lr": lr * factor_lr}]
 
 
 def _trajectory(ctrl) -> list[tuple[int, float, float]]:

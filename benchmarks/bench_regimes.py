@@ -1,9 +1,9 @@
 """InRank from scratch against the narrower dense model: on the convergence protocol, across
 learning rates, in a data-limited regime and as the width grows.
 
-    python benchmarks/bench_regimes.py [--parts frontier lr-grid data-limited width]
-                                       [--seeds 0 1] [--widths 64 96] [--json-dir DIR]
-                                       [--plot FILE.png] [--quick]
+    python benchmarks/bench_regimes.py [--parts frontier lr-grid data-limited width closing]
+                                       [--seeds 0 1] [--widths 64 96] [--limited-bytes N]
+                                       [--json-dir DIR] [--plot FILE.png] [--quick]
 
 Every part trains bench_convergence's GPT with its recipe (AdamW, warm-up + cosine, clipping,
 every arm at the peak learning rate its own sweep chose on the first seed) and reads each
@@ -17,15 +17,18 @@ interpolated in log(parameters) between the widths of the same seed.
   docs/convergence.json) are read, not repeated.
 - lr-grid: the fixed-rank frontier and the defaults at every peak learning rate of a grid
   (one shared rate for every arm), so the gap to each frontier is read at every rate.
-- data-limited: the paper's regime. A 100 kB corpus read for 11 epochs (1000 steps), so
-  that a dense model overfits within the run; every arm read at its best validation checkpoint
+- data-limited: the paper's regime. A 30 kB corpus (27 kB for training) read 38 times in 1000
+  steps, so that a dense model overfits within the run (`--limited-bytes` another size: 100 kB
+  is read 11 times and does not overfit); every arm read at its best validation checkpoint
   (early stopping for all), the dense models (width 128 and the narrower ones) with their
-  regularisation tuned after their learning rate (dropout 0.1 / 0.2, weight decay 1.0), InRank's defaults and
-  InRank-Efficient (ranks adapting for the first 130 steps only) without.
+  regularisation tuned after their learning rate (dropout 0.1 / 0.2 / 0.3, weight decay 1.0),
+  InRank's defaults and InRank-Efficient (ranks adapting for the first 130 steps only) without.
 - width: the protocol at n_embd 64 and 96 (steps, batch and context held, so every width
   reads the same 2 M tokens and tokens per parameter fall with width): dense of that width and
   of 1/2 and 3/4 of it, fixed ranks 1/4 and 1/2, the defaults. The gaps at 128 come from the
   frontier part.
+- closing: levers that might close the gap, on the defaults at their own rate: the factors
+  (U, V) trained at 0.5x and 2x the rest's learning rate (a per-factor rate, μP-style).
 
 Prints a table per part. `--json-dir` keeps every run (one file per protocol, read back on the
 next call, so an interrupted run resumes); `--plot` draws the parts that have run.
@@ -60,9 +63,10 @@ from inrank_fx.demo.gpt import GPTConfig  # noqa: E402
 WIDTHS = (32, 48, 64, 80, 96, 112, 128)  # the dense-width frontier at width 128
 DENSE_LRS = (2e-3, 4e-3, 8e-3)
 LR_GRID = (1e-3, 2e-3, 4e-3, 8e-3)
-REGULARISERS = (("dropout", 0.1), ("dropout", 0.2), ("weight_decay", 1.0))
+REGULARISERS = (("dropout", 0.1), ("dropout", 0.2), ("dropout", 0.3), ("weight_decay", 1.0))
 FROM_SCRATCH = ("fixed-1/16", "fixed-1/8", "fixed-1/4", "fixed-1/2", "defaults")
 WIDTH_ARMS = ("defaults", "fixed-1/4", "fixed-1/2")
+FACTOR_LRS = (0.5, 2.0)  # the closing part: the factors' rate relative to the rest's
 
 
 @dataclass(frozen=True)
@@ -70,8 +74,9 @@ class Setting:
     """Everything a run of this benchmark depends on besides the seeds."""
 
     protocol: Protocol = field(default_factory=Protocol)
+    # 30 kB (27 kB for training) read 38 times in 1000 steps: dense overfits within the run
     data_limited: Protocol = field(default_factory=lambda: Protocol(steps=1000,
-                                                                    corpus_bytes=100_000,
+                                                                    corpus_bytes=30_000,
                                                                     evals=20))
     widths: tuple = WIDTHS
     trend: tuple = (64, 96)  # the other widths of the width part (128 is the protocol's)
@@ -80,6 +85,7 @@ class Setting:
     regularisers: tuple = REGULARISERS
     width_arms: tuple = WIDTH_ARMS  # the from-scratch arms of the width part
     extensions: int = 2  # how often a sweep may extend past a winning edge
+    factor_lrs: tuple = FACTOR_LRS
     factored_lrs: tuple | None = None  # replaces every factored arm's sweep (quick)
 
 
@@ -234,14 +240,15 @@ def table(rows: dict[str, list[dict]], dense_frontier: list[dict], base: dict,
     `base`), the distance to the dense-width frontier at equal shipped parameters and at equal
     training FLOPs and, given, to the fixed-rank frontier at equal parameters."""
     seeds = sorted({r["seed"] for rs in rows.values() for r in rs})
-    head = (f"{'arm':<22} {'lr':>7} " + " ".join(f"{'seed ' + str(s):>7}" for s in seeds)
+    w = max(22, *map(len, rows))
+    head = (f"{'arm':<{w}} {'lr':>7} " + " ".join(f"{'seed ' + str(s):>7}" for s in seeds)
             + f" {'mean':>7} {'params':>6} {'FLOPs':>6}   {'vs narrower dense':>17}"
             f"   {'at equal FLOPs':>15}" + ("   vs fixed-rank" if fixed_frontier else ""))
     lines = [head, "-" * len(head)]
     for name, rs in rows.items():
         rs = sorted((shipped(r) for r in rs), key=lambda r: r["seed"])
         vals = [r["val"] for r in rs]
-        line = (f"{name:<22} {rs[0]['lr']:>7.2g} " + " ".join(f"{v:>7.4f}" for v in vals)
+        line = (f"{name:<{w}} {rs[0]['lr']:>7.2g} " + " ".join(f"{v:>7.4f}" for v in vals)
                 + f" {statistics.mean(vals):>7.4f}"
                 f" {statistics.mean(r['params'] for r in rs) / base['params']:>6.3f}"
                 f" {statistics.mean(r['flops'] for r in rs) / base['flops']:>6.3f}"
@@ -316,15 +323,31 @@ def part_lr_grid(regime: Regime, seeds, dense_frontier: list[dict]) -> dict:
     return {"text": lines, "rows": rows}
 
 
+def part_closing(regime: Regime, seeds, dense_frontier: list[dict]) -> dict:
+    """Levers that might close the gap, each at the defaults' own rate: the factors (U, V)
+    trained at a multiple of the rest's rate (a per-factor rate, μP-style)."""
+    lr = regime.chosen["defaults"]
+    rows = {"defaults": regime.tuned(ARMS["defaults"], seeds)}
+    for m in regime.setting.factor_lrs:
+        arm = replace(ARMS["defaults"], name=f"defaults, factors x{m:g} lr", factor_lr=m)
+        rows[arm.name] = regime.at_lr(arm, lr, seeds)
+    base = _base([r for r in dense_frontier if r["width"] == regime.protocol.gpt.n_embd])
+    lines = ["", f"== closing: levers on the defaults, at their own rate {lr:g} =="]
+    lines += table(rows, dense_frontier, base)
+    return {"text": lines, "arms": rows}
+
+
 def part_data_limited(regime: Regime, seeds) -> dict:
     s = regime.setting
     width = regime.protocol.gpt.n_embd
     widths = [w for w in s.widths if w >= width // 2 and w % 32 == 0] or [width]
     frontier = regime.frontier(widths, seeds, regularise=True)
-    plain = regime.at_lr(regime.dense_arm(width), regime.chosen[regime.dense_arm(width).name],
-                         seeds)
     arms = {"defaults": regime.tuned(ARMS["defaults"], seeds),
             "efficient-130": regime.tuned(efficient(), seeds)}
+    # dense of the full width at InRank's rate, unregularised: what InRank's bias is up against
+    same_lr = regime.chosen["defaults"]
+    plain = regime.at_lr(regime.dense_arm(width), same_lr, seeds)
+    plain_name = f"dense {width} at {same_lr:g}"
     tokens = regime.protocol.steps * regime.protocol.batch * regime.protocol.gpt.block_size
     epochs = tokens / len(regime.data[0])
     lines = ["", f"== data-limited: {len(regime.data[0]):,} training bytes, {epochs:.1f} epochs, "
@@ -333,15 +356,19 @@ def part_data_limited(regime: Regime, seeds) -> dict:
     base = _base([r for r in frontier if r["width"] == width])
     rows = {f"dense {w} (tuned reg.)": [r for r in frontier if r["width"] == w]
             for w in widths[::-1]}
-    lines += table(rows | {f"dense {width}, no reg.": plain} | arms, frontier, base)
+    lines += table(rows | {plain_name: plain} | arms, frontier, base)
     lines.append("")
     lines.append(f"{'arm':<22} {'variant':<22} {'best step':>9} {'best val':>8} {'end val':>8} "
                  f"{'end train':>9}")
-    for name, rs in (rows | {f"dense {width}, no reg.": plain} | arms).items():
+    for name, rs in (rows | {plain_name: plain} | arms).items():
         for r in rs:
             lines.append(f"{name:<22} {r['variant']:<22} {r['best_step']:>9} {r['val']:>8.4f} "
                          f"{r['val_end']:>8.4f} {r['train']:>9.4f}  (seed {r['seed']})")
-    return {"text": lines, "frontier": frontier, "arms": arms, "plain": plain}
+    lines.append(f"{plain_name}: unregularised, at the defaults' rate; best step: the best "
+                 "checkpoint's; end: the last (validation and the training loss since the "
+                 "evaluation before)")
+    return {"text": lines, "frontier": frontier, "arms": arms, "plain": plain,
+            "plain_name": plain_name}
 
 
 def part_width(regime: Regime, seeds, at_protocol: dict | None) -> dict:
@@ -435,7 +462,7 @@ def _frontier_panel(ax, res, key, label):
 
 
 def _curves_panel(ax, res):
-    named = {f"dense {max(r['width'] for r in res['frontier'])}, no reg.": res["plain"],
+    named = {res["plain_name"] + ", no reg.": res["plain"],
              "dense, tuned reg.": [r for r in res["frontier"]
                                    if r["width"] == max(x["width"] for x in res["frontier"])],
              **res["arms"]}
@@ -466,7 +493,7 @@ def _width_panel(ax, res):
 
 # -- main ---------------------------------------------------------------------------------------
 
-PARTS = ("frontier", "lr-grid", "data-limited", "width")
+PARTS = ("frontier", "lr-grid", "data-limited", "width", "closing")
 
 
 def main(argv=None) -> dict:
@@ -479,6 +506,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--width-arms", nargs="+", choices=WIDTH_ARMS,
                         help="the width part's from-scratch arms (default: all; the defaults "
                              "always run)")
+    parser.add_argument("--limited-bytes", type=int,
+                        help="the data-limited part's corpus size (default: the Setting's)")
     parser.add_argument("--quick", action="store_true", help="tiny GPTs, 60 steps, one lr each")
     parser.add_argument("--json-dir", help="keep every run in this folder (read back to resume)")
     parser.add_argument("--plot", help="write the figure to this PNG")
@@ -489,6 +518,9 @@ def main(argv=None) -> dict:
     if args.width_arms:
         setting = replace(setting, width_arms=tuple(dict.fromkeys(("defaults",
                                                                    *args.width_arms))))
+    if args.limited_bytes:
+        setting = replace(setting, data_limited=replace(setting.data_limited,
+                                                        corpus_bytes=args.limited_bytes))
     seeds = args.seeds or [0, 1]
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     folder = Path(args.json_dir) if args.json_dir else None
@@ -501,17 +533,20 @@ def main(argv=None) -> dict:
                                    / "convergence.json"), setting.protocol)
     main_regime = Regime(setting.protocol, setting, main_path)
     results = {}
-    if "frontier" in args.parts or "lr-grid" in args.parts or "width" in args.parts:
+    if {"frontier", "lr-grid", "width", "closing"} & set(args.parts):
         results["frontier"] = part_frontier(main_regime, seeds)
     if "lr-grid" in args.parts:
         results["lr-grid"] = part_lr_grid(main_regime, args.grid_seeds or seeds[:1],
                                           results["frontier"]["frontier"])
     if "width" in args.parts:
         results["width"] = part_width(main_regime, seeds, results["frontier"])
+    if "closing" in args.parts:
+        results["closing"] = part_closing(main_regime, seeds, results["frontier"]["frontier"])
     main_regime.save()
     if "data-limited" in args.parts:
         limited = Regime(setting.data_limited, setting,
-                         folder and str(folder / f"{prefix}regimes-data-limited.json"),
+                         folder and str(folder / f"{prefix}regimes-data-limited-"
+                                                 f"{setting.data_limited.corpus_bytes // 1000}k.json"),
                          best_checkpoint=True)
         results["data-limited"] = part_data_limited(limited, seeds)
         limited.save()

@@ -75,7 +75,7 @@ def test_data_limited_reads_every_arm_at_its_best_checkpoint(bench, quick):
         assert r["val"] == best <= r["val_end"] and r["best_step"] == best_step
         assert r["curve"][-1][1] == r["val_end"]
     # the regulariser was chosen on the first seed: the variant run is the better of the two
-    saved = json.loads((quick[1] / "quick-regimes-data-limited.json").read_text())
+    saved = json.loads((quick[1] / "quick-regimes-data-limited-20k.json").read_text())
     by_key = {(r["arm"], r["lr"], r["seed"]): r for r in saved["runs"]}
     for name, variant in saved["variants"].items():
         lr = saved["chosen"][name]
@@ -135,3 +135,19 @@ def test_the_width_part_can_run_the_defaults_alone(bench, quick, capsys):
     line = next(l for l in results["width"]["text"] if l.strip().startswith("48"))
     assert "not run" in line
     assert "defaults-w48" in capsys.readouterr().out  # it trained the defaults at 48
+
+
+def test_the_closing_part_trains_the_factors_at_their_own_rate(bench, quick):
+    from bench_convergence import QUICK, _param_groups, build
+
+    import inrank_fx
+
+    results, _ = quick
+    arms = results["closing"]["arms"]
+    assert set(arms) == {"defaults", "defaults, factors x0.5 lr", "defaults, factors x2 lr"}
+    assert all(len(rs) == 2 and rs[0]["lr"] == arms["defaults"][0]["lr"] for rs in arms.values())
+    model = build(bench.ARMS["defaults"], QUICK, 0)
+    rest, factors = _param_groups(model, 1e-3, 2.0)
+    assert factors["lr"] == 2e-3 and "lr" not in rest
+    assert len(factors["params"]) == 2 * len(inrank_fx.ranks(model))
+    assert len(rest["params"]) + len(factors["params"]) == len(list(model.parameters()))
