@@ -89,7 +89,7 @@ def replace_param(
                 params[i] = new
                 found = True
     if not found:
-        return  # not optimised (frozen by the user): nothing to carry
+        return  # not optimised (requires_grad off by the user): nothing to carry
     state = optimizer.state.pop(old, None)
     if not state:
         return
