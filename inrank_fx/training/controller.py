@@ -31,7 +31,7 @@ from torch import nn
 
 from .._io import atomic_destination, check_destination
 from ..config import InRankConfig
-from ..errors import InRankValueError
+from ..errors import InRankKeyError, InRankValueError
 from ..nn.modules import factored_layers
 from ..nn.spectrum import explained_ratios, select_rank
 from ..vocabulary import Event
@@ -295,6 +295,7 @@ class RankController:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        _check_state(state)
         self.step = int(state["step"])
         self.stopped = bool(state["stopped"])
         self.rank_events = int(state.get("rank_events", 0))
@@ -316,3 +317,16 @@ class RankController:
         return (f"{type(self).__name__}(step={self.step}, {phase}, "
                 f"layers={len(factored_layers(self.model))}, rank_events={self.rank_events}"
                 f"{self.coordinator.describe()})")
+
+
+# What a controller's state_dict must hold to resume.
+STATE_KEYS = ("step", "stopped", "history", "generator")
+
+
+def _check_state(state: dict) -> None:
+    missing = [key for key in STATE_KEYS if key not in state]
+    if missing:
+        renamed = (" (a state saved before 'frozen' was renamed 'stopped': rename that key, and "
+                   "the history event 'truncate' to 'stop')" if "frozen" in state else "")
+        raise InRankKeyError(f"RankController.load_state_dict: the state lacks "
+                             f"{', '.join(map(repr, missing))}{renamed}")

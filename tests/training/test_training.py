@@ -250,6 +250,10 @@ def test_resume_is_bit_exact(tmp_path):
 
     assert resumed == expected
     assert ranks(model2) == ranks(model)
+    old = dict(ckpt["ctrl"])
+    old["frozen"] = old.pop("stopped")  # a state saved before the rename
+    with pytest.raises(KeyError, match="lacks 'stopped' .*'frozen' was renamed 'stopped'"):
+        ctrl2.load_state_dict(old)
     for p in model2.parameters():
         for value in opt2.state[p].values():
             if torch.is_tensor(value) and value.dim():
