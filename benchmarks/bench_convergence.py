@@ -30,6 +30,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 
@@ -40,6 +41,9 @@ import inrank_fx
 from inrank_fx.demo.corpus import batches, split, stdlib_corpus
 from inrank_fx.demo.gpt import GPT, GPTConfig
 from inrank_fx.demo.training import RECIPE_BETAS, evaluate, train_steps, warmup_cosine
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gradient_growth import GradientGrowth  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,9 @@ class Arm:
     on the same seed: InRank's allocation without its growth). `width`: the GPT's n_embd (None:
     the protocol's; a narrower dense model is `Arm("dense-w96", "dense", width=96)`);
     `dropout`, `weight_decay`: regularisation (None: the protocol's); `factor_lr`: the factored
-    layers' U and V train at this multiple of the peak rate (a per-factor rate, μP-style)."""
+    layers' U and V train at this multiple of the peak rate (a per-factor rate, μP-style), and U
+    at `u_lr` times that; `grow_from_gradient`: components a check adds start along the top
+    singular directions of the layer's weight gradient (GradMax; benchmarks/gradient_growth.py)."""
 
     name: str
     kind: str
@@ -85,6 +91,8 @@ class Arm:
     dropout: float = 0.0
     weight_decay: float | None = None
     factor_lr: float = 1.0  # the factors' (U, V) learning rate relative to the rest's
+    u_lr: float = 1.0  # U's rate relative to V's (μP: U's fan-in is the rank, V's the input)
+    grow_from_gradient: bool = False  # new components along the gradient (gradient_growth.py)
 
 
 ARMS = {arm.name: arm for arm in [
@@ -149,9 +157,12 @@ def run(arm: Arm, lr: float, seed: int, protocol: Protocol, data, device="cpu") 
     total, layer_part = step_flops(model, protocol)
     rest = total - layer_part  # attention, norms, embeddings, the tied head: the same in every arm
     weight_decay = protocol.weight_decay if arm.weight_decay is None else arm.weight_decay
-    opt = torch.optim.AdamW(_param_groups(model, lr, arm.factor_lr), lr=lr,
+    opt = torch.optim.AdamW(_param_groups(model, lr, arm.factor_lr, arm.u_lr), lr=lr,
                             betas=protocol.betas, weight_decay=weight_decay)
     ctrl = inrank_fx.attach(model, opt, seed=seed) if arm.kind == "inrank" else None
+    growth = GradientGrowth(model, ctrl) if arm.grow_from_gradient else None
+    if growth:
+        growth.arm(1)
     steps = protocol.steps
     sched = warmup_cosine(opt, steps, max(1, int(protocol.warmup_fraction * steps)),
                           protocol.floor)
@@ -161,6 +172,9 @@ def run(arm: Arm, lr: float, seed: int, protocol: Protocol, data, device="cpu") 
     curve, train_curve, flops, since = [], [], [0], []
 
     def on_step(step, loss):
+        if growth:
+            growth.after()
+            growth.arm(step + 1)
         flops[0] += rest + _factored_flops(model, protocol)  # widths as they are at this step
         since.append(loss)
         if step % every == 0 or step == steps:
@@ -190,18 +204,23 @@ def run(arm: Arm, lr: float, seed: int, protocol: Protocol, data, device="cpu") 
         "rank_events": ctrl.rank_events if ctrl else 0,
         "trajectory": _trajectory(ctrl) if ctrl else [],
         "flops": flops[0], "seconds": sum(seconds),
+        **({"seeded_from_gradient": growth.seeded} if growth else {}),
     }
 
 
-def _param_groups(model, lr: float, factor_lr: float) -> list[dict]:
-    """One group, or with `factor_lr` != 1 the factors in a group of their own at that multiple
-    of `lr` (a resize keeps a parameter's group; the schedule scales both alike)."""
-    if factor_lr == 1.0:
+def _param_groups(model, lr: float, factor_lr: float, u_lr: float = 1.0) -> list[dict]:
+    """One group, or with `factor_lr` or `u_lr` != 1 the factors in groups of their own: V at
+    `factor_lr` times `lr`, U at `factor_lr * u_lr` times it (a resize keeps a parameter's
+    group; the schedule scales them alike)."""
+    if factor_lr == 1.0 and u_lr == 1.0:
         return [{"params": list(model.parameters())}]
-    factors = {id(p) for m in factored(model) for p in (m.U, m.V)}
-    return [{"params": [p for p in model.parameters() if id(p) not in factors]},
-            {"params": [p for p in model.parameters() if id(p) in factors],
-             "lr": lr * factor_lr}]
+    us = {id(m.U) for m in factored(model)}
+    vs = {id(m.V) for m in factored(model)}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in us | vs]},
+              {"params": [p for p in model.parameters() if id(p) in vs], "lr": lr * factor_lr},
+              {"params": [p for p in model.parameters() if id(p) in us],
+               "lr": lr * factor_lr * u_lr}]
+    return [g for g in groups if g["params"]]
 
 
 def _trajectory(ctrl) -> list[tuple[int, float, float]]:

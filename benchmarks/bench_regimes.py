@@ -28,7 +28,11 @@ interpolated in log(parameters) between the widths of the same seed.
   of 1/2 and 3/4 of it, fixed ranks 1/4 and 1/2, the defaults. The gaps at 128 come from the
   frontier part.
 - closing: levers that might close the gap, on the defaults at their own rate: the factors
-  (U, V) trained at 0.5x and 2x the rest's learning rate (a per-factor rate, μP-style).
+  (U, V) trained at 0.5x and 2x the rest's learning rate (a per-factor rate); U alone at 2x and
+  4x (μP's direction: U's fan-in is the rank, V's the input's); components a check adds
+  started along the weight gradient's top singular directions (GradMax,
+  benchmarks/gradient_growth.py); CoLA's form (SiLU between the factors) with its own rank
+  signal at α 0.9.
 
 Prints a table per part. `--json-dir` keeps every run (one file per protocol, read back on the
 next call, so an interrupted run resumes); `--plot` draws the parts that have run.
@@ -58,7 +62,6 @@ from bench_convergence import (  # noqa: E402
     tune,
 )
 from inrank_fx.demo.corpus import split, stdlib_corpus  # noqa: E402
-from inrank_fx.demo.gpt import GPTConfig  # noqa: E402
 
 WIDTHS = (32, 48, 64, 80, 96, 112, 128)  # the dense-width frontier at width 128
 DENSE_LRS = (2e-3, 4e-3, 8e-3)
@@ -67,6 +70,8 @@ REGULARISERS = (("dropout", 0.1), ("dropout", 0.2), ("dropout", 0.3), ("weight_d
 FROM_SCRATCH = ("fixed-1/16", "fixed-1/8", "fixed-1/4", "fixed-1/2", "defaults")
 WIDTH_ARMS = ("defaults", "fixed-1/4", "fixed-1/2")
 FACTOR_LRS = (0.5, 2.0)  # the closing part: the factors' rate relative to the rest's
+U_LRS = (2.0, 4.0)  # the closing part: U's rate relative to V's and the rest's
+SILU_ALPHAS = (0.9,)  # the closing part: CoLA's form, its rank signal at these α
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,8 @@ class Setting:
     width_arms: tuple = WIDTH_ARMS  # the from-scratch arms of the width part
     extensions: int = 2  # how often a sweep may extend past a winning edge
     factor_lrs: tuple = FACTOR_LRS
+    u_lrs: tuple = U_LRS
+    silu_alphas: tuple = SILU_ALPHAS
     factored_lrs: tuple | None = None  # replaces every factored arm's sweep (quick)
 
 
@@ -325,16 +332,27 @@ def part_lr_grid(regime: Regime, seeds, dense_frontier: list[dict]) -> dict:
 
 def part_closing(regime: Regime, seeds, dense_frontier: list[dict]) -> dict:
     """Levers that might close the gap, each at the defaults' own rate: the factors (U, V)
-    trained at a multiple of the rest's rate (a per-factor rate, μP-style)."""
+    trained at a multiple of the rest's rate; U alone faster (μP's direction: U's fan-in is the
+    rank); new components along the gradient (GradMax); CoLA's form with its own rank signal
+    at a lower α."""
     lr = regime.chosen["defaults"]
     rows = {"defaults": regime.tuned(ARMS["defaults"], seeds)}
-    for m in regime.setting.factor_lrs:
-        arm = replace(ARMS["defaults"], name=f"defaults, factors x{m:g} lr", factor_lr=m)
+    for arm in closing_arms(regime.setting):
         rows[arm.name] = regime.at_lr(arm, lr, seeds)
     base = _base([r for r in dense_frontier if r["width"] == regime.protocol.gpt.n_embd])
     lines = ["", f"== closing: levers on the defaults, at their own rate {lr:g} =="]
     lines += table(rows, dense_frontier, base)
     return {"text": lines, "arms": rows}
+
+
+def closing_arms(s: Setting) -> list[Arm]:
+    defaults = ARMS["defaults"]
+    return [*[replace(defaults, name=f"defaults, factors x{m:g} lr", factor_lr=m)
+              for m in s.factor_lrs],
+            *[replace(defaults, name=f"defaults, U x{m:g} lr", u_lr=m) for m in s.u_lrs],
+            replace(defaults, name="defaults, growth from gradient", grow_from_gradient=True),
+            *[Arm(f"silu-α{a:g}", "inrank", dict(stop_after="settled", threshold=a,
+                                                 activation="silu")) for a in s.silu_alphas]]
 
 
 def part_data_limited(regime: Regime, seeds) -> dict:

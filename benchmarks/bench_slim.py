@@ -513,7 +513,7 @@ def report(result: dict) -> str:
                      + " ".join(f"{v:>7.4f}" for v in vals)
                      + f" {statistics.mean(vals):>7.4f} {gap:>18}")
 
-    row(f"dense 128 (teacher)", [teachers[s] for s in seeds])
+    row("dense 128 (teacher)", [teachers[s] for s in seeds])
     for w in sorted({r["width"] for r in result["frontier"]}, reverse=True):
         row(f"dense {w} from scratch", sorted((r for r in result["frontier"] if r["width"] == w),
                                               key=lambda r: r["seed"]))

@@ -286,8 +286,8 @@ def run_training(device, sizes: Sizes, backend: str, budget: Budget) -> dict:
 
     import inrank_fx
     from inrank_fx.demo.corpus import split, stdlib_corpus, step_batch
-    from inrank_fx.nn import factored_layers
     from inrank_fx.demo.gpt import GPT, lm_loss
+    from inrank_fx.nn import factored_layers
 
     config = _gpt_config(sizes)
     tokens_per_step = sizes.train_batch * sizes.context

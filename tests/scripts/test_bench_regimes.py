@@ -137,17 +137,26 @@ def test_the_width_part_can_run_the_defaults_alone(bench, quick, capsys):
     assert "defaults-w48" in capsys.readouterr().out  # it trained the defaults at 48
 
 
-def test_the_closing_part_trains_the_factors_at_their_own_rate(bench, quick):
+def test_the_closing_part_trains_each_lever_at_the_defaults_rate(bench, quick):
     from bench_convergence import QUICK, _param_groups, build
 
     import inrank_fx
 
     results, _ = quick
     arms = results["closing"]["arms"]
-    assert set(arms) == {"defaults", "defaults, factors x0.5 lr", "defaults, factors x2 lr"}
+    assert set(arms) == {"defaults", "defaults, factors x0.5 lr", "defaults, factors x2 lr",
+                         "defaults, U x2 lr", "defaults, U x4 lr",
+                         "defaults, growth from gradient", "silu-α0.9"}
     assert all(len(rs) == 2 and rs[0]["lr"] == arms["defaults"][0]["lr"] for rs in arms.values())
+    # the gradient lever seeded the components its checks added
+    assert all(r["seeded_from_gradient"] > 0 for r in arms["defaults, growth from gradient"])
     model = build(bench.ARMS["defaults"], QUICK, 0)
-    rest, factors = _param_groups(model, 1e-3, 2.0)
-    assert factors["lr"] == 2e-3 and "lr" not in rest
-    assert len(factors["params"]) == 2 * len(inrank_fx.ranks(model))
-    assert len(rest["params"]) + len(factors["params"]) == len(list(model.parameters()))
+    rest, vs, us = _param_groups(model, 1e-3, 2.0)
+    assert vs["lr"] == us["lr"] == 2e-3 and "lr" not in rest
+    layers = [m for m in model.modules() if isinstance(m, inrank_fx.InRankLinear)]
+    assert [id(p) for p in vs["params"]] == [id(m.V) for m in layers]
+    assert [id(p) for p in us["params"]] == [id(m.U) for m in layers]
+    assert len(rest["params"]) + len(layers) * 2 == len(list(model.parameters()))
+    _, vs, us = _param_groups(model, 1e-3, 1.0, u_lr=4.0)
+    assert "lr" in vs and vs["lr"] == 1e-3 and us["lr"] == 4e-3
+    assert len(_param_groups(model, 1e-3, 1.0)) == 1
