@@ -418,7 +418,32 @@ def part_width(regime: Regime, seeds, at_protocol: dict | None) -> dict:
                      f"  {_cells(row['defaults_vs_fixed']):>22}")
     lines.append("per seed; narrower dense: dense of 1/2, 3/4 and the full width, each at its own "
                  "rate; params: the defaults' shipped parameters relative to dense of the width")
-    return {"text": lines, "rows": table_rows}
+    trends = {key: trend(table_rows, key) for key in
+              ("defaults_vs_dense", "fixed-1/4_vs_dense", "fixed-1/2_vs_dense")}
+    lines.append("the gap to the narrower dense model against log2(width), least squares over "
+                 "the per-seed gaps:")
+    for key, t in trends.items():
+        if t:
+            zero = f"{t['zero_width']:.0f}" if t["zero_width"] else "never (not falling)"
+            lines.append(f"  {key.split('_vs')[0]:<9} {t['slope']:+.3f} ± {t['se']:.3f} nats per "
+                         f"doubling (standard error, {t['points']} points); zero at width {zero}")
+    return {"text": lines, "rows": table_rows, "trends": trends}
+
+
+def trend(rows: list[dict], key: str) -> dict | None:
+    """The straight line gap = a + b·log2(width) through every per-seed gap in `rows[*][key]`:
+    its slope b (nats per doubling), the slope's standard error and the width where the line
+    reaches zero (None where it does not fall). None with fewer than three points or widths."""
+    points = [(math.log2(row["width"]), g) for row in rows for g in row[key] if g is not None]
+    if len(points) < 3 or len({x for x, _ in points}) < 2:
+        return None
+    xs, ys = zip(*points)
+    slope, intercept = statistics.linear_regression(xs, ys)
+    residual = sum((y - intercept - slope * x) ** 2 for x, y in points)
+    spread = sum((x - statistics.fmean(xs)) ** 2 for x in xs)
+    se = math.sqrt(residual / (len(points) - 2) / spread)
+    zero = 2 ** (-intercept / slope) if slope < 0 else None
+    return {"slope": slope, "se": se, "zero_width": zero, "points": len(points)}
 
 
 def _width_row(width: int, frontier: list[dict], arms: dict) -> dict:

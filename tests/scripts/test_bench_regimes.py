@@ -160,3 +160,24 @@ def test_the_closing_part_trains_each_lever_at_the_defaults_rate(bench, quick):
     _, vs, us = _param_groups(model, 1e-3, 1.0, u_lr=4.0)
     assert "lr" in vs and vs["lr"] == 1e-3 and us["lr"] == 4e-3
     assert len(_param_groups(model, 1e-3, 1.0)) == 1
+
+
+def test_the_width_trend_is_a_least_squares_line_in_log_width(bench, quick):
+    rows = [{"width": 64, "g": [0.3, 0.2]}, {"width": 128, "g": [0.2, 0.1]},
+            {"width": 256, "g": [0.1, None]}]
+    t = bench.trend(rows, "g")
+    # by hand: x = log2 width = 6 6 7 7 8, mean 6.8; y mean 0.18; Sxy = -0.22, Sxx = 2.8
+    slope = -0.22 / 2.8
+    intercept = 0.18 - slope * 6.8
+    residual = sum((y - intercept - slope * x) ** 2
+                   for x, y in [(6, .3), (6, .2), (7, .2), (7, .1), (8, .1)])
+    assert t["points"] == 5 and t["slope"] == pytest.approx(slope)
+    assert t["se"] == pytest.approx((residual / 3 / 2.8) ** 0.5)
+    assert t["zero_width"] == pytest.approx(2 ** (-intercept / slope))
+    assert bench.trend([{"width": 64, "g": [0.1, 0.2]}], "g") is None  # one width: no line
+    rising = bench.trend([{"width": 64, "g": [0.1, 0.1]}, {"width": 128, "g": [0.2, 0.3]}], "g")
+    assert rising["zero_width"] is None and rising["slope"] > 0
+    results, _ = quick
+    assert set(results["width"]["trends"]) == {"defaults_vs_dense", "fixed-1/4_vs_dense",
+                                               "fixed-1/2_vs_dense"}
+    assert any("per doubling" in line for line in results["width"]["text"])
