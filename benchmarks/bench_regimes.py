@@ -2,7 +2,7 @@
 learning rates, in a data-limited regime and as the width grows.
 
     python benchmarks/bench_regimes.py [--parts frontier lr-grid data-limited width closing]
-                                       [--seeds 0 1] [--widths 64 96] [--limited-bytes N]
+                                       [--seeds 0 1] [--widths 64 96 192] [--limited-bytes N]
                                        [--json-dir DIR] [--plot FILE.png] [--quick]
 
 Every part trains bench_convergence's GPT with its recipe (AdamW, warm-up + cosine, clipping,
@@ -23,7 +23,7 @@ interpolated in log(parameters) between the widths of the same seed.
   (early stopping for all), the dense models (width 128 and the narrower ones) with their
   regularisation tuned after their learning rate (dropout 0.1 / 0.2 / 0.3, weight decay 1.0),
   InRank's defaults and InRank-Efficient (ranks adapting for the first 130 steps only) without.
-- width: the protocol at n_embd 64 and 96 (steps, batch and context held, so every width
+- width: the protocol at n_embd 64, 96 and 192 (steps, batch and context held, so every width
   reads the same 2 M tokens and tokens per parameter fall with width): dense of that width and
   of 1/2 and 3/4 of it, fixed ranks 1/4 and 1/2, the defaults. The gaps at 128 come from the
   frontier part.
@@ -32,7 +32,7 @@ interpolated in log(parameters) between the widths of the same seed.
   4x (μP's direction: U's fan-in is the rank, V's the input's); components a check adds
   started along the weight gradient's top singular directions (GradMax,
   benchmarks/gradient_growth.py); CoLA's form (SiLU between the factors) with its own rank
-  signal at α 0.9.
+  signal at α 0.9, at its own rate (its own sweep).
 
 Prints a table per part. `--json-dir` keeps every run (one file per protocol, read back on the
 next call, so an interrupted run resumes); `--plot` draws the parts that have run.
@@ -84,7 +84,7 @@ class Setting:
                                                                     corpus_bytes=30_000,
                                                                     evals=20))
     widths: tuple = WIDTHS
-    trend: tuple = (64, 96)  # the other widths of the width part (128 is the protocol's)
+    trend: tuple = (64, 96, 192)  # the other widths of the width part (128 is the protocol's)
     dense_lrs: tuple = DENSE_LRS
     lr_grid: tuple = LR_GRID
     regularisers: tuple = REGULARISERS
@@ -338,9 +338,13 @@ def part_closing(regime: Regime, seeds, dense_frontier: list[dict]) -> dict:
     lr = regime.chosen["defaults"]
     rows = {"defaults": regime.tuned(ARMS["defaults"], seeds)}
     for arm in closing_arms(regime.setting):
-        rows[arm.name] = regime.at_lr(arm, lr, seeds)
+        # CoLA's form is another model: its own sweep; the rest are the defaults at their rate
+        other_model = arm.config.get("activation") is not None
+        rows[arm.name] = (regime.tuned(arm, seeds) if other_model
+                          else regime.at_lr(arm, lr, seeds))
     base = _base([r for r in dense_frontier if r["width"] == regime.protocol.gpt.n_embd])
-    lines = ["", f"== closing: levers on the defaults, at their own rate {lr:g} =="]
+    lines = ["", f"== closing: levers on the defaults, at their own rate {lr:g} (CoLA's form "
+                 "at its own) =="]
     lines += table(rows, dense_frontier, base)
     return {"text": lines, "arms": rows}
 
@@ -545,7 +549,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", help="default 0 1")
     parser.add_argument("--grid-seeds", type=int, nargs="+",
                         help="the lr grid's seeds (default: the first of --seeds)")
-    parser.add_argument("--widths", type=int, nargs="+", help="the width part's (default 64 96)")
+    parser.add_argument("--widths", type=int, nargs="+",
+                        help="the width part's (default 64 96 192)")
     parser.add_argument("--width-arms", nargs="+", choices=WIDTH_ARMS,
                         help="the width part's from-scratch arms (default: all; the defaults "
                              "always run)")
