@@ -444,7 +444,8 @@ def trend(rows: list[dict], key: str) -> dict | None:
     xs, ys = zip(*points)
     slope, intercept = statistics.linear_regression(xs, ys)
     residual = sum((y - intercept - slope * x) ** 2 for x, y in points)
-    spread = sum((x - statistics.fmean(xs)) ** 2 for x in xs)
+    mean = statistics.fmean(xs)
+    spread = sum((x - mean) ** 2 for x in xs)
     se = math.sqrt(residual / (len(points) - 2) / spread)
     zero = 2 ** (-intercept / slope) if slope < 0 else None
     return {"slope": slope, "se": se, "zero_width": zero, "points": len(points)}

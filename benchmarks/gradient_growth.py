@@ -52,7 +52,6 @@ class GradientGrowth:
         cfg = self.controller.config
         self.capturing = (not self.controller.stopped and next_step >= cfg.warmup_steps
                           and next_step % cfg.check_every == 0)
-        self.grads.clear()
 
     @torch.no_grad()
     def after(self) -> None:

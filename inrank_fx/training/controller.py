@@ -218,7 +218,7 @@ class RankController:
     # A decision is {layer name: (rank, width, explained ratio at that rank)} for every layer;
     # the coordinator is where the processes agree on one.
 
-    def _measure(self) -> dict[str, tuple[int, int, float]]:
+    def _measure(self) -> Decisions:
         cfg = self.config
         decisions = {}
         for name, layer in factored_layers(self.model).items():
@@ -230,7 +230,7 @@ class RankController:
             decisions[name] = Decision(rank, width, self._explained(layer, s, rank))
         return decisions
 
-    def _truncation(self) -> dict[str, tuple[int, int, float]]:
+    def _truncation(self) -> Decisions:
         multiple = self.config.rank_multiple
         decisions = {}
         for name, layer in factored_layers(self.model).items():
